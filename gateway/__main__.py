@@ -1,0 +1,79 @@
+"""The llm-gateway command: run the daemon, or check a config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from gateway import __version__
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.utils.logger import RecentLines, setup_logging
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_LISTEN = 3
+
+log = logging.getLogger("gateway")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
+    parser.add_argument("--config", default="example.cfg.lua", help="the Lua config file")
+    parser.add_argument("--check-config", metavar="FILE", help="validate FILE and exit")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--version", action="version", version=f"llm-gateway {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.check_config:
+        return check_config(args.check_config)
+    recent = setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return EXIT_CONFIG
+    return asyncio.run(serve(config, recent))
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    variants = sum(len(m.variants) for m in config.models)
+    print(f"{path}: ok ({len(config.models)} models, {variants} variants)")
+    return EXIT_OK
+
+
+async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int:
+    from gateway.server import GatewayServer  # after logging is set up
+
+    server = GatewayServer(config, recent)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        await server.stop()
+        return EXIT_LISTEN
+    await stop.wait()
+    await server.stop()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

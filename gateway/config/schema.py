@@ -1,0 +1,87 @@
+"""The loaded configuration as immutable dataclasses; no other module sees Lua's flattened keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; resolved per variant (server, then model, then variant)."""
+
+    health_check: float
+    startup: float
+    drain: float
+    stop: float
+    idle: float  # 0 = never unload
+
+
+@dataclass(frozen=True)
+class RequestRules:
+    """How a model's requests are rewritten before they reach its engine."""
+
+    defaults: dict[str, Any] = field(default_factory=dict)  # applied when the client gave none
+    force: dict[str, Any] = field(default_factory=dict)  # always applied
+    strip: tuple[str, ...] = ()  # removed from every request
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to start a model's engine: a context size and its extra arguments."""
+
+    model: str
+    context: int
+    args: tuple[str, ...]
+    binary: str | None
+    timeouts: Timeouts
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}@{self.context}"
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    aliases: tuple[str, ...]
+    engine: str
+    binary: str | None
+    args: tuple[str, ...]
+    env: dict[str, str]
+    default_max_tokens: int
+    request: RequestRules
+    variants: tuple[Variant, ...]  # sorted by context, smallest first
+
+    @property
+    def largest_context(self) -> int:
+        return self.variants[-1].context
+
+    def variant_for(self, context: int) -> Variant | None:
+        return next((v for v in self.variants if v.context == context), None)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[tuple[str, int], ...]  # (host, port), IPv4 and IPv6
+    queue_limit: int
+    max_body_bytes: int
+    max_start_failures: int
+    loading_keepalive: bool
+    timeouts: Timeouts
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: str  # the config file's path
+    server: ServerConfig
+    models: tuple[Model, ...]
+
+    def resolve(self, name: str) -> Model | None:
+        """The model a client's `model` field names, by name or alias."""
+        return self._names.get(name)
+
+    @cached_property
+    def _names(self) -> dict[str, Model]:
+        return {n: m for m in self.models for n in (m.name, *m.aliases)}

@@ -1,0 +1,290 @@
+-- Post-script run by python-lua-helper after the user's config.
+-- It validates `server` and `models`, fills in defaults and replaces both globals
+-- with normalized tables, so the Python side only maps plain values to dataclasses.
+-- Every failure is error(msg, 0): the message names the key and the bad value.
+
+local source = loader.exec or "config"
+
+local function fail(path, fmt, ...)
+  error(string.format("%s: %s: " .. fmt, source, path, ...), 0)
+end
+
+local function show(v)
+  if type(v) == "string" then return string.format("%q", v) end
+  return tostring(v)
+end
+
+local function is_integer(v)
+  return type(v) == "number" and v == math.floor(v) and v > -math.huge and v < math.huge
+end
+
+local function check_type(path, v, want)
+  if type(v) ~= want then fail(path, "must be a %s (got %s %s)", want, type(v), show(v)) end
+  return v
+end
+
+local function positive_number(path, v)
+  check_type(path, v, "number")
+  if not (v > 0 and v < math.huge) then fail(path, "must be a positive number (got %s)", show(v)) end
+  return v
+end
+
+local function non_negative_number(path, v)
+  check_type(path, v, "number")
+  if not (v >= 0 and v < math.huge) then fail(path, "must be zero or a positive number (got %s)", show(v)) end
+  return v
+end
+
+local function positive_integer(path, v)
+  if not is_integer(v) or v <= 0 then fail(path, "must be a positive integer (got %s)", show(v)) end
+  return math.tointeger and math.tointeger(v) or v
+end
+
+local function non_empty_string(path, v)
+  check_type(path, v, "string")
+  if v == "" then fail(path, "must not be empty") end
+  return v
+end
+
+-- A Lua sequence 1..n with no other keys; nil gives an empty list.
+local function sequence(path, v)
+  if v == nil then return {} end
+  check_type(path, v, "table")
+  local n = #v
+  for k in pairs(v) do
+    if not (is_integer(k) and k >= 1 and k <= n) then
+      fail(path, "must be a list {...} (found key %s)", show(k))
+    end
+  end
+  return v
+end
+
+local function only_keys(path, tbl, allowed)
+  for k in pairs(tbl) do
+    if type(k) ~= "string" or not allowed[k] then
+      fail(path, "unknown key %s", show(k))
+    end
+  end
+end
+
+local function set_of(...)
+  local s = {}
+  for _, k in ipairs({ ... }) do s[k] = true end
+  return s
+end
+
+-- Listen addresses ------------------------------------------------------------
+
+local function valid_port(p)
+  local n = tonumber(p)
+  return n ~= nil and n >= 1 and n <= 65535
+end
+
+local function valid_v4(addr)
+  local a, b, c, d, port = addr:match("^(%d+)%.(%d+)%.(%d+)%.(%d+):(%d+)$")
+  if not a then return false end
+  for _, octet in ipairs({ a, b, c, d }) do
+    if tonumber(octet) > 255 then return false end
+  end
+  return valid_port(port)
+end
+
+local function valid_v6(addr)
+  local host, port = addr:match("^%[([%x:%.]+)%]:(%d+)$")
+  return host ~= nil and host:find(":") ~= nil and valid_port(port)
+end
+
+local function listen_list(path, v, default, valid, example)
+  if v == nil then v = default end
+  if v == "none" then return {} end
+  if type(v) == "string" then v = { v } end
+  local list = sequence(path, v)
+  for i, addr in ipairs(list) do
+    local p = string.format("%s[%d]", path, i)
+    check_type(p, addr, "string")
+    if not valid(addr) then fail(p, "is not a listen address like %s (got %s)", example, show(addr)) end
+  end
+  return list
+end
+
+-- Engine arguments --------------------------------------------------------------
+
+-- The gateway owns where an engine listens; a config must not set it.
+local reserved_args = set_of("--host", "--port")
+
+local function arg_list(path, v)
+  local out = {}
+  for i, a in ipairs(sequence(path, v)) do
+    local p = string.format("%s[%d]", path, i)
+    if type(a) == "number" then a = tostring(math.tointeger and math.tointeger(a) or a) end
+    check_type(p, a, "string")
+    local flag = a:match("^([^=]+)=") or a
+    if reserved_args[flag] then
+      fail(p, "%s is set by the gateway (every engine gets a free loopback port); remove it", flag)
+    end
+    out[i] = a
+  end
+  return out
+end
+
+local function string_map(path, v)
+  if v == nil then return {} end
+  check_type(path, v, "table")
+  local out = {}
+  for k, val in pairs(v) do
+    if type(k) ~= "string" then fail(path, "keys must be strings (got %s)", show(k)) end
+    if type(val) == "number" then val = tostring(val) end
+    check_type(path .. "." .. k, val, "string")
+    out[k] = val
+  end
+  return out
+end
+
+-- Request rewriting rules: defaults and force are JSON-like tables, strip a list of names.
+local function request_rules(path, v)
+  if v == nil then v = {} end
+  check_type(path, v, "table")
+  only_keys(path, v, set_of("defaults", "force", "strip"))
+  local out = { defaults = v.defaults or {}, force = v.force or {}, strip = {} }
+  check_type(path .. ".defaults", out.defaults, "table")
+  check_type(path .. ".force", out.force, "table")
+  for i, name in ipairs(sequence(path .. ".strip", v.strip)) do
+    out.strip[i] = non_empty_string(string.format("%s.strip[%d]", path, i), name)
+  end
+  return out
+end
+
+-- Timeouts: server values are the defaults, a model overrides them, a variant overrides its model.
+local timeout_keys = {
+  health_check_timeout = positive_number,
+  engine_startup_timeout = positive_number,
+  drain_timeout = non_negative_number,
+  stop_timeout = positive_number,
+  engine_idle_timeout = non_negative_number,
+}
+
+local function resolve_timeouts(path, tbl, inherited)
+  local out = {}
+  for key, check in pairs(timeout_keys) do
+    if tbl[key] ~= nil then
+      out[key] = check(path .. "." .. key, tbl[key])
+    else
+      out[key] = inherited[key]
+    end
+  end
+  return out
+end
+
+-- server ------------------------------------------------------------------------
+
+local server_defaults = {
+  health_check_timeout = 5,
+  engine_startup_timeout = 60,
+  engine_idle_timeout = 0,
+  drain_timeout = 30,
+  stop_timeout = 10,
+  queue_limit = 256,
+  max_body_bytes = 8 * 1024 * 1024,
+  max_start_failures = 3,
+  loading_keepalive = true,
+}
+
+local function validate_server(s)
+  if s == nil then s = {} end
+  check_type("server", s, "table")
+  only_keys("server", s, set_of(
+    "listen_v4", "listen_v6", "queue_limit", "max_body_bytes", "max_start_failures",
+    "loading_keepalive", "health_check_timeout", "engine_startup_timeout",
+    "engine_idle_timeout", "drain_timeout", "stop_timeout"))
+  local out = resolve_timeouts("server", s, server_defaults)
+  out.listen_v4 = listen_list("server.listen_v4", s.listen_v4, "127.0.0.1:7777", valid_v4, "\"127.0.0.1:7777\"")
+  out.listen_v6 = listen_list("server.listen_v6", s.listen_v6, "none", valid_v6, "\"[::1]:7777\"")
+  if #out.listen_v4 + #out.listen_v6 == 0 then
+    fail("server.listen_v4", "no listen address: listen_v4 and listen_v6 are both \"none\"")
+  end
+  out.queue_limit = positive_integer("server.queue_limit", s.queue_limit or server_defaults.queue_limit)
+  out.max_body_bytes = positive_integer("server.max_body_bytes", s.max_body_bytes or server_defaults.max_body_bytes)
+  out.max_start_failures = positive_integer("server.max_start_failures",
+    s.max_start_failures or server_defaults.max_start_failures)
+  out.loading_keepalive = server_defaults.loading_keepalive
+  if s.loading_keepalive ~= nil then
+    out.loading_keepalive = check_type("server.loading_keepalive", s.loading_keepalive, "boolean")
+  end
+  return out
+end
+
+-- models ------------------------------------------------------------------------
+
+local known_engines = set_of("llama.cpp")
+local model_keys = set_of("name", "aliases", "engine", "binary", "args", "env", "default_max_tokens",
+  "variants", "request", "health_check_timeout", "engine_startup_timeout", "drain_timeout",
+  "stop_timeout", "engine_idle_timeout")
+local variant_keys = set_of("context", "args", "binary", "health_check_timeout",
+  "engine_startup_timeout", "drain_timeout", "stop_timeout", "engine_idle_timeout")
+
+local function validate_variant(path, v, model_timeouts)
+  check_type(path, v, "table")
+  only_keys(path, v, variant_keys)
+  if v.context == nil then fail(path .. ".context", "is missing (every variant needs a context size)") end
+  local out = resolve_timeouts(path, v, model_timeouts)
+  out.context = positive_integer(path .. ".context", v.context)
+  out.args = arg_list(path .. ".args", v.args)
+  if v.binary ~= nil then out.binary = non_empty_string(path .. ".binary", v.binary) end
+  return out
+end
+
+local function validate_model(path, m, server_out, names)
+  check_type(path, m, "table")
+  only_keys(path, m, model_keys)
+  if m.name == nil then fail(path .. ".name", "is missing") end
+  local out = resolve_timeouts(path, m, server_out)
+  out.name = non_empty_string(path .. ".name", m.name)
+  if names[out.name] then fail(path .. ".name", "%s is already used by %s", show(out.name), names[out.name]) end
+  names[out.name] = path
+  out.aliases = {}
+  for i, alias in ipairs(sequence(path .. ".aliases", m.aliases)) do
+    local p = string.format("%s.aliases[%d]", path, i)
+    non_empty_string(p, alias)
+    if names[alias] then fail(p, "%s is already used by %s", show(alias), names[alias]) end
+    names[alias] = p
+    out.aliases[i] = alias
+  end
+  out.engine = m.engine or "llama.cpp"
+  check_type(path .. ".engine", out.engine, "string")
+  if not known_engines[out.engine] then
+    fail(path .. ".engine", "unknown engine type %s (known: \"llama.cpp\")", show(out.engine))
+  end
+  if m.binary ~= nil then out.binary = non_empty_string(path .. ".binary", m.binary) end
+  out.args = arg_list(path .. ".args", m.args)
+  out.env = string_map(path .. ".env", m.env)
+  out.default_max_tokens = positive_integer(path .. ".default_max_tokens", m.default_max_tokens or 512)
+  out.request = request_rules(path .. ".request", m.request)
+  local variants = sequence(path .. ".variants", m.variants)
+  if #variants == 0 then fail(path .. ".variants", "is empty: a model needs at least one variant { context = N }") end
+  out.variants = {}
+  local contexts = {}
+  for i, v in ipairs(variants) do
+    local vp = string.format("%s.variants[%d]", path, i)
+    local vo = validate_variant(vp, v, out)
+    if contexts[vo.context] then
+      fail(vp .. ".context", "%d is already the context of %s", vo.context, contexts[vo.context])
+    end
+    contexts[vo.context] = vp
+    out.variants[i] = vo
+  end
+  return out
+end
+
+local function validate_models(ms, server_out)
+  if ms == nil then fail("models", "is missing: define models = { { name = ..., variants = {...} } }") end
+  local list = sequence("models", ms)
+  if #list == 0 then fail("models", "is empty: define at least one model") end
+  local names, out = {}, {}
+  for i, m in ipairs(list) do
+    out[i] = validate_model(string.format("models[%d]", i), m, server_out, names)
+  end
+  return out
+end
+
+server = validate_server(server)
+models = validate_models(models, server)

@@ -1,0 +1,87 @@
+"""EngineClient: HTTP to the engines over one shared, LLM-tuned client session."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+# Connection failures that happen before the engine saw the request: safe to send again.
+# llama-server closes a connection after a streamed answer though it offers keep-alive.
+_RETRYABLE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+class EngineRequestError(Exception):
+    """A call to an engine failed (connection refused, reset, or a bad answer)."""
+
+
+def new_session() -> aiohttp.ClientSession:
+    """One session for all engines: no total timeout (generations are long), no pool cap."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        auto_decompress=False,  # bodies pass through as the engine encoded them
+        skip_auto_headers=("User-Agent",),
+    )
+
+
+class EngineClient:
+    """Talks to one running engine at `base_url`."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self._session = session
+        self.base_url = base_url
+
+    async def health(self, timeout: float) -> tuple[int, str]:
+        """Status and body of GET /health; (0, reason) when nothing answered."""
+        try:
+            async with self._session.get(
+                self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                return resp.status, await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return 0, f"{type(exc).__name__}: {exc}"
+
+    async def get_json(self, path: str) -> Any:
+        return await self._json("GET", path, None)
+
+    async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
+        return await self._json("POST", path, body)
+
+    async def _json(self, method: str, path: str, body: Mapping[str, Any] | None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        resp = await self.open(method, path, data, headers)
+        async with resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise EngineRequestError(f"{method} {path}: HTTP {resp.status}: {text[:500]}")
+            try:
+                return json.loads(text)
+            except ValueError as exc:
+                raise EngineRequestError(f"{method} {path}: not JSON: {text[:200]}") from exc
+
+    async def open(
+        self, method: str, path: str, data: bytes | None, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Send a request and return the response with its body unread; retries once
+        when the connection failed before any answer."""
+        for attempt in (1, 2):
+            try:
+                return await self._session.request(
+                    method,
+                    self.base_url + path,
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,
+                )
+            except _RETRYABLE as exc:
+                if attempt == 2:
+                    raise EngineRequestError(f"{method} {path}: {exc}") from exc
+                await asyncio.sleep(0)
+            except aiohttp.ClientError as exc:
+                raise EngineRequestError(f"{method} {path}: {exc}") from exc
+        raise AssertionError("unreachable")

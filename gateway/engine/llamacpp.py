@@ -1,0 +1,160 @@
+"""LlamaCppEngine: what is particular to llama.cpp's llama-server.
+
+Its command line, how it reports its port and context, how it counts tokens, and how
+it says a prompt did not fit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config.schema import Model, Variant
+from gateway.engine.client import EngineClient, EngineRequestError
+
+LISTENING_PATTERN = r"listening on http://127\.0\.0\.1:(\d+)"
+_CONTEXT_FLAGS = ("-c", "--ctx-size")
+_PARALLEL_FLAGS = ("-np", "--parallel")
+_UNIFIED_FLAGS = ("-kvu", "--kv-unified")
+_ALIAS_FLAGS = ("-a", "--alias")
+_EMBEDDING_FLAGS = ("--embedding", "--embeddings")
+_RERANK_FLAGS = ("--rerank", "--reranking")
+
+
+def _flag_value(args: Sequence[str], flags: Sequence[str]) -> str | None:
+    """The value of the last occurrence of any of `flags` (`-f v` or `--flag=v`)."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name in flags:
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def _has_flag(args: Sequence[str], flags: Sequence[str]) -> bool:
+    return any(arg.partition("=")[0] in flags for arg in args)
+
+
+@dataclass(frozen=True)
+class TemplateOverhead:
+    """Tokens a chat template adds: fixed, and per message (measured on the engine)."""
+
+    fixed: int
+    per_message: int
+
+    def upper_bound(self, text_bytes: int, messages: int) -> int:
+        # Byte-level tokenizers never emit more tokens than bytes; one more per message
+        # covers SentencePiece's leading-space marker.
+        return self.fixed + messages * (self.per_message + 1) + text_bytes
+
+
+class LlamaCppEngine:
+    """The llama.cpp engine type."""
+
+    name = "llama.cpp"
+    listening_pattern = LISTENING_PATTERN
+
+    def argv(self, binary: str, model: Model, variant: Variant) -> list[str]:
+        args = [*model.args, *variant.args]
+        if not _has_flag(args, _CONTEXT_FLAGS):
+            args += ["--ctx-size", str(variant.context)]
+        if not _has_flag(args, _ALIAS_FLAGS):
+            args += ["--alias", model.name]
+        # Port 0: the engine binds a free port itself and logs it; no race with others.
+        return [binary, *args, "--host", "127.0.0.1", "--port", "0"]
+
+    def served_name(self, model: Model, variant: Variant) -> str:
+        """The `model` the engine writes into its responses (its first alias)."""
+        alias = _flag_value([*model.args, *variant.args], _ALIAS_FLAGS)
+        return alias.split(",")[0] if alias else model.name
+
+    def capacity(self, variant: Variant, model: Model) -> int:
+        """Context one request gets, predicted from the arguments before a start.
+
+        An explicit `-np N` without a unified KV cache splits the context per slot.
+        """
+        args = [*model.args, *variant.args]
+        context = int(_flag_value(args, _CONTEXT_FLAGS) or variant.context)
+        slots = _flag_value(args, _PARALLEL_FLAGS)
+        if slots and int(slots) > 1 and not _has_flag(args, _UNIFIED_FLAGS):
+            return context // int(slots)
+        return context
+
+    def serves(self, model: Model, variant: Variant, kind: str) -> str | None:
+        """Why this engine cannot serve a request kind, or None when it can."""
+        args = [*model.args, *variant.args]
+        if kind == "embedding" and not _has_flag(args, _EMBEDDING_FLAGS):
+            return (
+                f"model {model.name!r} is not started with --embeddings, so it serves no embeddings"
+            )
+        if kind == "rerank" and not _has_flag(args, _RERANK_FLAGS):
+            return f"model {model.name!r} is not started with --reranking, so it serves no rerank"
+        return None
+
+    async def slot_context(self, client: EngineClient) -> int:
+        """The context one request really gets, as the running engine reports it."""
+        try:
+            slots = await client.get_json("/slots")
+            if isinstance(slots, list) and slots:
+                return min(int(slot["n_ctx"]) for slot in slots)
+        except (EngineRequestError, KeyError, TypeError, ValueError):
+            pass  # /slots can be disabled (--no-slots); /props always answers
+        props = await client.get_json("/props")
+        return int(props["default_generation_settings"]["n_ctx"])
+
+    async def template_overhead(self, client: EngineClient) -> TemplateOverhead:
+        """Measure the chat template's own tokens with empty messages.
+
+        Templates refuse some role orders, so a user/assistant pair is added; charging
+        the pair's overhead to every message keeps the bound an upper bound.
+        """
+        one = await self._count_chat(client, {"messages": _probe(["user"])})
+        three = await self._count_chat(client, {"messages": _probe(["user", "assistant", "user"])})
+        per_message = max(0, three - one)
+        return TemplateOverhead(fixed=max(0, one - per_message), per_message=per_message)
+
+    async def count(self, client: EngineClient, kind: str, body: dict[str, Any]) -> int:
+        """Exact prompt tokens of a request; for several prompts, the largest."""
+        if kind == "chat":
+            return await self._count_chat(client, body)
+        prompts = body.get("prompt") if kind == "completion" else body.get("input")
+        return max([await self._count_prompt(client, p) for p in _prompt_list(prompts)], default=0)
+
+    async def _count_chat(self, client: EngineClient, body: dict[str, Any]) -> int:
+        templated = await client.post_json("/apply-template", body)
+        return await self._count_text(client, templated["prompt"])
+
+    async def _count_prompt(self, client: EngineClient, prompt: Any) -> int:
+        if isinstance(prompt, str):
+            return await self._count_text(client, prompt)
+        return len(prompt)  # token ids (or a mixed list) are counted as given
+
+    async def _count_text(self, client: EngineClient, text: str) -> int:
+        result = await client.post_json(
+            "/tokenize", {"content": text, "add_special": True, "parse_special": True}
+        )
+        return len(result["tokens"])
+
+    def context_overflow(self, status: int, body: bytes) -> int | None:
+        """The prompt's token count when the engine refused it as too long, else None."""
+        if status != 400 or b"exceed_context_size_error" not in body:
+            return None
+        try:
+            return int(json.loads(body)["error"]["n_prompt_tokens"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def _probe(roles: list[str]) -> list[dict[str, str]]:
+    return [{"role": role, "content": ""} for role in roles]
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    """A prompt field as a list of prompts: a string, ids, or a list of either."""
+    if isinstance(prompts, str) or (
+        isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+    ):
+        return [prompts]
+    return list(prompts) if isinstance(prompts, list) else []

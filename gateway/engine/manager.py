@@ -1,0 +1,151 @@
+"""EngineManager: the supervisor's effects on engines. Start one until healthy; stop one.
+
+It decides nothing: the supervisor says which variant, and gets back a ready
+`EngineInstance` or a `StartFailed` that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from gateway.config.schema import Model, Variant
+from gateway.engine.binary import BinaryNotFound, find_llama_server
+from gateway.engine.client import EngineClient, EngineRequestError, new_session
+from gateway.engine.llamacpp import LlamaCppEngine, TemplateOverhead
+from gateway.engine.process import EngineProcess
+
+log = logging.getLogger("gateway.engine")
+
+HEALTH_POLL_INTERVAL = 0.005  # a tiny model is healthy ~25 ms after spawn
+
+
+class StartFailed(Exception):
+    """An engine did not become healthy; `kind` is spawn, exited or timeout."""
+
+    def __init__(self, kind: str, message: str, last_lines: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.last_lines = last_lines or []
+
+
+@dataclass(eq=False)
+class EngineInstance:
+    """A healthy engine: what runs, where, and what it can take."""
+
+    model: Model
+    variant: Variant
+    engine: LlamaCppEngine  # the engine type's adapter
+    process: EngineProcess
+    client: EngineClient
+    port: int
+    served_name: str
+    slot_context: int
+    overhead: TemplateOverhead | None  # None when its chat template could not be measured
+    startup_seconds: float
+    exited: asyncio.Task[int] = field(repr=False)
+
+
+class EngineManager:
+    """Starts and stops engines; owns the HTTP session all engine traffic uses."""
+
+    def __init__(self) -> None:
+        self.llamacpp = LlamaCppEngine()
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def capacity(self, variant: Variant, model: Model) -> int:
+        return self.llamacpp.capacity(variant, model)
+
+    async def start(self, model: Model, variant: Variant) -> EngineInstance:
+        """Spawn the variant's engine and wait until it is healthy (or raise StartFailed)."""
+        try:
+            binary = find_llama_server(variant.binary or model.binary)
+        except BinaryNotFound as exc:
+            raise StartFailed("spawn", str(exc)) from None
+        process = EngineProcess(
+            self.llamacpp.argv(binary, model, variant), model.env, label=variant.key
+        )
+        listening = process.watch(self.llamacpp.listening_pattern)
+        try:
+            await process.spawn()
+        except OSError as exc:
+            raise StartFailed("spawn", f"cannot start {binary}: {exc.strerror or exc}") from None
+        exited = asyncio.create_task(process.wait(), name=f"engine-exit {variant.key}")
+        log.info("engine start %s pid=%s: %s", variant.key, process.pid, " ".join(process.argv))
+        try:
+            async with asyncio.timeout(variant.timeouts.startup):
+                return await self._until_ready(model, variant, process, listening, exited)
+        except TimeoutError:
+            await process.stop(variant.timeouts.stop)
+            raise StartFailed(
+                "timeout",
+                f"{variant.key} was not healthy after {variant.timeouts.startup:g}s",
+                process.last_lines(),
+            ) from None
+        except BaseException:
+            await asyncio.shield(process.stop(variant.timeouts.stop))
+            raise
+
+    async def _until_ready(
+        self,
+        model: Model,
+        variant: Variant,
+        process: EngineProcess,
+        listening: asyncio.Future,
+        exited: asyncio.Task[int],
+    ) -> EngineInstance:
+        await asyncio.wait([listening, exited], return_when=asyncio.FIRST_COMPLETED)
+        _raise_if_exited(process, exited)
+        port = int(listening.result().group(1))
+        client = EngineClient(self.session, f"http://127.0.0.1:{port}")
+        while True:
+            status, _ = await client.health(variant.timeouts.health_check)
+            _raise_if_exited(process, exited)
+            if status == 200:
+                break
+            await asyncio.sleep(HEALTH_POLL_INTERVAL)
+        slot_context = await self.llamacpp.slot_context(client)
+        overhead = None
+        with contextlib.suppress(EngineRequestError, KeyError, TypeError):
+            overhead = await self.llamacpp.template_overhead(client)
+        return EngineInstance(
+            model=model,
+            variant=variant,
+            engine=self.llamacpp,
+            process=process,
+            client=client,
+            port=port,
+            served_name=self.llamacpp.served_name(model, variant),
+            slot_context=slot_context,
+            overhead=overhead,
+            startup_seconds=time.monotonic() - process.started_monotonic,
+            exited=exited,
+        )
+
+    async def stop(self, instance: EngineInstance) -> int:
+        """SIGTERM, then SIGKILL after the stop timeout; the exit code."""
+        return await instance.process.stop(instance.variant.timeouts.stop)
+
+
+def _raise_if_exited(process: EngineProcess, exited: asyncio.Task[int]) -> None:
+    if exited.done():
+        raise StartFailed(
+            "exited",
+            f"{process.label} exited with code {exited.result()} while starting",
+            process.last_lines(),
+        )

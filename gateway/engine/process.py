@@ -1,0 +1,134 @@
+"""EngineProcess: one engine child process, its output, its exit, and its end.
+
+The child gets its own process group (one signal reaches anything it forked) and, on
+Linux, a parent-death signal, so it dies with the gateway even on SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+LOG_LINES_KEPT = 200
+_PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("gateway.engine")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. The signal follows the parent *thread*,
+    # so engines must be spawned from the event loop's thread, never from a worker.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class EngineProcess:
+    """Spawns, watches and stops one engine; keeps its last output lines."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], label: str) -> None:
+        self.argv = list(argv)
+        self.label = label  # "model@context", the prefix of every output line
+        self._env = {**os.environ, **env}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lines: deque[str] = deque(maxlen=LOG_LINES_KEPT)
+        self._watches: list[tuple[re.Pattern[str], asyncio.Future[re.Match[str]]]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self.started_at = 0.0  # wall clock
+        self.started_monotonic = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    def last_lines(self, count: int = 20) -> list[str]:
+        return list(self._lines)[-count:]
+
+    async def spawn(self) -> None:
+        """Start the child (no shell); raises OSError if it cannot be executed."""
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self._env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.started_at = time.time()
+        self.started_monotonic = time.monotonic()
+        self._reader = asyncio.create_task(self._read_output(), name=f"engine-output {self.label}")
+
+    def watch(self, pattern: str) -> asyncio.Future[re.Match[str]]:
+        """A future for the first output line (from now on) matching `pattern`."""
+        future: asyncio.Future[re.Match[str]] = asyncio.get_running_loop().create_future()
+        self._watches.append((re.compile(pattern), future))
+        return future
+
+    async def wait(self) -> int:
+        """Wait for the exit (and the last output line); return the exit code."""
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self._reader is not None:
+            await asyncio.shield(self._reader)
+        return code
+
+    async def stop(self, timeout: float) -> int:
+        """SIGTERM the process group, SIGKILL it after `timeout` seconds; return the exit code."""
+        if self._proc is None:
+            return 0
+        if self._proc.returncode is None:
+            self._signal(signal.SIGTERM)
+            try:
+                return await asyncio.wait_for(self.wait(), timeout)
+            except TimeoutError:
+                log.warning(
+                    "%s pid=%s ignored SIGTERM for %.1fs: SIGKILL", self.label, self.pid, timeout
+                )
+        self._signal(signal.SIGKILL)  # also reaches children left behind in the group
+        return await self.wait()
+
+    def kill_now(self) -> None:
+        """SIGKILL without waiting: for the gateway's own last moments."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, sig)
+
+    async def _read_output(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stream = self._proc.stdout
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the stream's limit: take what is there
+                raw = await stream.read(65536)
+            if not raw:
+                break
+            self._take_line(raw.decode("utf-8", "replace").rstrip())
+        for _, future in self._watches:
+            if not future.done():
+                future.cancel()
+
+    def _take_line(self, line: str) -> None:
+        self._lines.append(line)
+        log.info("[%s pid=%s] %s", self.label, self.pid, line)
+        for pattern, future in self._watches:
+            if not future.done() and (match := pattern.search(line)):
+                future.set_result(match)
+        self._watches = [(p, f) for p, f in self._watches if not f.done()]

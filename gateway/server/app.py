@@ -1,0 +1,121 @@
+"""GatewayServer: the aiohttp application and its lifecycle (start, serve, shut down)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.config.schema import GatewayConfig
+from gateway.engine.manager import EngineManager
+from gateway.server.endpoints import ENDPOINTS, UNSUPPORTED_PREFIXES
+from gateway.server.errors import error_middleware, error_response
+from gateway.server.handler import RequestHandler
+from gateway.supervisor.supervisor import Supervisor
+from gateway.utils.logger import RecentLines
+
+log = logging.getLogger("gateway")
+
+SHUTDOWN_GRACE = 5.0  # seconds on top of drain and stop timeouts before giving up
+
+
+class GatewayServer:
+    def __init__(self, config: GatewayConfig, recent_logs: RecentLines | None = None) -> None:
+        self.config = config
+        self.recent_logs = recent_logs
+        self.manager = EngineManager()
+        self.supervisor = Supervisor(config, self.manager)
+        self.handler = RequestHandler(lambda: self.config, self.supervisor)
+        self.started_at = time.time()
+        self._runner: web.AppRunner | None = None
+        self._sites: list[web.TCPSite] = []
+
+    def build_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[error_middleware], client_max_size=self.config.server.max_body_bytes
+        )
+        for path in ENDPOINTS:
+            app.router.add_post(path, self.handler.model_request)
+        for prefix in UNSUPPORTED_PREFIXES:
+            app.router.add_route("*", prefix + "{tail:.*}", self._unsupported)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/gateway/state", self._state)
+        return app
+
+    async def start(self) -> list[str]:
+        """Start the supervisor and listen; returns the bound addresses."""
+        self.supervisor.start()
+        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        bound = []
+        for host, port in self.config.server.listen:
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            await site.start()
+            self._sites.append(site)
+            bound.append(f"{host}:{port}")
+        log.info(
+            "llm-gateway %s listening on %s with %d models",
+            __version__,
+            ", ".join(bound),
+            len(self.config.models),
+        )
+        return bound
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), stop the engine."""
+        log.info("shutting down: no new connections; draining")
+        for site in self._sites:
+            await site.stop()
+        timeouts = self.config.server.timeouts
+        try:
+            await asyncio.wait_for(
+                self.supervisor.shutdown(), timeouts.drain + timeouts.stop + SHUTDOWN_GRACE
+            )
+        except TimeoutError:
+            log.error("shutdown took too long: killing the engine")
+        finally:
+            self.supervisor.kill_engine_now()
+            if self._runner is not None:
+                await self._runner.cleanup()
+            await self.manager.close()
+        log.info("stopped")
+
+    async def _unsupported(self, request: web.Request) -> web.Response:
+        return error_response(
+            501,
+            f"{request.path} is not served: llama.cpp engines do not implement it",
+            "invalid_request_error",
+            "not_implemented",
+        )
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.supervisor.snapshot())
+
+    async def _models(self, request: web.Request) -> web.Response:
+        created = int(self.started_at)
+        data = []
+        for model in self.config.models:
+            contexts = [v.context for v in model.variants]
+            for name in (model.name, *model.aliases):
+                data.append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "llm-gateway",
+                        "context_length": model.largest_context,
+                        "meta": {
+                            "n_ctx": model.largest_context,
+                            "variants": contexts,
+                            "alias_of": model.name if name != model.name else None,
+                        },
+                    }
+                )
+        return web.json_response({"object": "list", "data": data})

@@ -1,0 +1,179 @@
+"""The model-addressed endpoints: how each one's body is validated and sized. Pure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import InvalidRequest
+from gateway.models import PromptShape
+
+Body = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    kind: str  # chat, completion, embedding, rerank, other
+    reserve_fields: tuple[str, ...]  # the answer's length, first present wins; () = no answer
+    validate: Callable[[Body], None]
+    shape: Callable[[Body, bytes], PromptShape]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(t) for t in value)
+
+
+def _is_prompt(value: Any) -> bool:
+    """A string, token ids, or a non-empty list of either."""
+    if isinstance(value, str) or _is_token_ids(value):
+        return True
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(p, str) or _is_token_ids(p) for p in value)
+    )
+
+
+def _validate_messages(body: Body) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array of messages", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequest(
+                f"messages[{i}].content must be a string, an array of parts, or null",
+                param=f"messages[{i}].content",
+            )
+
+
+def _validate_field(name: str) -> Callable[[Body], None]:
+    def validate(body: Body) -> None:
+        if name not in body:
+            raise InvalidRequest(f"'{name}' is required", param=name)
+        if not _is_prompt(body[name]):
+            raise InvalidRequest(
+                f"'{name}' must be a string, an array of token ids, or an array of those",
+                param=name,
+            )
+
+    return validate
+
+
+def _no_validation(body: Body) -> None:
+    return None
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _chat_shape(body: Body, raw: bytes) -> PromptShape:
+    text, bounded = 0, True
+    for message in body["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            text += _utf8_len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    text += _utf8_len(part["text"])
+                else:
+                    bounded = False  # images, audio: their tokens are not bytes
+        extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+        if extra:  # tool calls, names: the template renders them in its own way
+            text += len(json.dumps(extra))
+            bounded = False
+    if body.get("tools"):
+        text += len(json.dumps(body["tools"]))
+        bounded = False
+    return PromptShape(text_bytes=text, messages=len(body["messages"]), bounded=bounded)
+
+
+def _prompt_shape(field: str) -> Callable[[Body, bytes], PromptShape]:
+    def shape(body: Body, raw: bytes) -> PromptShape:
+        prompts = body[field]
+        if isinstance(prompts, str) or _is_token_ids(prompts):
+            prompts = [prompts]
+        # Several prompts run as separate sequences: the largest one must fit.
+        texts = [_utf8_len(p) for p in prompts if isinstance(p, str)]
+        ids = [len(p) for p in prompts if isinstance(p, list)]
+        return PromptShape(text_bytes=max(texts, default=0), token_ids=max(ids, default=0))
+
+    return shape
+
+
+def _raw_shape(body: Body, raw: bytes) -> PromptShape:
+    # No tokenizer call for these: the body's length bounds the text it carries.
+    return PromptShape(text_bytes=len(raw), bounded=False)
+
+
+_chat = Endpoint(
+    "/v1/chat/completions",
+    "chat",
+    ("max_completion_tokens", "max_tokens"),
+    _validate_messages,
+    _chat_shape,
+)
+_completion = Endpoint(
+    "/v1/completions",
+    "completion",
+    ("max_tokens",),
+    _validate_field("prompt"),
+    _prompt_shape("prompt"),
+)
+_embedding = Endpoint(
+    "/v1/embeddings", "embedding", (), _validate_field("input"), _prompt_shape("input")
+)
+
+ENDPOINTS: dict[str, Endpoint] = {
+    e.path: e
+    for e in (
+        _chat,
+        _completion,
+        _embedding,
+        Endpoint("/v1/responses", "other", ("max_output_tokens",), _no_validation, _raw_shape),
+        Endpoint("/v1/messages", "other", ("max_tokens",), _validate_messages, _raw_shape),
+        Endpoint("/v1/messages/count_tokens", "other", (), _validate_messages, _raw_shape),
+        Endpoint("/v1/rerank", "rerank", (), _no_validation, _raw_shape),
+        Endpoint("/v1/reranking", "rerank", (), _no_validation, _raw_shape),
+    )
+}
+
+# Endpoints of the OpenAI API that llama-server does not serve.
+UNSUPPORTED_PREFIXES = ("/v1/images", "/v1/audio", "/v1/files", "/v1/fine_tuning", "/v1/batches")
+
+
+def reserve(endpoint: Endpoint, body: Body, default: int) -> int:
+    """The answer's tokens: the request's limit, else the model's default."""
+    if not endpoint.reserve_fields:
+        return 0
+    for name in endpoint.reserve_fields:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value <= 0:
+            raise InvalidRequest(f"'{name}' must be a positive integer", param=name)
+        return value
+    return default
+
+
+def check_common(body: Body) -> None:
+    """Fields every model-addressed endpoint shares."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n <= 0):
+        raise InvalidRequest("'n' must be a positive integer", param="n")

@@ -1,0 +1,247 @@
+"""RequestHandler: a model-addressed request from arrival to the last byte of its answer.
+
+Parse and validate (nothing bad reaches the supervisor), wait for a lease, count the
+prompt exactly when the grant was made on an estimate, forward, and release the lease
+exactly once whichever way the request ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config.schema import GatewayConfig, Model
+from gateway.engine.client import EngineRequestError
+from gateway.engine.llamacpp import LlamaCppEngine
+from gateway.errors import EngineFailed, GatewayError, InvalidRequest, ModelNotFound
+from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, reserve
+from gateway.server.proxy import NotSent, Renamer, forward, upstream_headers, write_error_event
+from gateway.supervisor.requests import Grant, PendingRequest
+from gateway.supervisor.supervisor import Supervisor
+
+log = logging.getLogger("gateway.request")
+_LLAMACPP = LlamaCppEngine()
+
+KEEPALIVE_DELAY = 0.5  # a stream waiting longer than this gets ": loading" comments
+KEEPALIVE_INTERVAL = 2.0
+MAX_RETRIES = 1  # an engine that fails before answering gets the request once more
+BOUND_SLACK = 4  # tokens a tokenizer may add beyond one per byte (BOS, EOS, a leading space)
+
+
+def request_id(request: web.Request) -> str:
+    rid = request.get("request_id")
+    if rid is None:
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+        request["request_id"] = rid
+    return rid
+
+
+class RequestHandler:
+    def __init__(self, config: Callable[[], GatewayConfig], supervisor: Supervisor) -> None:
+        self._config = config
+        self._supervisor = supervisor
+
+    async def model_request(self, request: web.Request) -> web.StreamResponse:
+        endpoint = ENDPOINTS[request.path]
+        body, raw = await _read_json(request)
+        check_common(body)
+        model = self._resolve(body)
+        endpoint.validate(body)
+        why_not = model_engine_refusal(model, endpoint.kind)
+        if why_not:
+            raise InvalidRequest(why_not, param="model")
+        forwarded = _apply_rules(body, model)
+        pending = PendingRequest(
+            request_id=request_id(request),
+            model=model,
+            kind=endpoint.kind,
+            shape=endpoint.shape(forwarded, raw),
+            reserve=reserve(endpoint, forwarded, model.default_max_tokens),
+        )
+        if endpoint.kind in ("other", "rerank") or (not pending.shape.text_bytes):
+            # Nothing to count on the engine: the body's size, or token ids, are the bound.
+            pending.exact_tokens = pending.shape.text_bytes + pending.shape.token_ids
+            pending.method = "bound" if pending.shape.text_bytes else "exact"
+        data = raw if forwarded is body else json.dumps(forwarded).encode()
+        call = _Call(self._supervisor, request, endpoint, pending, forwarded, data, body["model"])
+        return await call.run(self._config().server.loading_keepalive and bool(body.get("stream")))
+
+    def _resolve(self, body: dict[str, Any]) -> Model:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("'model' must be a non-empty string", param="model")
+        model = self._config().resolve(name)
+        if model is None:
+            available = ", ".join(
+                sorted(n for m in self._config().models for n in (m.name, *m.aliases))
+            )
+            raise ModelNotFound(
+                f"the model {name!r} does not exist; available: {available}", param="model"
+            )
+        return model
+
+
+def model_engine_refusal(model: Model, kind: str) -> str | None:
+    """Why the model's engine cannot serve this kind of request (its largest variant)."""
+    return _LLAMACPP.serves(model, model.variants[-1], kind)
+
+
+async def _read_json(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    raw = await request.read()  # over client_max_size: aiohttp raises 413
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not valid UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body, raw
+
+
+def _apply_rules(body: dict[str, Any], model: Model) -> dict[str, Any]:
+    """The model's defaults, forced fields and stripped fields; `body` itself if none."""
+    rules = model.request
+    if not (rules.defaults or rules.force or rules.strip):
+        return body
+    rewritten = {**rules.defaults, **body, **rules.force}
+    for name in rules.strip:
+        rewritten.pop(name, None)
+    return rewritten
+
+
+class _Call:
+    """One client request's way through queue, counting and forwarding."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        request: web.Request,
+        endpoint: Endpoint,
+        pending: PendingRequest,
+        body: dict[str, Any],
+        data: bytes,
+        requested_name: str,
+    ) -> None:
+        self.supervisor = supervisor
+        self.request = request
+        self.endpoint = endpoint
+        self.pending = pending
+        self.body = body
+        self.data = data
+        self.requested_name = requested_name
+        self.started: web.StreamResponse | None = None  # an SSE answer already under way
+        self.retries = 0
+
+    async def run(self, keepalive: bool) -> web.StreamResponse:
+        try:
+            while True:
+                grant = await self._wait_for_grant(keepalive)
+                response = await self._use(grant)
+                if response is not None:
+                    return response
+        except GatewayError as error:
+            if self.started is None:
+                raise
+            await write_error_event(self.started, error)
+            return self.started
+
+    async def _use(self, grant: Grant) -> web.StreamResponse | None:
+        """Serve the request on the granted engine; None when it must wait again."""
+        requeue: str | None = None
+        served = False
+        try:
+            if grant.count_first:
+                requeue = await self._count(grant)
+                if requeue:
+                    return None
+            response = await forward(
+                self.request,
+                grant.instance,
+                self.data,
+                upstream_headers(self.request.headers),
+                Renamer.between(grant.instance.served_name, self.requested_name),
+                self.started,
+                self._headers(grant),
+            )
+            served = True
+            return response
+        except NotSent as exc:
+            requeue = self._retry_or_fail(str(exc))
+            if exc.prompt_tokens is not None:  # the engine's own count beats ours
+                self.pending.exact_tokens, self.pending.method = exc.prompt_tokens, "exact"
+            return None
+        finally:
+            self.supervisor.release(grant, requeue, served)
+
+    async def _count(self, grant: Grant) -> str | None:
+        """Count exactly (unless a bound proves it fits); a reason to requeue if too big."""
+        instance, pending = grant.instance, self.pending
+        bound = self._upper_bound(grant)
+        if bound is not None and bound + pending.reserve <= instance.slot_context:
+            pending.exact_tokens, pending.method = bound, "bound"
+            return None
+        try:
+            tokens = await instance.engine.count(instance.client, pending.kind, self.body)
+        except EngineRequestError as exc:
+            return self._retry_or_fail(f"counting failed: {exc}")
+        self.supervisor.observe(pending.model.name, pending.shape, tokens)
+        pending.exact_tokens, pending.method = tokens, "exact"
+        if tokens + pending.reserve <= instance.slot_context:
+            return None
+        return (
+            f"counted {tokens} prompt tokens + {pending.reserve} reserve > "
+            f"context {instance.slot_context} of {instance.variant.key}: upgrade"
+        )
+
+    def _upper_bound(self, grant: Grant) -> int | None:
+        shape, overhead = self.pending.shape, grant.instance.overhead
+        if not shape.bounded:
+            return None
+        if self.pending.kind == "chat":
+            return overhead.upper_bound(shape.text_bytes, shape.messages) if overhead else None
+        return shape.text_bytes + shape.token_ids + BOUND_SLACK
+
+    def _retry_or_fail(self, reason: str) -> str:
+        if self.retries >= MAX_RETRIES:
+            raise EngineFailed(f"the engine failed twice for this request; last: {reason}")
+        self.retries += 1
+        return reason
+
+    def _headers(self, grant: Grant) -> dict[str, str]:
+        return {
+            "X-Request-Id": self.pending.request_id,
+            "X-Gateway-Model": grant.instance.model.name,
+            "X-Gateway-Context": str(grant.instance.variant.context),
+        }
+
+    async def _wait_for_grant(self, keepalive: bool) -> Grant:
+        acquiring = asyncio.ensure_future(self.supervisor.acquire(self.pending))
+        try:
+            while True:
+                timeout = KEEPALIVE_INTERVAL if self.started else KEEPALIVE_DELAY
+                done, _ = await asyncio.wait({acquiring}, timeout=timeout if keepalive else None)
+                if done:
+                    return acquiring.result()
+                await self._keepalive()
+        except BaseException:
+            acquiring.cancel()
+            raise
+
+    async def _keepalive(self) -> None:
+        if self.started is None:
+            self.started = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Request-Id": self.pending.request_id,
+                }
+            )
+            await self.started.prepare(self.request)
+        await self.started.write(f": waiting for model {self.pending.model.name}\n\n".encode())

@@ -1,0 +1,171 @@
+"""The proxy streamer: one request to a granted engine, its answer back to the client.
+
+Server-sent events pass through chunk by chunk as the engine writes them; the only
+change made to an answer is the `model` name, when the client asked by another name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from gateway.engine.client import EngineRequestError
+from gateway.engine.manager import EngineInstance
+from gateway.errors import EngineFailed, GatewayError
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Content-Length",
+        "Host",
+        "Authorization",
+    )
+)
+_SSE = "text/event-stream"
+
+
+class NotSent(Exception):
+    """The engine failed before any byte went to the client: the request may be retried.
+
+    `prompt_tokens` is set when the engine refused the prompt as too long for its context.
+    """
+
+    def __init__(self, reason: str, prompt_tokens: int | None = None) -> None:
+        super().__init__(reason)
+        self.prompt_tokens = prompt_tokens
+
+
+@dataclass(frozen=True)
+class Renamer:
+    """Rewrites the engine's model name to the one the client used."""
+
+    served: bytes
+    requested: bytes
+
+    @classmethod
+    def between(cls, served: str, requested: str) -> Renamer | None:
+        if served == requested:
+            return None
+        return cls(_model_field(served), _model_field(requested))
+
+    def __call__(self, data: bytes) -> bytes:
+        return data.replace(self.served, self.requested)
+
+
+def _model_field(name: str) -> bytes:
+    return b'"model":' + json.dumps(name).encode()
+
+
+def upstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+async def forward(
+    request: web.Request,
+    instance: EngineInstance,
+    data: bytes,
+    headers: Mapping[str, str],
+    renamer: Renamer | None,
+    started: web.StreamResponse | None,
+    response_headers: Mapping[str, str],
+) -> web.StreamResponse:
+    """Send the request to the engine and relay its answer; raises NotSent when nothing
+    reached the client and the engine failed or refused the prompt as too long.
+
+    `started` is an SSE response already sent to the client (loading keep-alives).
+    """
+    try:
+        upstream = await instance.client.open("POST", request.path, data, headers)
+    except EngineRequestError as exc:
+        raise NotSent(f"engine unreachable: {exc}") from None
+    try:
+        first = await _first_chunk(upstream)
+        if upstream.status == 400:
+            first += await _rest(upstream)
+            overflow = instance.engine.context_overflow(upstream.status, first)
+            if overflow is not None:
+                raise NotSent("the engine's context is too small", prompt_tokens=overflow)
+        if _SSE in upstream.headers.get("Content-Type", "") or started is not None:
+            return await _relay_stream(request, upstream, first, renamer, started, response_headers)
+        body = first + await _rest(upstream)
+        return web.Response(
+            status=upstream.status,
+            body=renamer(body) if renamer else body,
+            headers={**upstream_headers(upstream.headers), **response_headers},
+        )
+    finally:
+        upstream.close()  # also the way a cancelled request reaches the engine: it frees the slot
+
+
+async def _first_chunk(upstream: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await upstream.content.readany()
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise NotSent(f"engine failed before answering: {exc}") from None
+
+
+async def _rest(upstream: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await upstream.content.read()
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise NotSent(f"engine failed while answering: {exc}") from None
+
+
+async def _relay_stream(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    first: bytes,
+    renamer: Renamer | None,
+    started: web.StreamResponse | None,
+    response_headers: Mapping[str, str],
+) -> web.StreamResponse:
+    if started is not None:
+        response = started
+        if _SSE not in upstream.headers.get("Content-Type", ""):
+            # The client already has a 200 event stream: an error answer becomes an event.
+            body = first + await _rest(upstream)
+            await response.write(b"data: " + (renamer(body) if renamer else body).strip() + b"\n\n")
+            return response
+    else:
+        response = web.StreamResponse(
+            status=upstream.status,
+            headers={**upstream_headers(upstream.headers), **response_headers},
+        )
+        await response.prepare(request)
+    carry = b""
+    chunk = first
+    try:
+        while chunk:
+            if renamer is None:
+                await response.write(chunk)
+            else:
+                # Rename whole lines only: a name split across two chunks must not slip by.
+                carry += chunk
+                cut = carry.rfind(b"\n") + 1
+                if cut:
+                    await response.write(renamer(carry[:cut]))
+                    carry = carry[cut:]
+            chunk = await upstream.content.readany()
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        await write_error_event(response, EngineFailed(f"the engine failed mid-stream: {exc}"))
+        return response
+    if carry:
+        await response.write(renamer(carry) if renamer else carry)
+    return response
+
+
+async def write_error_event(response: web.StreamResponse, error: GatewayError) -> None:
+    """An error after the stream's headers went out: as an SSE event, as OpenAI does."""
+    await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")

@@ -1,0 +1,93 @@
+"""The events the supervisor consumes: from handlers, from effects, from timers."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gateway.config.schema import GatewayConfig, Variant
+from gateway.models import PromptShape
+
+if TYPE_CHECKING:
+    from gateway.engine.manager import EngineInstance, StartFailed
+    from gateway.supervisor.requests import PendingRequest
+
+
+@dataclass(frozen=True)
+class RequestArrived:
+    pending: PendingRequest
+
+
+@dataclass(frozen=True)
+class RequestCancelled:
+    pending: PendingRequest
+
+
+@dataclass(frozen=True)
+class LeaseReleased:
+    lease: int
+    requeue_reason: str | None
+    served: bool
+
+
+@dataclass(frozen=True)
+class TokensCounted:
+    model: str
+    shape: PromptShape
+    tokens: int
+
+
+@dataclass(frozen=True)
+class StartFinished:
+    variant: Variant
+    instance: EngineInstance | None
+    error: StartFailed | None
+
+
+@dataclass(frozen=True)
+class StopFinished:
+    instance: EngineInstance
+    code: int
+
+
+@dataclass(frozen=True)
+class EngineExited:
+    instance: EngineInstance
+    code: int
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    name: str  # "idle", "drain" or "retry"
+    instance: EngineInstance | None
+
+
+@dataclass(frozen=True)
+class UnloadRequested:
+    done: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
+class ConfigReloaded:
+    config: GatewayConfig
+
+
+@dataclass(frozen=True)
+class ShutdownRequested:
+    done: asyncio.Future[None]
+
+
+Event = (
+    RequestArrived
+    | RequestCancelled
+    | LeaseReleased
+    | TokensCounted
+    | StartFinished
+    | StopFinished
+    | EngineExited
+    | TimerFired
+    | UnloadRequested
+    | ConfigReloaded
+    | ShutdownRequested
+)

@@ -1,0 +1,120 @@
+"""The engine's lifecycle as a `transitions` state machine, defined once as data.
+
+The supervisor is the only caller of the triggers. They are synchronous on purpose:
+a trigger only records the step, so it cannot be cancelled halfway; spawning, health
+waits and kills run outside, and their results come back to the supervisor as events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+from transitions import EventData, Machine
+
+STATES = ["idle", "starting", "ready", "draining", "stopping", "crashed"]
+
+# (trigger, sources, destination, what it means): the one table the code, the
+# /gateway/state history, the README and the statecharts/ generator all read.
+TRANSITIONS: list[tuple[str, list[str], str, str]] = [
+    (
+        "start",
+        ["idle", "crashed"],
+        "starting",
+        "an engine is spawned for the variant a request needs",
+    ),
+    ("healthy", ["starting"], "ready", "the engine answered /health: requests are granted"),
+    ("fail", ["starting"], "crashed", "the engine exited or was not healthy in time; it is killed"),
+    (
+        "abort",
+        ["starting"],
+        "stopping",
+        "a start nobody needs any more (shutdown, unload) is cut short",
+    ),
+    (
+        "drain",
+        ["ready"],
+        "draining",
+        "a swap, idle unload or shutdown: no new grants, in-flight finish",
+    ),
+    (
+        "drained",
+        ["draining"],
+        "stopping",
+        "in-flight requests ended or drain_timeout passed: stop it",
+    ),
+    ("stopped", ["stopping"], "idle", "the engine process has exited"),
+    ("died", ["ready", "draining"], "crashed", "the engine exited on its own"),
+    (
+        "reset",
+        ["crashed"],
+        "idle",
+        "start failures reached max_start_failures: its waiters got 503",
+    ),
+]
+
+HISTORY_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    source: str
+    dest: str
+    trigger: str
+    reason: str
+    monotonic: float
+    wall: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "from": self.source,
+            "to": self.dest,
+            "trigger": self.trigger,
+            "reason": self.reason,
+            "at": self.wall,
+            "monotonic": self.monotonic,
+        }
+
+
+def machine_kwargs() -> dict[str, Any]:
+    """Arguments that build this machine with any `transitions` machine class."""
+    return {
+        "states": STATES,
+        "transitions": [
+            {"trigger": trigger, "source": sources, "dest": dest}
+            for trigger, sources, dest, _ in TRANSITIONS
+        ],
+        "initial": "idle",
+        "auto_transitions": False,
+    }
+
+
+class EngineLifecycle:
+    """The machine's model: current state, a bounded history and counters."""
+
+    state: str  # set by the machine
+
+    def __init__(self) -> None:
+        self.history: deque[TransitionRecord] = deque(maxlen=HISTORY_LENGTH)
+        self.entered: Counter[str] = Counter()
+        self.machine = Machine(
+            model=self, send_event=True, after_state_change="_record", **machine_kwargs()
+        )
+
+    def fire(self, trigger: str, reason: str) -> None:
+        """Take the named edge; an illegal one raises `transitions.MachineError`."""
+        self.trigger(trigger, reason=reason)
+
+    def _record(self, event: EventData) -> None:
+        record = TransitionRecord(
+            source=event.transition.source,
+            dest=event.transition.dest,
+            trigger=event.event.name,
+            reason=str(event.kwargs.get("reason", "")),
+            monotonic=time.monotonic(),
+            wall=time.time(),
+        )
+        self.history.append(record)
+        self.entered[record.dest] += 1

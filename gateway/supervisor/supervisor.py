@@ -1,0 +1,561 @@
+"""The supervisor: one asyncio task that owns the queue, the leases and the engine's state.
+
+Handlers and effect tasks never touch that state; they post events to the supervisor's
+inbox and await futures. After every event the supervisor asks the pure queue policy
+what to do and turns the answer into machine triggers and effects (start, stop, timers)
+whose results come back as events. One task, so no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.config.schema import GatewayConfig, Model, Variant
+from gateway.engine.manager import EngineInstance, StartFailed
+from gateway.errors import (
+    ContextLengthExceeded,
+    EngineFailed,
+    EngineTimeout,
+    GatewayError,
+    Unavailable,
+)
+from gateway.models import ModelSelector, PromptShape, RunningEngine, Selection, TokenEstimator
+from gateway.supervisor import events as ev
+from gateway.supervisor.machine import EngineLifecycle
+from gateway.supervisor.policy import EngineView, Waiting, plan
+from gateway.supervisor.requests import Grant, PendingRequest
+
+log = logging.getLogger("gateway.supervisor")
+
+RECENT_SELECTIONS = 20
+BACKOFF_BASE = 0.25  # seconds before the first restart after a failure; doubles, bounded
+BACKOFF_MAX = 8.0
+
+
+class Effects(Protocol):
+    """What the supervisor does to the world: the EngineManager, or a fake in tests."""
+
+    def capacity(self, variant: Variant, model: Model) -> int: ...
+
+    async def start(self, model: Model, variant: Variant) -> EngineInstance: ...
+
+    async def stop(self, instance: EngineInstance) -> int: ...
+
+
+@dataclass
+class _Lease:
+    pending: PendingRequest
+    instance: EngineInstance
+
+
+class Supervisor:
+    def __init__(self, config: GatewayConfig, effects: Effects) -> None:
+        self.config = config
+        self._effects = effects
+        self.lifecycle = EngineLifecycle()
+        self.estimator = TokenEstimator()
+        self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self._queue: list[PendingRequest] = []
+        self._leases: dict[int, _Lease] = {}
+        self._instance: EngineInstance | None = None  # the engine of starting..stopping
+        self._target: Variant | None = None  # what starting is starting
+        self._effect: asyncio.Task[None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._failures: Counter[str] = Counter()  # failed starts or crashes in a row, per model
+        self._retry_at: dict[str, float] = {}  # per model: no restart before (monotonic)
+        self._seq = itertools.count(1)
+        self._shutdown: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.selections: deque[dict[str, Any]] = deque(maxlen=RECENT_SELECTIONS)
+        self.counters: Counter[str] = Counter()
+        self.last_engine_lines: list[str] = []
+        self.on_selection: Callable[[Selection], None] | None = None  # metrics hook
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="supervisor")
+
+    async def shutdown(self) -> None:
+        """Refuse new work, let in-flight requests finish (bounded), stop the engine."""
+        done = asyncio.get_running_loop().create_future()
+        self._post(ev.ShutdownRequested(done))
+        await done
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def kill_engine_now(self) -> None:
+        """Last resort for an interrupted shutdown: the engine must not outlive us."""
+        if self._instance is not None:
+            self._instance.process.kill_now()
+
+    # --- the API handlers use ------------------------------------------------------------
+
+    async def acquire(self, pending: PendingRequest) -> Grant:
+        """Queue the request and wait for a lease (or the error that ends its wait)."""
+        pending.future = asyncio.get_running_loop().create_future()
+        self._post(ev.RequestArrived(pending))
+        try:
+            return await asyncio.shield(pending.future)
+        except asyncio.CancelledError:
+            if not pending.future.done():
+                pending.future.cancel()
+                self._post(ev.RequestCancelled(pending))
+            elif not pending.future.cancelled() and pending.future.exception() is None:
+                self.release(pending.future.result())  # granted just as it was cancelled
+            raise
+
+    def release(
+        self, grant: Grant, requeue_reason: str | None = None, served: bool = False
+    ) -> None:
+        """End a lease, exactly once per grant. With a reason, the holder will `acquire`
+        again for the same request, which keeps its place in the queue."""
+        self._post(ev.LeaseReleased(grant.lease, requeue_reason, served))
+
+    def observe(self, model: str, shape: PromptShape, tokens: int) -> None:
+        """An exact count, to learn the model's tokens per byte."""
+        self._post(ev.TokensCounted(model, shape, tokens))
+
+    def unload(self) -> asyncio.Future[None]:
+        done = asyncio.get_running_loop().create_future()
+        self._post(ev.UnloadRequested(done))
+        return done
+
+    def reload(self, config: GatewayConfig) -> None:
+        self._post(ev.ConfigReloaded(config))
+
+    def _post(self, event: ev.Event) -> None:
+        self._inbox.put_nowait(event)
+
+    # --- the run loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            event = await self._inbox.get()
+            try:
+                self._handle(event)
+                self._reconcile()
+            except Exception:
+                log.exception("supervisor: error handling %s", type(event).__name__)
+
+    def _handle(self, event: ev.Event) -> None:
+        match event:
+            case ev.RequestArrived(pending):
+                self._arrive(pending)
+            case ev.RequestCancelled(pending):
+                if pending in self._queue:
+                    self._queue.remove(pending)
+                    self.counters["cancelled_waiting"] += 1
+            case ev.LeaseReleased(lease, requeue, served):
+                self._release(lease, requeue, served)
+            case ev.TokensCounted(model, shape, tokens):
+                self.estimator.observe(model, shape, tokens)
+                self.counters["tokens_counted"] += tokens
+            case ev.StartFinished(variant, instance, error):
+                self._start_finished(variant, instance, error)
+            case ev.StopFinished(instance, code):
+                self._stop_finished(instance, code)
+            case ev.EngineExited(instance, code):
+                self._engine_exited(instance, code)
+            case ev.TimerFired(name, instance):
+                self._timer_fired(name, instance)
+            case ev.UnloadRequested(done):
+                self._unload(done)
+            case ev.ConfigReloaded(config):
+                self.config = config
+            case ev.ShutdownRequested(done):
+                self._begin_shutdown(done)
+
+    def _arrive(self, pending: PendingRequest) -> None:
+        assert pending.future is not None
+        if self._shutdown is not None:
+            pending.future.set_exception(Unavailable("the gateway is shutting down"))
+        elif len(self._queue) >= self.config.server.queue_limit:
+            self.counters["rejected_queue_full"] += 1
+            pending.future.set_exception(
+                Unavailable(
+                    f"too many waiting requests ({self.config.server.queue_limit}); retry later",
+                    headers={"Retry-After": "1"},
+                )
+            )
+        else:
+            if not pending.seq:
+                pending.seq = next(self._seq)
+            self._queue.append(pending)
+            self._queue.sort(key=lambda p: p.seq)  # a requeued request keeps its place
+
+    # --- deciding ------------------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        """Apply the queue policy to the current state; called after every event."""
+        self._queue = [p for p in self._queue if p.future is not None and not p.future.done()]
+        state = self.lifecycle.state
+        if self._shutdown is not None:
+            self._continue_shutdown()
+            return
+        decision = plan(self._waiting(), self._view(), self._selector())
+        for item, selection in decision.rejects:
+            self._reject(self._by_seq(item.seq), selection)
+        if state == "ready":
+            for item, selection in decision.grants:
+                self._grant(self._by_seq(item.seq), selection)
+            if decision.next is not None:
+                _, selection = decision.next
+                self._log_selection(self._by_seq(decision.next[0].seq), selection)
+                self._drain(f"swap to {selection.variant.key}")  # type: ignore[union-attr]
+            elif not self._queue:
+                self._arm_idle_timer()
+        elif state == "draining" and not self._instance_leases():
+            self._fire("drained", "no request in flight")
+            self._launch_stop()
+        elif state in ("idle", "crashed") and decision.next is not None:
+            item, selection = decision.next
+            self._start(self._by_seq(item.seq), selection)
+
+    def _largest(self, model: Model) -> int:
+        return self._selector().largest_capacity(model)
+
+    def _selector(self) -> ModelSelector:
+        return ModelSelector(self._capacity)
+
+    def _capacity(self, variant: Variant) -> int:
+        model = self.config.resolve(variant.model)
+        assert model is not None
+        return self._effects.capacity(variant, model)
+
+    def _waiting(self) -> list[Waiting]:
+        return [Waiting(p.seq, p.model, self._needs(p)) for p in self._queue]
+
+    def _needs(self, pending: PendingRequest):  # -> Needs
+        return pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
+
+    def _view(self) -> EngineView:
+        running = None
+        if self._instance is not None and self.lifecycle.state == "ready":
+            running = RunningEngine(self._instance.variant, self._instance.slot_context)
+        return EngineView(self.lifecycle.state, running)
+
+    def _by_seq(self, seq: int) -> PendingRequest:
+        return next(p for p in self._queue if p.seq == seq)
+
+    # --- granting and rejecting ---------------------------------------------------------------
+
+    def _grant(self, pending: PendingRequest, selection: Selection) -> None:
+        assert self._instance is not None and pending.future is not None
+        self._cancel_timer("idle")
+        grant = Grant(self._instance, selection)
+        self._leases[grant.lease] = _Lease(pending, self._instance)
+        self._queue.remove(pending)
+        pending.future.set_result(grant)
+        self.counters["granted"] += 1
+        if pending.requeues == 0 and selection.needs.exact:
+            self._log_selection(pending, selection)
+
+    def _reject(self, pending: PendingRequest, selection: Selection) -> None:
+        assert pending.future is not None
+        self._log_selection(pending, selection)
+        self._queue.remove(pending)
+        needs = selection.needs
+        pending.future.set_exception(
+            ContextLengthExceeded(
+                f"this request needs {needs.total} tokens of context ({needs.prompt_tokens} prompt "
+                f"tokens + {needs.reserve} reserved for the answer), but the largest context of "
+                f"model {pending.model.name!r} is {self._largest(pending.model)}",
+                param="messages" if pending.kind == "chat" else "prompt",
+            )
+        )
+
+    def _release(self, lease_id: int, requeue_reason: str | None, served: bool) -> None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return
+        if served:
+            self._failures.pop(lease.pending.model.name, None)  # the model works again
+        if requeue_reason is not None:
+            self.counters["requeued"] += 1
+            log.info(
+                "request %s goes back to the queue: %s", lease.pending.request_id, requeue_reason
+            )
+
+    def _log_selection(self, pending: PendingRequest, selection: Selection) -> None:
+        entry = {
+            "request_id": pending.request_id,
+            "model": pending.model.name,
+            "prompt_tokens": selection.needs.prompt_tokens,
+            "method": selection.needs.method,
+            "reserve": selection.needs.reserve,
+            "context": selection.variant.context if selection.variant else None,
+            "outcome": selection.outcome.value,
+            "at": time.time(),
+        }
+        self.selections.append(entry)
+        self.counters[f"selection_{selection.outcome.value}"] += 1
+        log.info("select %s %s: %s", pending.request_id, pending.model.name, selection.describe())
+        if self.on_selection is not None:
+            self.on_selection(selection)
+
+    # --- starting and stopping ------------------------------------------------------------------
+
+    def _start(self, pending: PendingRequest, selection: Selection) -> None:
+        variant = selection.variant
+        assert variant is not None
+        model = pending.model
+        delay = self._retry_at.get(model.name, 0.0) - time.monotonic()
+        if delay > 0:
+            self._arm_timer("retry", delay, None)  # backoff after failures; reconcile again then
+            return
+        self._log_selection(pending, selection)
+        self._target = variant
+        self._fire("start", f"request {pending.request_id} needs {variant.key}")
+        self.counters["starts"] += 1
+        self._run_effect(self._starting(model, variant))
+
+    async def _starting(self, model: Model, variant: Variant) -> None:
+        try:
+            instance = await self._effects.start(model, variant)
+        except StartFailed as exc:
+            self._post(ev.StartFinished(variant, None, exc))
+        except asyncio.CancelledError:
+            self._post(ev.StartFinished(variant, None, StartFailed("aborted", "start aborted")))
+        except Exception as exc:  # an engine answering nonsense while starting
+            self._post(ev.StartFinished(variant, None, StartFailed("exited", str(exc))))
+        else:
+            self._post(ev.StartFinished(variant, instance, None))
+
+    def _start_finished(
+        self, variant: Variant, instance: EngineInstance | None, error: StartFailed | None
+    ) -> None:
+        self._effect = None
+        self._target = None
+        if instance is not None:
+            self._instance = instance
+            self._watch_exit(instance)
+            if self._shutdown is not None:
+                self._fire("healthy", "started")
+                self._drain("shutdown")
+                return
+            startup_ms = instance.startup_seconds * 1000
+            self._fire(
+                "healthy", f"pid {instance.process.pid} port {instance.port} in {startup_ms:.0f} ms"
+            )
+            log.info(
+                "engine ready %s pid=%s port=%d slot_context=%d startup=%.0fms",
+                variant.key,
+                instance.process.pid,
+                instance.port,
+                instance.slot_context,
+                instance.startup_seconds * 1000,
+            )
+            return
+        assert error is not None
+        if error.kind == "aborted":
+            self._fire("abort", "start aborted")
+            self._fire("stopped", "engine killed while starting")
+            return
+        self.last_engine_lines = error.last_lines
+        self.counters["start_failures"] += 1
+        self._fire("fail", str(error))
+        log.error("engine start failed %s: %s", variant.key, error)
+        self._fail_model(variant.model, self._start_error(error))
+        self._count_failure(variant.model)
+
+    def _start_error(self, error: StartFailed) -> GatewayError:
+        tail = "\n".join(error.last_lines[-10:])
+        message = f"{error}" + (f"; last engine output:\n{tail}" if tail else "")
+        if error.kind == "timeout":
+            return EngineTimeout(message)
+        if error.kind == "spawn":
+            return Unavailable(message)
+        return EngineFailed(message)
+
+    def _fail_model(self, model_name: str, error: GatewayError) -> None:
+        """A start of this model failed: its waiters get the error."""
+        for pending in [p for p in self._queue if p.model.name == model_name]:
+            self._queue.remove(pending)
+            assert pending.future is not None
+            pending.future.set_exception(error)
+
+    def _count_failure(self, model_name: str) -> bool:
+        """One more failed start or crash in a row: back off; True when the limit is reached."""
+        failures = self._failures[model_name] = self._failures[model_name] + 1
+        delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX)
+        self._retry_at[model_name] = time.monotonic() + delay
+        if failures < self.config.server.max_start_failures:
+            return False
+        self._failures.pop(model_name)
+        self._fire("reset", f"{model_name}: {failures} failures in a row")
+        return True
+
+    def _drain(self, reason: str) -> None:
+        self._cancel_timer("idle")
+        self._fire("drain", reason)
+        assert self._instance is not None
+        self._arm_timer("drain", self._instance.variant.timeouts.drain, self._instance)
+
+    def _launch_stop(self) -> None:
+        self._cancel_timer("drain")
+        instance = self._instance
+        assert instance is not None
+
+        async def stopping() -> None:
+            code = await self._effects.stop(instance)
+            self._post(ev.StopFinished(instance, code))
+
+        self._run_effect(stopping())
+
+    def _stop_finished(self, instance: EngineInstance, code: int) -> None:
+        self._effect = None
+        self.last_engine_lines = instance.process.last_lines()
+        uptime = time.monotonic() - instance.process.started_monotonic
+        log.info(
+            "engine stopped %s pid=%s exit=%s uptime=%.1fs",
+            instance.variant.key,
+            instance.process.pid,
+            code,
+            uptime,
+        )
+        self._instance = None
+        self._fire("stopped", f"pid {instance.process.pid} exited with {code}")
+
+    def _watch_exit(self, instance: EngineInstance) -> None:
+        def exited(task: asyncio.Task[int]) -> None:
+            if not task.cancelled():
+                self._post(ev.EngineExited(instance, task.result()))
+
+        instance.exited.add_done_callback(exited)
+
+    def _engine_exited(self, instance: EngineInstance, code: int) -> None:
+        if instance is not self._instance or self.lifecycle.state not in ("ready", "draining"):
+            return  # a stop we asked for; the stop effect reports it
+        self._instance = None
+        self._cancel_timer("drain")
+        self.last_engine_lines = instance.process.last_lines()
+        self.counters["crashes"] += 1
+        log.error(
+            "engine crashed %s pid=%s exit=%s in_flight=%d",
+            instance.variant.key,
+            instance.process.pid,
+            code,
+            self._count_leases(instance),
+        )
+        self._fire("died", f"pid {instance.process.pid} exited with {code}")
+        if self._count_failure(instance.model.name):
+            tail = "\n".join(self.last_engine_lines[-10:])
+            self._fail_model(
+                instance.model.name,
+                Unavailable(
+                    f"the engine of {instance.model.name!r} keeps failing "
+                    f"({self.config.server.max_start_failures} times in a row); "
+                    f"last engine output:\n{tail}"
+                ),
+            )
+
+    def _run_effect(self, coro: Any) -> None:
+        self._effect = asyncio.create_task(coro, name="supervisor-effect")
+
+    # --- timers -------------------------------------------------------------------------------
+
+    def _arm_timer(self, name: str, delay: float, instance: EngineInstance | None) -> None:
+        self._cancel_timer(name)
+        self._timers[name] = asyncio.get_running_loop().call_later(
+            delay, self._post, ev.TimerFired(name, instance)
+        )
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _arm_idle_timer(self) -> None:
+        assert self._instance is not None
+        idle = self._instance.variant.timeouts.idle
+        if idle > 0 and not self._instance_leases() and "idle" not in self._timers:
+            self._arm_timer("idle", idle, self._instance)
+
+    def _timer_fired(self, name: str, instance: EngineInstance | None) -> None:
+        self._timers.pop(name, None)
+        if instance is not None and instance is not self._instance:
+            return  # armed for an engine that is gone
+        state = self.lifecycle.state
+        if name == "idle" and state == "ready" and not self._instance_leases() and not self._queue:
+            self.counters["idle_unloads"] += 1
+            self._drain(f"idle for {instance.variant.timeouts.idle:g}s")  # type: ignore[union-attr]
+        elif name == "drain" and state == "draining":
+            cut = self._instance_leases()
+            self._fire("drained", f"drain_timeout: {cut} request(s) still in flight are cut off")
+            self._launch_stop()
+        # "retry": the backoff ended; the reconcile after this event starts the engine
+
+    # --- control: unload and shutdown ---------------------------------------------------------
+
+    def _unload(self, done: asyncio.Future[None]) -> None:
+        state = self.lifecycle.state
+        if state == "ready":
+            self._drain("unload requested")
+        elif state == "starting" and self._effect is not None:
+            self._effect.cancel()
+        done.set_result(None)
+
+    def _begin_shutdown(self, done: asyncio.Future[None]) -> None:
+        self._shutdown = done
+        for pending in self._queue:
+            assert pending.future is not None
+            pending.future.set_exception(Unavailable("the gateway is shutting down"))
+        self._queue.clear()
+        for name in ("idle", "retry"):
+            self._cancel_timer(name)
+        if self.lifecycle.state == "ready":
+            self._drain("shutdown")
+        elif self.lifecycle.state == "starting" and self._effect is not None:
+            self._effect.cancel()
+
+    def _continue_shutdown(self) -> None:
+        state = self.lifecycle.state
+        if state == "draining" and not self._instance_leases():
+            self._fire("drained", "shutdown: no request in flight")
+            self._launch_stop()
+        elif (
+            state in ("idle", "crashed")
+            and self._shutdown is not None
+            and not self._shutdown.done()
+        ):
+            self._shutdown.set_result(None)
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+
+    def _fire(self, trigger: str, reason: str) -> None:
+        self.lifecycle.fire(trigger, reason)
+
+    def _instance_leases(self) -> int:
+        return self._count_leases(self._instance) if self._instance is not None else 0
+
+    def _count_leases(self, instance: EngineInstance) -> int:
+        return sum(1 for lease in self._leases.values() if lease.instance is instance)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state for /gateway/state (read between events; the loop is single-threaded)."""
+        instance = self._instance
+        variant = instance.variant if instance else self._target
+        waiting = Counter(p.model.name for p in self._queue)
+        return {
+            "state": self.lifecycle.state,
+            "model": variant.model if variant else None,
+            "variant": {"context": variant.context, "key": variant.key} if variant else None,
+            "slot_context": instance.slot_context if instance else None,
+            "pid": instance.process.pid if instance else None,
+            "port": instance.port if instance else None,
+            "in_flight": len(self._leases),
+            "queued": {"count": len(self._queue), "models": dict(waiting)},
+            "history": [record.as_json() for record in self.lifecycle.history],
+            "counters": dict(self.counters),
+            "selections": list(self.selections),
+            "engine_log": instance.process.last_lines() if instance else self.last_engine_lines,
+        }
