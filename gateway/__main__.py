@@ -24,9 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
     parser.add_argument("--config", default="example.cfg.lua", help="the Lua config file")
     parser.add_argument("--check-config", metavar="FILE", help="validate FILE and exit")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     parser.add_argument("--version", action="version", version=f"llm-gateway {__version__}")
     return parser.parse_args(argv)

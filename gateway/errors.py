@@ -12,9 +12,7 @@ class GatewayError(Exception):
     type = "server_error"
     code: str | None = "internal_error"
 
-    def __init__(
-        self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
-    ):
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param

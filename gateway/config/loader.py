@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,10 @@ from gateway.config.schema import (
 )
 
 _POST_SCRIPT = "validate.lua"
-_LUA_PREFIX = re.compile(r"^lua[\d.]*: ")
+# The standalone interpreter prefixes its error with its argv[0], which python-lua-helper
+# makes an absolute path ("/usr/bin/lua5.4: "); a traceback follows the message.
+_LUA_PREFIX = re.compile(r"^(?:.*?[/\\])?lua[\w.]*(?:\.exe)?: ")
+_TRACEBACK = "stack traceback:"
 
 
 class ConfigError(Exception):
@@ -55,15 +59,50 @@ def _run_lua(config_path: Path) -> PyLuaHelper:
                 min_lua_version="5.3.0",
             )
     except RuntimeError as exc:
-        raise ConfigError(_lua_message(captured.getvalue()) or f"{config_path}: {exc}") from None
+        message = _lua_message(captured.getvalue())
+        raise ConfigError(_full_path(message, config_path) or f"{config_path}: {exc}") from None
+    except (OSError, ValueError) as exc:  # e.g. output or values that are not UTF-8
+        raise ConfigError(f"{config_path}: cannot read the config's values: {exc}") from None
 
 
 def _lua_message(output: str) -> str:
-    """The first line Lua printed for an error, without the interpreter's name."""
-    for line in output.splitlines():
-        if _LUA_PREFIX.match(line):
-            return _LUA_PREFIX.sub("", line, count=1)
-    return output.strip().splitlines()[0] if output.strip() else ""
+    """The error Lua printed, without the interpreter's name and the stack traceback.
+
+    The interpreter's stderr comes after whatever the config printed, so the message is
+    the last prefixed line (and any lines of a multi-line message) before the traceback.
+    """
+    lines = output.splitlines()
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith(_TRACEBACK)]
+    if tracebacks:
+        lines = lines[: tracebacks[-1]]
+    start = max((i for i, line in enumerate(lines) if _LUA_PREFIX.match(line)), default=None)
+    if start is None:
+        return next((line.strip() for line in reversed(lines) if line.strip()), "")
+    lines[start] = _LUA_PREFIX.sub("", lines[start], count=1)
+    return "\n".join(lines[start:]).strip()
+
+
+def _full_path(message: str, config_path: Path) -> str:
+    """Lua shortens a long file name in "file:line:" to "...<its end>"; restore the config's."""
+    match = re.match(r"\.\.\.(.+?):\d+:", message)
+    if match and str(config_path).endswith(match.group(1)):
+        return str(config_path) + message[match.end(1) :]
+    return message
+
+
+def _children(helper: PyLuaHelper, name: str) -> set[str]:
+    """The keys of table `name`. A key may itself contain dots ({["a.b"] = 1} exports as
+    `name.a.b`): a remainder is one key unless a dotted prefix of it is a nested table."""
+    prefix = name + "."
+    children = set()
+    for key in helper:
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        cuts = [i for i, ch in enumerate(rest) if ch == "."]
+        nested = next((rest[:i] for i in cuts if helper.is_table(prefix + rest[:i])), None)
+        children.add(nested if nested is not None else rest)
+    return children
 
 
 def _unflatten(helper: PyLuaHelper, name: str) -> Any:
@@ -71,9 +110,12 @@ def _unflatten(helper: PyLuaHelper, name: str) -> Any:
     kind = helper.get_type(name)
     if kind == "table":
         prefix = name + "."
-        children = {k[len(prefix) :].split(".", 1)[0] for k in helper if k.startswith(prefix)}
-        if helper.get_table_seq(name):
-            return [_unflatten(helper, f"{prefix}{i}") for i in helper.get_table_seq(name)]
+        children = _children(helper, name)
+        seq = helper.get_table_seq(name)
+        # A list is exactly the keys 1..n; a sparse or mixed table ({[15043] = -100}) is
+        # an object with string keys, as JSON has it.
+        if seq and seq[0] == 1 and children == {str(i) for i in seq}:
+            return [_unflatten(helper, f"{prefix}{i}") for i in seq]
         return {child: _unflatten(helper, prefix + child) for child in sorted(children)}
     value = helper.get(name)
     if kind == "number":
@@ -106,24 +148,92 @@ def _listen(server: dict[str, Any]) -> tuple[tuple[str, int], ...]:
     return tuple(addresses)
 
 
+# llama-server flags whose value is a local file or folder (`llama-server --help`: FNAME,
+# FILE, PATH, DIR); --lora and --control-vector take comma-separated lists, the -scaled
+# forms FNAME:SCALE pairs. -hff/--hf-file names a file inside a Hugging Face repo: not local.
+_PATH_FLAGS = frozenset(
+    {
+        "-m",
+        "--model",
+        "-md",
+        "--model-draft",
+        "--spec-draft-model",
+        "-mm",
+        "--mmproj",
+        "--grammar-file",
+        "-jf",
+        "--json-schema-file",
+        "-lcs",
+        "--lookup-cache-static",
+        "-lcd",
+        "--lookup-cache-dynamic",
+        "--log-file",
+        "--path",
+        "--ui-config-file",
+        "--webui-config-file",
+        "--mcp-servers-config",
+        "--api-key-file",
+        "--ssl-key-file",
+        "--ssl-cert-file",
+        "--slot-save-path",
+        "--media-path",
+        "--models-dir",
+        "--models-preset",
+        "--chat-template-file",
+        "--log-prompts-dir",
+        "--video-ffmpeg-dir",
+    }
+)
+_PATH_LIST_FLAGS = frozenset({"--lora", "--control-vector"})
+_SCALED_PATH_FLAGS = frozenset({"--lora-scaled", "--control-vector-scaled"})
+_NUMBER = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
+
+
 def _resolve_paths(args: list[str], base: Path) -> tuple[str, ...]:
-    """Relative file arguments are relative to the config's folder, not the cwd."""
-    return tuple(_resolve_arg(a, base) for a in args)
+    """Relative file arguments are relative to the config's folder, not the cwd.
+
+    The values of file flags (`-m models/x.gguf`, `--model=models/x.gguf`) are always
+    resolved; another argument only when it names a file that exists next to the config,
+    so aliases, Hugging Face repos ("org/model") and URLs stay as they are.
+    """
+    out: list[str] = []
+    flag = ""  # the flag the next argument is the value of
+    for arg in args:
+        if arg.startswith("-") and not _NUMBER.fullmatch(arg):
+            name, eq, value = arg.partition("=")
+            out.append(f"{name}={_resolve_value(name, value, base)}" if eq else arg)
+            flag = "" if eq else name
+        else:
+            out.append(_resolve_value(flag, arg, base))
+            flag = ""
+    return tuple(out)
 
 
-def _resolve_arg(arg: str, base: Path) -> str:
-    flag, eq, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
-    if flag and not eq:
-        return arg
-    if value and not Path(value).is_absolute() and ("/" in value or (base / value).exists()):
-        value = str((base / value).resolve())
-    return f"{flag}{eq}{value}"
+def _resolve_value(flag: str, value: str, base: Path) -> str:
+    if flag in _PATH_LIST_FLAGS:
+        return ",".join(_resolve_path(v, base, known=True) for v in value.split(","))
+    if flag in _SCALED_PATH_FLAGS:
+        pairs = (v.rpartition(":") if ":" in v else (v, "", "") for v in value.split(","))
+        return ",".join(f"{_resolve_path(p, base, known=True)}{c}{s}" for p, c, s in pairs)
+    return _resolve_path(value, base, known=flag in _PATH_FLAGS)
+
+
+def _resolve_path(value: str, base: Path, *, known: bool) -> str:
+    if not value or "://" in value or (not known and _NUMBER.fullmatch(value)):
+        return value
+    path = Path(value).expanduser() if known else Path(value)
+    if path.is_absolute():
+        return str(path)
+    if known or (base / path).exists():
+        return os.path.normpath(base / path)
+    return value
 
 
 def _resolve_binary(binary: str | None, base: Path) -> str | None:
-    if binary is None or "/" not in binary or Path(binary).is_absolute():
+    """A bare name ("llama-server") is looked up on PATH; a path is relative to the config."""
+    if binary is None or "/" not in binary:
         return binary
-    return str((base / binary).resolve())
+    return os.path.normpath(base / Path(binary).expanduser())
 
 
 def _build_model(m: dict[str, Any], base: Path) -> Model:

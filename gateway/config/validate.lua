@@ -5,8 +5,22 @@
 
 local source = loader.exec or "config"
 
+-- Invalid UTF-8 bytes as \xNN: Python reads the message as UTF-8 text.
+local function printable(s)
+  local out, i = {}, 1
+  while true do
+    local ok, bad = utf8.len(s, i)
+    if ok then
+      out[#out + 1] = s:sub(i)
+      return table.concat(out)
+    end
+    out[#out + 1] = s:sub(i, bad - 1) .. string.format("\\x%02X", s:byte(bad))
+    i = bad + 1
+  end
+end
+
 local function fail(path, fmt, ...)
-  error(string.format("%s: %s: " .. fmt, source, path, ...), 0)
+  error(printable(string.format("%s: %s: " .. fmt, source, path, ...)), 0)
 end
 
 local function show(v)
@@ -47,13 +61,24 @@ local function non_empty_string(path, v)
 end
 
 -- A Lua sequence 1..n with no other keys; nil gives an empty list.
+-- A nil inside the list (often an undefined variable) is an error: `#` and ipairs would
+-- silently drop everything after it.
 local function sequence(path, v)
   if v == nil then return {} end
   check_type(path, v, "table")
-  local n = #v
+  local count, last = 0, 0
   for k in pairs(v) do
-    if not (is_integer(k) and k >= 1 and k <= n) then
+    if not (is_integer(k) and k >= 1) then
       fail(path, "must be a list {...} (found key %s)", show(k))
+    end
+    count = count + 1
+    if k > last then last = k end
+  end
+  if last > count then -- then one of 1..count+1 is missing
+    for i = 1, count + 1 do
+      if v[i] == nil then
+        fail(string.format("%s[%d]", path, i), "is nil (a hole in the list; an undefined variable?)")
+      end
     end
   end
   return v
@@ -80,18 +105,50 @@ local function valid_port(p)
   return n ~= nil and n >= 1 and n <= 65535
 end
 
-local function valid_v4(addr)
-  local a, b, c, d, port = addr:match("^(%d+)%.(%d+)%.(%d+)%.(%d+):(%d+)$")
+local function valid_v4_host(host)
+  local a, b, c, d = host:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
   if not a then return false end
   for _, octet in ipairs({ a, b, c, d }) do
-    if tonumber(octet) > 255 then return false end
+    if #octet > 3 or tonumber(octet) > 255 then return false end
   end
-  return valid_port(port)
+  return true
+end
+
+local function valid_v4(addr)
+  local host, port = addr:match("^([%d%.]+):(%d+)$")
+  return host ~= nil and valid_v4_host(host) and valid_port(port)
+end
+
+-- The number of 1-4 digit hex groups in "a:b:c", or nil if one is malformed.
+local function hex_groups(s)
+  if s == "" then return 0 end
+  local n = 0
+  for group in (s .. ":"):gmatch("([^:]*):") do
+    if not group:match("^%x%x?%x?%x?$") then return nil end
+    n = n + 1
+  end
+  return n
+end
+
+-- RFC 4291 text form: eight groups, or fewer around one "::", optionally ending in an
+-- IPv4 address, optionally followed by a zone ("%eth0").
+local function valid_v6_host(host)
+  host = host:gsub("%%[%w_.-]+$", "", 1)
+  local v4 = host:match(":(%d+%.%d+%.%d+%.%d+)$")
+  if v4 then
+    if not valid_v4_host(v4) then return false end
+    host = host:sub(1, #host - #v4) .. "0:0"
+  end
+  local head, tail = host:match("^(.-)::(.*)$")
+  if head == nil then return hex_groups(host) == 8 end
+  if tail:find("::", 1, true) then return false end
+  local a, b = hex_groups(head), hex_groups(tail)
+  return a ~= nil and b ~= nil and a + b <= 7
 end
 
 local function valid_v6(addr)
-  local host, port = addr:match("^%[([%x:%.]+)%]:(%d+)$")
-  return host ~= nil and host:find(":") ~= nil and valid_port(port)
+  local host, port = addr:match("^%[([^%]]+)%]:(%d+)$")
+  return host ~= nil and valid_v6_host(host) and valid_port(port)
 end
 
 local function listen_list(path, v, default, valid, example)
@@ -140,14 +197,39 @@ local function string_map(path, v)
   return out
 end
 
+-- A value that maps to JSON: strings, finite numbers, booleans, and tables whose keys are
+-- strings or integers (a list, or an object). Functions and the like cannot be exported.
+local function json_value(path, v, open)
+  local t = type(v)
+  if t == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then fail(path, "must be a finite number (got %s)", show(v)) end
+  elseif t == "table" then
+    open = open or {}
+    if open[v] then fail(path, "contains itself (%s)", open[v]) end
+    open[v] = path
+    for k, val in pairs(v) do
+      if type(k) ~= "string" and not is_integer(k) then
+        fail(path, "keys must be strings or integers (got %s)", show(k))
+      end
+      json_value(type(k) == "string" and path .. "." .. k or string.format("%s[%s]", path, show(k)), val, open)
+    end
+    open[v] = nil
+  elseif t ~= "string" and t ~= "boolean" then
+    fail(path, "must be a string, number, boolean or table (got a %s)", t)
+  end
+  return v
+end
+
 -- Request rewriting rules: defaults and force are JSON-like tables, strip a list of names.
 local function request_rules(path, v)
   if v == nil then v = {} end
   check_type(path, v, "table")
   only_keys(path, v, set_of("defaults", "force", "strip"))
-  local out = { defaults = v.defaults or {}, force = v.force or {}, strip = {} }
-  check_type(path .. ".defaults", out.defaults, "table")
-  check_type(path .. ".force", out.force, "table")
+  local out = { defaults = v.defaults, force = v.force, strip = {} }
+  if out.defaults == nil then out.defaults = {} end
+  if out.force == nil then out.force = {} end
+  json_value(path .. ".defaults", check_type(path .. ".defaults", out.defaults, "table"))
+  json_value(path .. ".force", check_type(path .. ".force", out.force, "table"))
   for i, name in ipairs(sequence(path .. ".strip", v.strip)) do
     out.strip[i] = non_empty_string(string.format("%s.strip[%d]", path, i), name)
   end
@@ -286,5 +368,21 @@ local function validate_models(ms, server_out)
   return out
 end
 
+-- The loader hands every string to Python as UTF-8; name the key of one that is not.
+local function check_utf8(path, v)
+  if type(v) == "string" and utf8.len(v) == nil then
+    fail(path, "is not valid UTF-8 text (got %s)", show(v))
+  elseif type(v) == "table" then
+    for k, val in pairs(v) do
+      if type(k) == "string" and utf8.len(k) == nil then
+        fail(path, "has a key that is not valid UTF-8 text (got %s)", show(k))
+      end
+      check_utf8(type(k) == "string" and path .. "." .. k or string.format("%s[%s]", path, show(k)), val)
+    end
+  end
+end
+
 server = validate_server(server)
 models = validate_models(models, server)
+check_utf8("server", server)
+check_utf8("models", models)

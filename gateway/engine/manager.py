@@ -77,9 +77,7 @@ class EngineManager:
             binary = find_llama_server(variant.binary or model.binary)
         except BinaryNotFound as exc:
             raise StartFailed("spawn", str(exc)) from None
-        process = EngineProcess(
-            self.llamacpp.argv(binary, model, variant), model.env, label=variant.key
-        )
+        process = EngineProcess(self.llamacpp.argv(binary, model, variant), model.env, label=variant.key)
         listening = process.watch(self.llamacpp.listening_pattern)
         try:
             await process.spawn()

@@ -94,9 +94,7 @@ class EngineProcess:
             try:
                 return await asyncio.wait_for(self.wait(), timeout)
             except TimeoutError:
-                log.warning(
-                    "%s pid=%s ignored SIGTERM for %.1fs: SIGKILL", self.label, self.pid, timeout
-                )
+                log.warning("%s pid=%s ignored SIGTERM for %.1fs: SIGKILL", self.label, self.pid, timeout)
         self._signal(signal.SIGKILL)  # also reaches children left behind in the group
         return await self.wait()
 

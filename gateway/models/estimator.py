@@ -30,9 +30,7 @@ class TokenEstimator:
         """Record an exact count for a prompt of this shape."""
         if shape.text_bytes < MIN_SAMPLE_BYTES:
             return
-        text_tokens = max(
-            0, tokens - shape.token_ids - shape.messages * TEMPLATE_TOKENS_PER_MESSAGE
-        )
+        text_tokens = max(0, tokens - shape.token_ids - shape.messages * TEMPLATE_TOKENS_PER_MESSAGE)
         ratio = text_tokens / shape.text_bytes
         self._samples.setdefault(model, deque(maxlen=SAMPLES_KEPT)).append(ratio)
 

@@ -35,9 +35,7 @@ def _is_prompt(value: Any) -> bool:
     if isinstance(value, str) or _is_token_ids(value):
         return True
     return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(p, str) or _is_token_ids(p) for p in value)
+        isinstance(value, list) and bool(value) and all(isinstance(p, str) or _is_token_ids(p) for p in value)
     )
 
 
@@ -133,9 +131,7 @@ _completion = Endpoint(
     _validate_field("prompt"),
     _prompt_shape("prompt"),
 )
-_embedding = Endpoint(
-    "/v1/embeddings", "embedding", (), _validate_field("input"), _prompt_shape("input")
-)
+_embedding = Endpoint("/v1/embeddings", "embedding", (), _validate_field("input"), _prompt_shape("input"))
 
 ENDPOINTS: dict[str, Endpoint] = {
     e.path: e

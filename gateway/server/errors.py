@@ -40,9 +40,7 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
         response = await handler(request)
     except GatewayError as exc:
         log.info("%s %s %s -> %d %s", rid, request.method, request.path, exc.status, exc.message)
-        response = error_response(
-            exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers
-        )
+        response = error_response(exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -55,9 +53,7 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
         )
     except Exception:
         log.exception("%s %s %s: unexpected error", rid, request.method, request.path)
-        response = error_response(
-            500, f"internal error (request {rid})", "server_error", "internal_error"
-        )
+        response = error_response(500, f"internal error (request {rid})", "server_error", "internal_error")
     if not response.prepared:
         response.headers.setdefault("X-Request-Id", rid)
     return response

@@ -31,6 +31,7 @@ _LLAMACPP = LlamaCppEngine()
 KEEPALIVE_DELAY = 0.5  # a stream waiting longer than this gets ": loading" comments
 KEEPALIVE_INTERVAL = 2.0
 MAX_RETRIES = 1  # an engine that fails before answering gets the request once more
+RETRY_SETTLE = 0.5  # seconds to see whether a failed engine is exiting
 BOUND_SLACK = 4  # tokens a tokenizer may add beyond one per byte (BOS, EOS, a leading space)
 
 
@@ -78,12 +79,8 @@ class RequestHandler:
             raise InvalidRequest("'model' must be a non-empty string", param="model")
         model = self._config().resolve(name)
         if model is None:
-            available = ", ".join(
-                sorted(n for m in self._config().models for n in (m.name, *m.aliases))
-            )
-            raise ModelNotFound(
-                f"the model {name!r} does not exist; available: {available}", param="model"
-            )
+            available = ", ".join(sorted(n for m in self._config().models for n in (m.name, *m.aliases)))
+            raise ModelNotFound(f"the model {name!r} does not exist; available: {available}", param="model")
         return model
 
 
@@ -173,6 +170,9 @@ class _Call:
             served = True
             return response
         except NotSent as exc:
+            # Let a dying engine's exit reach the supervisor first, so the retry waits
+            # for a fresh engine instead of being granted the dead one again.
+            await asyncio.wait([grant.instance.exited], timeout=RETRY_SETTLE)
             requeue = self._retry_or_fail(str(exc))
             if exc.prompt_tokens is not None:  # the engine's own count beats ours
                 self.pending.exact_tokens, self.pending.method = exc.prompt_tokens, "exact"

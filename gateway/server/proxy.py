@@ -6,6 +6,7 @@ change made to an answer is the `model` name, when the client asked by another n
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -144,26 +145,37 @@ async def _relay_stream(
             headers={**upstream_headers(upstream.headers), **response_headers},
         )
         await response.prepare(request)
+    # A client that went away ends the copy; leaving closes the engine's connection too.
+    with contextlib.suppress(ConnectionResetError):
+        await _pump(upstream, response, first, renamer)
+    return response
+
+
+async def _pump(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    chunk: bytes,
+    renamer: Renamer | None,
+) -> None:
+    """Copy the engine's stream to the client as it comes."""
     carry = b""
-    chunk = first
-    try:
-        while chunk:
-            if renamer is None:
-                await response.write(chunk)
-            else:
-                # Rename whole lines only: a name split across two chunks must not slip by.
-                carry += chunk
-                cut = carry.rfind(b"\n") + 1
-                if cut:
-                    await response.write(renamer(carry[:cut]))
-                    carry = carry[cut:]
+    while chunk:
+        if renamer is None:
+            await response.write(chunk)
+        else:
+            # Rename whole lines only: a name split across two chunks must not slip by.
+            carry += chunk
+            cut = carry.rfind(b"\n") + 1
+            if cut:
+                await response.write(renamer(carry[:cut]))
+                carry = carry[cut:]
+        try:
             chunk = await upstream.content.readany()
-    except (aiohttp.ClientError, ConnectionError) as exc:
-        await write_error_event(response, EngineFailed(f"the engine failed mid-stream: {exc}"))
-        return response
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            await write_error_event(response, EngineFailed(f"the engine failed mid-stream: {exc}"))
+            return
     if carry:
         await response.write(renamer(carry) if renamer else carry)
-    return response
 
 
 async def write_error_event(response: web.StreamResponse, error: GatewayError) -> None:

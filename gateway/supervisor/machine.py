@@ -83,8 +83,7 @@ def machine_kwargs() -> dict[str, Any]:
     return {
         "states": STATES,
         "transitions": [
-            {"trigger": trigger, "source": sources, "dest": dest}
-            for trigger, sources, dest, _ in TRANSITIONS
+            {"trigger": trigger, "source": sources, "dest": dest} for trigger, sources, dest, _ in TRANSITIONS
         ],
         "initial": "idle",
         "auto_transitions": False,
@@ -99,9 +98,7 @@ class EngineLifecycle:
     def __init__(self) -> None:
         self.history: deque[TransitionRecord] = deque(maxlen=HISTORY_LENGTH)
         self.entered: Counter[str] = Counter()
-        self.machine = Machine(
-            model=self, send_event=True, after_state_change="_record", **machine_kwargs()
-        )
+        self.machine = Machine(model=self, send_event=True, after_state_change="_record", **machine_kwargs())
 
     def fire(self, trigger: str, reason: str) -> None:
         """Take the named edge; an illegal one raises `transitions.MachineError`."""

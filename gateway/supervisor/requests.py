@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gateway.config.schema import Model
+from gateway.config.schema import Model, Variant
 from gateway.models import Needs, PromptShape, Selection
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class PendingRequest:
     exact_tokens: int | None = None  # once counted on an engine of this model
     method: str = "exact"  # how exact_tokens was found: "exact" or "bound"
     requeues: int = 0
+    logged: Variant | None = None  # the variant of its last logged selection
     future: asyncio.Future[Grant] | None = None
 
     def needs(self, estimate: int) -> Needs:

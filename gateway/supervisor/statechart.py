@@ -20,9 +20,7 @@ from gateway.supervisor.machine import STATES, TRANSITIONS, machine_kwargs
 
 def mermaid() -> str:
     """Mermaid stateDiagram-v2 text, as transitions draws it."""
-    machine = GraphMachine(
-        graph_engine="mermaid", title="title: engine lifecycle", **machine_kwargs()
-    )
+    machine = GraphMachine(graph_engine="mermaid", title="title: engine lifecycle", **machine_kwargs())
     return machine.get_graph().draw(None).rstrip() + "\n"
 
 

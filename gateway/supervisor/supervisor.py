@@ -113,9 +113,7 @@ class Supervisor:
                 self.release(pending.future.result())  # granted just as it was cancelled
             raise
 
-    def release(
-        self, grant: Grant, requeue_reason: str | None = None, served: bool = False
-    ) -> None:
+    def release(self, grant: Grant, requeue_reason: str | None = None, served: bool = False) -> None:
         """End a lease, exactly once per grant. With a reason, the holder will `acquire`
         again for the same request, which keeps its place in the queue."""
         self._post(ev.LeaseReleased(grant.lease, requeue_reason, served))
@@ -176,9 +174,12 @@ class Supervisor:
 
     def _arrive(self, pending: PendingRequest) -> None:
         assert pending.future is not None
+        if pending.future.done():
+            return  # cancelled before it got here
         if self._shutdown is not None:
             pending.future.set_exception(Unavailable("the gateway is shutting down"))
-        elif len(self._queue) >= self.config.server.queue_limit:
+        elif len(self._queue) >= self.config.server.queue_limit and not pending.seq:
+            # (a requeued request, seq already set, was accepted before and keeps its place)
             self.counters["rejected_queue_full"] += 1
             pending.future.set_exception(
                 Unavailable(
@@ -213,10 +214,10 @@ class Supervisor:
                 self._drain(f"swap to {selection.variant.key}")  # type: ignore[union-attr]
             elif not self._queue:
                 self._arm_idle_timer()
-        elif state == "draining" and not self._instance_leases():
+        if self.lifecycle.state == "draining" and not self._instance_leases():
             self._fire("drained", "no request in flight")
             self._launch_stop()
-        elif state in ("idle", "crashed") and decision.next is not None:
+        elif self.lifecycle.state in ("idle", "crashed") and decision.next is not None:
             item, selection = decision.next
             self._start(self._by_seq(item.seq), selection)
 
@@ -227,8 +228,9 @@ class Supervisor:
         return ModelSelector(self._capacity)
 
     def _capacity(self, variant: Variant) -> int:
-        model = self.config.resolve(variant.model)
-        assert model is not None
+        model = next((m for m in self.config.models if m.name == variant.model), None)
+        if model is None:  # removed by a reload while requests accepted for it still wait
+            return variant.context
         return self._effects.capacity(variant, model)
 
     def _waiting(self) -> list[Waiting]:
@@ -256,8 +258,7 @@ class Supervisor:
         self._queue.remove(pending)
         pending.future.set_result(grant)
         self.counters["granted"] += 1
-        if pending.requeues == 0 and selection.needs.exact:
-            self._log_selection(pending, selection)
+        self._log_selection(pending, selection)
 
     def _reject(self, pending: PendingRequest, selection: Selection) -> None:
         assert pending.future is not None
@@ -281,11 +282,13 @@ class Supervisor:
             self._failures.pop(lease.pending.model.name, None)  # the model works again
         if requeue_reason is not None:
             self.counters["requeued"] += 1
-            log.info(
-                "request %s goes back to the queue: %s", lease.pending.request_id, requeue_reason
-            )
+            log.info("request %s goes back to the queue: %s", lease.pending.request_id, requeue_reason)
 
     def _log_selection(self, pending: PendingRequest, selection: Selection) -> None:
+        """One line per decision: a start or grant that carries out a logged one is not new."""
+        if selection.variant is not None and selection.variant == pending.logged:
+            return
+        pending.logged = selection.variant
         entry = {
             "request_id": pending.request_id,
             "model": pending.model.name,
@@ -343,9 +346,7 @@ class Supervisor:
                 self._drain("shutdown")
                 return
             startup_ms = instance.startup_seconds * 1000
-            self._fire(
-                "healthy", f"pid {instance.process.pid} port {instance.port} in {startup_ms:.0f} ms"
-            )
+            self._fire("healthy", f"pid {instance.process.pid} port {instance.port} in {startup_ms:.0f} ms")
             log.info(
                 "engine ready %s pid=%s port=%d slot_context=%d startup=%.0fms",
                 variant.key,
@@ -522,11 +523,7 @@ class Supervisor:
         if state == "draining" and not self._instance_leases():
             self._fire("drained", "shutdown: no request in flight")
             self._launch_stop()
-        elif (
-            state in ("idle", "crashed")
-            and self._shutdown is not None
-            and not self._shutdown.done()
-        ):
+        elif state in ("idle", "crashed") and self._shutdown is not None and not self._shutdown.done():
             self._shutdown.set_result(None)
 
     # --- bookkeeping ----------------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""Fixtures that run the real gateway (a subprocess) in front of a real llama-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.demo.tinymodel import write_tiny_model
+from gateway.engine.binary import BinaryNotFound, find_llama_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> str:
+    try:
+        return find_llama_server(None)
+    except BinaryNotFound as exc:
+        pytest.fail(f"{exc}: run `make engine` (the engine tests need a real llama-server)")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    return {
+        "tiny": write_tiny_model(folder / "tiny.gguf", seed=1),
+        "tiny-b": write_tiny_model(folder / "tiny-b.gguf", seed=2),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "llama-server"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Gateway:
+    url: str
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 60,
+        headers_only: bool = False,
+    ) -> Response:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return Response(resp.status, dict(resp.headers), b"" if headers_only else resp.read())
+        except urllib.error.HTTPError as err:
+            return Response(err.code, dict(err.headers), err.read())
+
+    def post(self, path: str, body: Any, **kw: Any) -> Response:
+        return self.request("POST", path, body, **kw)
+
+    def state(self) -> dict[str, Any]:
+        return self.request("GET", "/gateway/state").json()
+
+    def transitions(self) -> list[tuple[str, str, str]]:
+        return [(h["from"], h["to"], h["trigger"]) for h in self.state()["history"]]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def lua_config(port: int, models: list[dict[str, Any]], **server: Any) -> str:
+    """A config file's text from Python values."""
+    server = {
+        "listen_v4": f"127.0.0.1:{port}",
+        "engine_startup_timeout": 30,
+        "drain_timeout": 10,
+        "stop_timeout": 5,
+        **server,
+    }
+    return f"server = {to_lua(server)}\nmodels = {to_lua(models)}\n"
+
+
+def to_lua(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "{" + ", ".join(to_lua(v) for v in value) + "}"
+    return "{" + ", ".join(f"[{json.dumps(k)}] = {to_lua(v)}" for k, v in value.items()) + "}"
+
+
+def tiny_model_config(models: dict[str, Path], **overrides: Any) -> list[dict[str, Any]]:
+    """The two demo models: tiny with three variants, tiny-b with one."""
+    tiny = {
+        "name": "tiny",
+        "aliases": ["tiny-chat"],
+        "args": ["-m", str(models["tiny"]), "-t", "1"],
+        "default_max_tokens": 64,
+        "request": {"defaults": {"temperature": 0}},
+        "variants": [{"context": 512}, {"context": 2048}, {"context": 8192}],
+    }
+    tiny_b = {
+        "name": "tiny-b",
+        "args": ["-m", str(models["tiny-b"]), "-t", "1"],
+        "default_max_tokens": 64,
+        "request": {"defaults": {"temperature": 0}},
+        "variants": [{"context": 2048}],
+    }
+    tiny.update(overrides)
+    return [tiny, tiny_b]
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path, llama_server: str) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def start(models: list[dict[str, Any]], **server: Any) -> Gateway:
+        port = free_port()
+        config = tmp_path / f"gateway-{port}.cfg.lua"
+        config.write_text(lua_config(port, models, **server))
+        log_path = tmp_path / f"gateway-{port}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", "debug"],
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        gw = Gateway(f"http://127.0.0.1:{port}", process, config, log_path)
+        started.append(gw)
+
+        def healthy() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"gateway exited {process.returncode}:\n{gw.log()}")
+            try:
+                return gw.request("GET", "/health", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_until(healthy, timeout=20)
+        return gw
+
+    yield start
+    for gw in started:
+        if gw.process.poll() is not None:
+            continue  # the test ended it and checked how
+        pid = gw.state()["pid"]
+        code = gw.stop()
+        assert code == 0, f"gateway exit code {code}:\n{gw.log()[-3000:]}"
+        if pid:
+            wait_until(lambda pid=pid: not alive(pid), timeout=5)

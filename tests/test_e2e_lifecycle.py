@@ -1,0 +1,226 @@
+"""Engine lifecycle against the real engine: swaps, drains, crashes, idle unload, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Gateway, alive, tiny_model_config, wait_until
+
+CHAT = [{"role": "user", "content": "hi"}]
+FAKE_ENGINE = str(Path(__file__).parent / "fakes" / "fake_engine.py")
+
+
+def ask(gateway: Gateway, model: str, max_tokens: int = 4, **extra):
+    return gateway.post(
+        "/v1/chat/completions",
+        {"model": model, "messages": CHAT, "max_tokens": max_tokens, **extra},
+    )
+
+
+def warm(gateway: Gateway, max_tokens: int) -> None:
+    """Start the variant a `max_tokens` request needs without waiting for its answer."""
+    gateway.post(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "stream": True, "max_tokens": max_tokens},
+        headers_only=True,
+    )
+
+
+def in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, list]:
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args, **kwargs)))
+    thread.start()
+    return thread, result
+
+
+def swap_path(gateway: Gateway) -> list[str]:
+    return [h["to"] for h in gateway.state()["history"]]
+
+
+@pytest.fixture
+def gateway(start_gateway, tiny_models) -> Gateway:
+    return start_gateway(tiny_model_config(tiny_models))
+
+
+def test_swap_between_models_passes_draining_and_stopping(gateway: Gateway) -> None:
+    assert ask(gateway, "tiny").status == 200
+    first_pid = gateway.state()["pid"]
+    assert ask(gateway, "tiny-b").status == 200
+    state = gateway.state()
+    assert state["model"] == "tiny-b" and state["pid"] != first_pid
+    assert swap_path(gateway) == [
+        "starting",
+        "ready",
+        "draining",
+        "stopping",
+        "idle",
+        "starting",
+        "ready",
+    ]
+    assert state["counters"]["starts"] == 2
+    wait_until(lambda: not alive(first_pid), timeout=5)
+
+
+def test_in_flight_stream_finishes_before_the_swap_stops_its_engine(gateway: Gateway) -> None:
+    warm(gateway, 3000)
+    long, result = in_thread(ask, gateway, "tiny", max_tokens=3000)
+    wait_until(lambda: gateway.state()["in_flight"] == 1, interval=0.002)
+    other = ask(gateway, "tiny-b")  # waits for the drain
+    long.join(30)
+    answer = result[0]
+    assert answer.status == 200
+    assert answer.json()["usage"]["completion_tokens"] == 3000  # not cut off
+    assert other.status == 200
+    history = gateway.state()["history"]
+    drained = next(h for h in history if h["trigger"] == "drained")
+    assert drained["reason"] == "no request in flight"
+
+
+def test_queued_requests_are_granted_together_after_a_swap(gateway: Gateway) -> None:
+    warm(gateway, 2000)
+    blocker, _ = in_thread(ask, gateway, "tiny", max_tokens=2000)
+    wait_until(lambda: gateway.state()["in_flight"] == 1, interval=0.002)
+    waiting = [in_thread(ask, gateway, "tiny-b") for _ in range(4)]
+    wait_until(lambda: gateway.state()["queued"]["count"] == 4, interval=0.002)
+    assert gateway.state()["queued"]["models"] == {"tiny-b": 4}
+    for thread, _ in waiting:
+        thread.join(30)
+    blocker.join(30)
+    assert [r[0].status for _, r in waiting] == [200] * 4
+    assert gateway.state()["counters"]["starts"] == 2  # one swap served all four
+
+
+def test_a_b_a_b_during_a_swap_causes_no_extra_swaps(gateway: Gateway) -> None:
+    warm(gateway, 2000)
+    blocker, _ = in_thread(ask, gateway, "tiny", max_tokens=2000)
+    wait_until(lambda: gateway.state()["in_flight"] == 1, interval=0.002)
+    threads = []
+    for model in ("tiny-b", "tiny", "tiny-b", "tiny"):
+        threads.append(in_thread(ask, gateway, model))
+        queued = len(threads)
+        wait_until(lambda n=queued: gateway.state()["queued"]["count"] == n, interval=0.002)
+    for thread, _ in threads:
+        thread.join(30)
+    blocker.join(30)
+    assert all(r[0].status == 200 for _, r in threads)
+    # tiny (running) -> tiny-b (both b's) -> tiny (both a's): two swaps, not four.
+    assert gateway.state()["counters"]["starts"] == 3
+
+
+def test_engine_killed_mid_stream_then_the_next_request_recovers(gateway: Gateway) -> None:
+    warm(gateway, 5000)
+    pid = gateway.state()["pid"]
+    body = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 5000, "stream": True})
+    req = urllib.request.Request(
+        gateway.url + "/v1/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as resp:
+        resp.readline()
+        os.kill(pid, signal.SIGKILL)
+        rest = resp.read().decode()
+    assert "data: [DONE]" not in rest
+    assert '"error"' in rest  # the stream ends with an error event
+    wait_until(lambda: gateway.state()["state"] == "crashed")
+    assert gateway.state()["counters"]["crashes"] == 1
+    again = ask(gateway, "tiny")
+    assert again.status == 200
+    assert gateway.state()["pid"] != pid
+    assert [h["trigger"] for h in gateway.state()["history"]][-3:] == ["died", "start", "healthy"]
+
+
+def test_idle_engine_is_unloaded(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(tiny_model_config(tiny_models), engine_idle_timeout=0.5)
+    ask(gateway, "tiny")
+    pid = gateway.state()["pid"]
+    wait_until(lambda: gateway.state()["state"] == "idle", timeout=5)
+    history = gateway.state()["history"]
+    assert history[-3]["trigger"] == "drain" and history[-3]["reason"].startswith("idle")
+    assert not alive(pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_engine_outlives_the_gateway(gateway: Gateway, sig: int) -> None:
+    ask(gateway, "tiny")
+    pid = gateway.state()["pid"]
+    assert alive(pid)
+    code = gateway.stop(sig)
+    assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    wait_until(lambda: not alive(pid), timeout=5)
+
+
+def test_sigterm_lets_an_in_flight_request_finish(gateway: Gateway) -> None:
+    warm(gateway, 2000)
+    long, result = in_thread(ask, gateway, "tiny", max_tokens=2000)
+    wait_until(lambda: gateway.state()["in_flight"] == 1, interval=0.002)
+    gateway.process.send_signal(signal.SIGTERM)
+    long.join(30)
+    assert result[0].status == 200
+    assert result[0].json()["usage"]["completion_tokens"] == 2000
+    assert gateway.process.wait(10) == 0
+
+
+def fake_model(mode: str, **extra) -> dict:
+    return {
+        "name": f"fake-{mode}",
+        "binary": FAKE_ENGINE,
+        "args": [mode],
+        "variants": [{"context": 1024}],
+        **extra,
+    }
+
+
+def test_engine_never_healthy_gets_504_and_nothing_hangs(start_gateway, tiny_models) -> None:
+    models = [
+        fake_model("never-healthy", engine_startup_timeout=1),
+        *tiny_model_config(tiny_models),
+    ]
+    gateway = start_gateway(models)
+    started = time.monotonic()
+    resp = ask(gateway, "fake-never-healthy")
+    assert resp.status == 504 and "not healthy after 1s" in resp.json()["error"]["message"]
+    assert time.monotonic() - started < 5
+    assert gateway.state()["state"] == "crashed"
+    assert ask(gateway, "tiny").status == 200  # other models keep working
+
+
+def test_engine_exiting_on_start_gets_502_with_its_output(start_gateway, tiny_models) -> None:
+    gateway = start_gateway([fake_model("exit-on-start"), *tiny_model_config(tiny_models)])
+    resp = ask(gateway, "fake-exit-on-start")
+    assert resp.status == 502
+    message = resp.json()["error"]["message"]
+    assert "exited with code 3" in message and "cannot load model" in message
+
+
+def test_missing_binary_is_a_clear_503(start_gateway, tiny_models) -> None:
+    missing = {
+        "name": "ghost",
+        "binary": "/nonexistent/llama-server",
+        "variants": [{"context": 512}],
+    }
+    gateway = start_gateway([missing, *tiny_model_config(tiny_models)])
+    resp = ask(gateway, "ghost")
+    assert resp.status == 503 and "/nonexistent/llama-server" in resp.json()["error"]["message"]
+
+
+def test_crash_loop_backs_off_then_gives_503_while_others_work(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(
+        [fake_model("crash-on-request"), *tiny_model_config(tiny_models)], max_start_failures=2
+    )
+    first = ask(gateway, "fake-crash-on-request")
+    assert first.status == 502  # crashed twice under the same request: no third try
+    second = ask(gateway, "fake-crash-on-request")
+    assert second.status in (502, 503)
+    state = gateway.state()
+    assert state["counters"]["crashes"] >= 2
+    assert "crashing on request" in "\n".join(state["engine_log"])
+    assert ask(gateway, "tiny").status == 200

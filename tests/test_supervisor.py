@@ -1,0 +1,846 @@
+"""The Supervisor driven by events, with fake effects: no processes, no sockets.
+
+The fake `start()` hands the test a `StartCall` whose future the test completes (or
+fails); a fake engine's `exited` future is completed to simulate a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.config.schema import (
+    GatewayConfig,
+    Model,
+    RequestRules,
+    ServerConfig,
+    Timeouts,
+    Variant,
+)
+from gateway.engine.manager import StartFailed
+from gateway.errors import ContextLengthExceeded, EngineFailed, EngineTimeout, Unavailable
+from gateway.models import PromptShape
+from gateway.supervisor import supervisor as supervisor_module
+from gateway.supervisor.requests import Grant, PendingRequest
+from gateway.supervisor.supervisor import Supervisor
+
+LONG = 30.0  # a timeout no test waits for: the behaviour must not depend on it
+TICK = 0.05  # the tiny timeouts the tests do wait for
+
+# --- config -----------------------------------------------------------------------------
+
+
+def make_config(
+    *,
+    drain: float = LONG,
+    idle: float = 0.0,
+    queue_limit: int = 16,
+    max_start_failures: int = 3,
+) -> GatewayConfig:
+    timeouts = Timeouts(health_check=TICK, startup=TICK, drain=drain, stop=TICK, idle=idle)
+
+    def model(name: str, *contexts: int) -> Model:
+        variants = tuple(Variant(name, c, (), None, timeouts) for c in contexts)
+        return Model(name, (), "llamacpp", None, (), {}, 128, RequestRules(), variants)
+
+    server = ServerConfig(
+        listen=(("127.0.0.1", 0),),
+        queue_limit=queue_limit,
+        max_body_bytes=1 << 20,
+        max_start_failures=max_start_failures,
+        loading_keepalive=False,
+        timeouts=timeouts,
+    )
+    return GatewayConfig("test.lua", server, (model("a", 512, 2048, 8192), model("b", 4096)))
+
+
+# --- fakes ------------------------------------------------------------------------------
+
+_pids = itertools.count(1000)
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.pid = next(_pids)
+        self.started_monotonic = time.monotonic()
+        self.killed = False
+
+    def last_lines(self) -> list[str]:
+        return [f"engine {self.pid}: last words"]
+
+    def kill_now(self) -> None:
+        self.killed = True
+
+
+@dataclass(eq=False)
+class FakeInstance:
+    model: Model
+    variant: Variant
+    process: FakeProcess
+    port: int
+    slot_context: int
+    exited: asyncio.Future[int]
+    served_name: str = "fake"
+    overhead: None = None
+    startup_seconds: float = 0.01
+
+    def crash(self, code: int = -11) -> None:
+        self.exited.set_result(code)
+
+
+@dataclass(eq=False)
+class StartCall:
+    model: Model
+    variant: Variant
+    future: asyncio.Future[FakeInstance] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    cancelled: bool = False
+
+    def succeed(self, slot_context: int | None = None) -> FakeInstance:
+        loop = asyncio.get_running_loop()
+        instance = FakeInstance(
+            model=self.model,
+            variant=self.variant,
+            process=FakeProcess(),
+            port=40000 + len(self.variant.key),
+            slot_context=slot_context or self.variant.context,
+            exited=loop.create_future(),
+        )
+        self.future.set_result(instance)
+        return instance
+
+    def fail(self, kind: str = "exited", message: str = "boom") -> None:
+        self.future.set_exception(StartFailed(kind, message, ["line 1", "line 2"]))
+
+
+class FakeEffects:
+    def __init__(self, capacity: Callable[[Variant], int] = lambda v: v.context) -> None:
+        self._capacity_of = capacity
+        self.starts: list[StartCall] = []
+        self.stops: list[FakeInstance] = []
+
+    def capacity(self, variant: Variant, model: Model) -> int:
+        return self._capacity_of(variant)
+
+    async def start(self, model: Model, variant: Variant) -> FakeInstance:
+        call = StartCall(model, variant)
+        self.starts.append(call)
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            call.cancelled = True
+            raise
+
+    async def stop(self, instance: FakeInstance) -> int:
+        self.stops.append(instance)
+        if not instance.exited.done():
+            instance.exited.set_result(0)  # like a real engine: it exits, then stop returns
+        await asyncio.sleep(0)
+        return 0
+
+    @property
+    def started_keys(self) -> list[str]:
+        return [call.variant.key for call in self.starts]
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+async def settle(rounds: int = 30) -> None:
+    """Turn the event loop enough times for the supervisor and its effects to go quiet."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 1.0) -> None:
+    """For the tests that wait for a (tiny) timer to fire."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.002)
+
+
+_request_ids = itertools.count(1)
+
+
+def pending_for(
+    sup: Supervisor, model: str, tokens: int | None = 100, reserve: int = 100, text_bytes: int = 400
+) -> PendingRequest:
+    resolved = sup.config.resolve(model)
+    assert resolved is not None
+    pending = PendingRequest(
+        request_id=f"r{next(_request_ids)}",
+        model=resolved,
+        kind="chat",
+        shape=PromptShape(text_bytes=text_bytes, messages=1),
+        reserve=reserve,
+    )
+    if tokens is not None:
+        pending.exact_tokens, pending.method = tokens, "exact"
+    return pending
+
+
+def acquire(sup: Supervisor, pending: PendingRequest) -> asyncio.Task[Grant]:
+    return asyncio.ensure_future(sup.acquire(pending))
+
+
+def ask(sup: Supervisor, model: str, **kwargs) -> tuple[PendingRequest, asyncio.Task[Grant]]:
+    pending = pending_for(sup, model, **kwargs)
+    return pending, acquire(sup, pending)
+
+
+def transitions(sup: Supervisor) -> list[str]:
+    return [f"{r.source}->{r.dest}" for r in sup.lifecycle.history]
+
+
+def states(sup: Supervisor) -> list[str]:
+    history = list(sup.lifecycle.history)
+    return [history[0].source, *(r.dest for r in history)] if history else ["idle"]
+
+
+SWAP = ["ready", "draining", "stopping", "idle", "starting", "ready"]
+
+
+def assert_every_swap_drains_and_stops(sup: Supervisor) -> None:
+    """Between two starts the engine either crashed or was drained and then stopped."""
+    seen = states(sup)
+    starts = [i for i, state in enumerate(seen) if state == "starting"]
+    for before, after in itertools.pairwise(starts):
+        between = seen[before + 1 : after]
+        if "ready" in between and "crashed" not in between:
+            assert between[-4:] == ["ready", "draining", "stopping", "idle"], seen
+
+
+@dataclass
+class Harness:
+    sup: Supervisor
+    fx: FakeEffects
+
+    async def ready(self, model: str = "a", tokens: int = 100) -> tuple[FakeInstance, Grant]:
+        """Start an engine for one request and return the engine and that request's grant."""
+        _, task = ask(self.sup, model, tokens=tokens)
+        await settle()
+        instance = self.fx.starts[-1].succeed()
+        await settle()
+        assert task.done()
+        return instance, task.result()
+
+
+@pytest.fixture(autouse=True)
+def no_supervisor_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """An exception while handling an event is always a bug: the supervisor only logs it."""
+    yield
+    errors = [
+        r.getMessage()
+        for r in (*caplog.get_records("setup"), *caplog.get_records("call"))
+        if r.name == "gateway.supervisor" and r.getMessage().startswith("supervisor: error")
+    ]
+    assert errors == []
+
+
+@pytest.fixture
+def config() -> GatewayConfig:
+    return make_config()
+
+
+@pytest.fixture
+async def harness(config: GatewayConfig) -> AsyncIterator[Harness]:
+    fx = FakeEffects()
+    sup = Supervisor(config, fx)
+    sup.start()
+    yield Harness(sup, fx)
+    assert sup._task is not None
+    if sup._shutdown is None:
+        assert not sup._task.done(), "the supervisor task must never end on its own"
+    for name in list(sup._timers):
+        sup._cancel_timer(name)
+    for call in fx.starts:
+        if not call.future.done():
+            call.future.cancel()
+    sup._task.cancel()
+    await asyncio.gather(sup._task, return_exceptions=True)
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(supervisor_module, "BACKOFF_BASE", 0.02)
+    return 0.02
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+async def test_first_request_starts_smallest_fitting_variant(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, task = ask(sup, "a", tokens=600, reserve=100)
+    await settle()
+    assert fx.started_keys == ["a@2048"]
+    assert sup.lifecycle.state == "starting"
+    assert not task.done()
+    assert sup.snapshot()["variant"] == {"context": 2048, "key": "a@2048"}
+
+    instance = fx.starts[0].succeed()
+    await settle()
+    grant = task.result()
+    assert grant.instance is instance
+    assert grant.selection.variant is not None and grant.selection.variant.context == 2048
+    assert not grant.count_first
+    assert states(sup) == ["idle", "starting", "ready"]
+    assert sup.snapshot()["in_flight"] == 1
+
+
+async def test_queued_requests_for_the_starting_engine_are_all_granted(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    tasks = [ask(sup, "a", tokens=100 * (i + 1))[1] for i in range(4)]
+    await settle()
+    assert fx.started_keys == ["a@512"]
+    assert not any(t.done() for t in tasks)
+    assert sup.snapshot()["queued"] == {"count": 4, "models": {"a": 4}}
+
+    instance = fx.starts[0].succeed()
+    await settle()
+    assert all(t.done() for t in tasks)
+    grants = [t.result() for t in tasks]
+    assert all(g.instance is instance for g in grants)
+    assert len({g.lease for g in grants}) == 4
+    assert fx.started_keys == ["a@512"]
+    assert sup.snapshot()["in_flight"] == 4
+    assert sup.snapshot()["queued"]["count"] == 0
+
+
+async def test_swap_waits_for_the_lease_then_drains_and_stops(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, a_grant = await harness.ready("a")
+    _, b_task = ask(sup, "b")
+    await settle()
+    assert sup.lifecycle.state == "draining"
+    assert not b_task.done()
+    assert fx.stops == [] and fx.started_keys == ["a@512"]
+
+    sup.release(a_grant, served=True)
+    await settle()
+    assert fx.stops == [a_engine]
+    assert sup.lifecycle.state == "starting"
+    assert fx.started_keys == ["a@512", "b@4096"]
+
+    b_engine = fx.starts[1].succeed()
+    await settle()
+    assert b_task.result().instance is b_engine
+    assert states(sup) == ["idle", "starting", *SWAP]
+    assert_every_swap_drains_and_stops(sup)
+
+
+async def test_swap_with_nothing_in_flight_does_not_wait_for_drain_timeout(
+    harness: Harness,
+) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, a_grant = await harness.ready("a")
+    sup.release(a_grant, served=True)
+    await settle()
+    assert sup.lifecycle.state == "ready"
+
+    _, b_task = ask(sup, "b")
+    await settle()
+    # The drain timeout is LONG: nothing in flight means stop at once.
+    assert fx.stops == [a_engine]
+    assert fx.started_keys == ["a@512", "b@4096"]
+    fx.starts[1].succeed()
+    await settle()
+    assert b_task.done()
+    assert states(sup) == ["idle", "starting", *SWAP]
+
+
+async def test_abab_arrivals_during_a_start_cause_one_swap(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    order = ["a", "b", "a", "b"]
+    tasks = [ask(sup, m)[1] for m in order]
+    await settle()
+    assert fx.started_keys == ["a@512"]
+
+    a_engine = fx.starts[0].succeed()
+    await settle()
+    assert tasks[0].done() and tasks[2].done()
+    assert not tasks[1].done() and not tasks[3].done()
+    assert sup.lifecycle.state == "draining"  # b is next; the two a's are in flight
+
+    sup.release(tasks[0].result(), served=True)
+    await settle()
+    assert sup.lifecycle.state == "draining"
+    sup.release(tasks[2].result(), served=True)
+    await settle()
+    assert fx.stops == [a_engine]
+    b_engine = fx.starts[1].succeed()
+    await settle()
+    assert tasks[1].result().instance is b_engine
+    assert tasks[3].result().instance is b_engine
+    for task in (tasks[1], tasks[3]):
+        sup.release(task.result(), served=True)
+    await settle()
+    assert fx.started_keys == ["a@512", "b@4096"]
+    assert sup.lifecycle.state == "ready"
+    assert sup.counters["starts"] == 2
+
+
+async def test_arrivals_during_a_drain_wait_for_the_head_of_the_queue(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, a_grant = await harness.ready("a")
+    b1 = ask(sup, "b")[1]
+    await settle()
+    a2 = ask(sup, "a")[1]  # a still runs, but b came first: a2 must not jump ahead
+    b2 = ask(sup, "b")[1]
+    await settle()
+    assert sup.lifecycle.state == "draining"
+    assert not a2.done()
+
+    sup.release(a_grant, served=True)
+    await settle()
+    fx.starts[1].succeed()
+    await settle()
+    assert b1.done() and b2.done() and not a2.done()
+    assert sup.lifecycle.state == "draining"  # now a2 is the head
+    for task in (b1, b2):
+        sup.release(task.result(), served=True)
+    await settle()
+    fx.starts[2].succeed()
+    await settle()
+    assert a2.done()
+    assert fx.started_keys == ["a@512", "b@4096", "a@512"]
+    assert_every_swap_drains_and_stops(sup)
+
+
+@pytest.mark.parametrize("config", [make_config(drain=TICK)])
+async def test_drain_timeout_cuts_off_a_leasestuck(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, stuck = await harness.ready("a")
+    _, b_task = ask(sup, "b")
+    await settle()
+    assert sup.lifecycle.state == "draining"
+    assert fx.stops == []
+
+    await wait_until(lambda: sup.lifecycle.state == "starting")
+    assert fx.stops == [a_engine]
+    drained = [r for r in sup.lifecycle.history if r.trigger == "drained"]
+    assert len(drained) == 1 and "drain_timeout" in drained[0].reason
+    fx.starts[1].succeed()
+    await settle()
+    assert b_task.done()
+    # The late release of the cut-off lease is harmless.
+    sup.release(stuck)
+    await settle()
+    assert sup.lifecycle.state == "ready"
+    assert sup.snapshot()["in_flight"] == 1
+
+
+async def test_crash_moves_ready_to_crashed_and_next_request_restarts_after_backoff(
+    harness: Harness, fast_backoff: float
+) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, a_grant = await harness.ready("a")
+    a_engine.crash(-9)
+    await settle()
+    assert sup.lifecycle.state == "crashed"
+    assert transitions(sup)[-1] == "ready->crashed"
+    assert sup.counters["crashes"] == 1
+    assert sup.snapshot()["engine_log"] == a_engine.process.last_lines()
+
+    _, task = ask(sup, "a")
+    await settle()
+    assert fx.started_keys == ["a@512"]  # backing off: not at once
+    started_at = time.monotonic()
+    await wait_until(lambda: len(fx.starts) == 2)
+    assert time.monotonic() - started_at >= fast_backoff / 2
+    fx.starts[1].succeed()
+    await settle()
+    assert task.done()
+    assert states(sup)[-3:] == ["crashed", "starting", "ready"]
+    sup.release(a_grant)  # the dead engine's lease ends late: no effect
+    await settle()
+    assert sup.lifecycle.state == "ready"
+
+
+async def test_crash_of_a_draining_engine_still_serves_the_swap_target(
+    harness: Harness, fast_backoff: float
+) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, _ = await harness.ready("a")
+    _, b_task = ask(sup, "b")
+    await settle()
+    assert sup.lifecycle.state == "draining"
+    a_engine.crash()
+    await settle()
+    assert "draining->crashed" in transitions(sup)
+    fx.starts[1].succeed()  # b is another model: no backoff for it
+    await settle()
+    assert b_task.done()
+    assert fx.stops == []  # a crashed engine is not stopped again
+
+
+@pytest.mark.parametrize("config", [make_config(max_start_failures=2)])
+async def test_start_failures_fail_the_waiters_and_reset_after_the_limit(
+    harness: Harness, fast_backoff: float
+) -> None:
+    sup, fx = harness.sup, harness.fx
+    tasks = [ask(sup, "a")[1] for _ in range(2)]
+    _, b_task = ask(sup, "b")
+    await settle()
+    fx.starts[0].fail("exited", "exited with 1 while starting")
+    await settle()
+    for task in tasks:
+        with pytest.raises(EngineFailed) as info:
+            task.result()
+        assert "line 2" in info.value.message
+    assert sup.lifecycle.state in ("crashed", "starting")
+    assert transitions(sup)[:2] == ["idle->starting", "starting->crashed"]
+    # The other model's waiter is not failed with a's error: it gets its own start.
+    assert not b_task.done()
+    assert fx.started_keys == ["a@512", "b@4096"]
+    fx.starts[1].succeed()
+    await settle()
+    sup.release(b_task.result(), served=True)
+    await settle()
+
+    _, again = ask(sup, "a")
+    await settle()
+    await wait_until(lambda: len(fx.starts) == 3)
+    fx.starts[2].fail("timeout", "not healthy in time")
+    await settle()
+    with pytest.raises(EngineTimeout):
+        again.result()
+    assert sup.counters["start_failures"] == 2
+    assert transitions(sup)[-2:] == ["starting->crashed", "crashed->idle"]
+    assert sup.lifecycle.history[-1].trigger == "reset"
+    assert sup.lifecycle.state == "idle"
+
+
+async def test_spawn_failure_is_unavailable(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, task = ask(sup, "a")
+    await settle()
+    fx.starts[0].fail("spawn", "no llama-server")
+    await settle()
+    with pytest.raises(Unavailable):
+        task.result()
+    assert sup.lifecycle.state == "crashed"
+
+
+@pytest.mark.parametrize("config", [make_config(queue_limit=2)])
+async def test_queue_limit_gives_unavailable_with_retry_after(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    first = [ask(sup, "a")[1] for _ in range(2)]
+    _, third = ask(sup, "a")
+    await settle()
+    assert third.done()
+    with pytest.raises(Unavailable) as info:
+        third.result()
+    assert info.value.headers.get("Retry-After")
+    assert info.value.status == 503
+    assert sup.counters["rejected_queue_full"] == 1
+    fx.starts[0].succeed()
+    await settle()
+    assert all(t.done() and not t.exception() for t in first)
+    # Space again once the queue emptied.
+    _, fourth = ask(sup, "a")
+    await settle()
+    assert fourth.done() and not fourth.exception()
+
+
+async def test_cancelled_waiting_request_is_removed_and_triggers_no_start(
+    harness: Harness,
+) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, a_task = ask(sup, "a")
+    await settle()
+    _, b_task = ask(sup, "b")
+    await settle()
+    assert sup.snapshot()["queued"]["models"] == {"a": 1, "b": 1}
+    b_task.cancel()
+    await settle()
+    assert b_task.cancelled()
+    assert sup.snapshot()["queued"]["models"] == {"a": 1}
+    assert sup.counters["cancelled_waiting"] == 1
+
+    fx.starts[0].succeed()
+    await settle()
+    sup.release(a_task.result(), served=True)
+    await settle()
+    assert sup.lifecycle.state == "ready"  # no swap for the cancelled b
+    assert fx.started_keys == ["a@512"]
+
+
+async def _cancelled_before_seen(config: GatewayConfig) -> tuple[Supervisor, FakeEffects]:
+    """Arrival and cancellation both wait in the inbox when the supervisor first runs."""
+    fx = FakeEffects()
+    sup = Supervisor(config, fx)
+    _, task = ask(sup, "a")
+    await settle()  # the arrival is posted; nobody reads the inbox yet
+    task.cancel()
+    await settle()
+    assert task.cancelled()
+    sup.start()
+    await settle()
+    return sup, fx
+
+
+async def _stop(sup: Supervisor) -> None:
+    assert sup._task is not None
+    assert not sup._task.done()
+    sup._task.cancel()
+    await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_request_cancelled_before_the_supervisor_sees_it_starts_nothing() -> None:
+    sup, fx = await _cancelled_before_seen(make_config())
+    try:
+        assert fx.starts == []
+        assert sup.lifecycle.state == "idle"
+        assert sup.snapshot()["queued"]["count"] == 0
+    finally:
+        await _stop(sup)
+
+
+async def test_cancel_racing_a_queue_full_refusal_keeps_the_supervisor_working() -> None:
+    sup, _ = await _cancelled_before_seen(make_config(queue_limit=0))
+    try:
+        # The supervisor still decides: the next request is refused, not left hanging.
+        _, other = ask(sup, "a")
+        await settle()
+        assert isinstance(other.exception(), Unavailable)
+        assert sup.counters["rejected_queue_full"] == 1
+    finally:
+        await _stop(sup)
+
+
+async def test_cancel_racing_shutdown_is_handled_quietly() -> None:
+    fx = FakeEffects()
+    sup = Supervisor(make_config(), fx)
+    closing = asyncio.ensure_future(sup.shutdown())
+    await settle()
+    _, task = ask(sup, "a")  # arrives after the shutdown request, cancelled before it is seen
+    await settle()
+    task.cancel()
+    await settle()
+    sup.start()
+    await asyncio.wait_for(closing, 1.0)
+    assert task.cancelled()
+    assert fx.starts == []
+    # (the autouse check below fails the test if handling the arrival raised)
+
+
+@pytest.mark.parametrize("config", [make_config(idle=TICK)])
+async def test_idle_timeout_unloads(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, grant = await harness.ready("a")
+    await asyncio.sleep(TICK * 2)
+    assert sup.lifecycle.state == "ready"  # in flight: never idle
+
+    sup.release(grant, served=True)
+    await settle()
+    assert sup.lifecycle.state == "ready"
+    await wait_until(lambda: sup.lifecycle.state == "idle")
+    assert fx.stops == [a_engine]
+    assert sup.counters["idle_unloads"] == 1
+    assert states(sup)[-4:] == ["ready", "draining", "stopping", "idle"]
+    assert "idle" in sup.lifecycle.history[-3].reason
+
+
+async def test_shutdown_waits_for_the_lease_then_stops_the_engine(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, grant = await harness.ready("a")
+    _, queued_b = ask(sup, "b")
+    await settle()
+    closing = asyncio.ensure_future(sup.shutdown())
+    await settle()
+    assert not closing.done()
+    assert isinstance(queued_b.exception(), Unavailable)
+    assert sup.lifecycle.state == "draining"
+    assert fx.stops == []
+
+    _, late = ask(sup, "a")
+    await settle()
+    assert isinstance(late.exception(), Unavailable)
+
+    sup.release(grant, served=True)
+    await settle()
+    assert fx.stops == [a_engine]
+    await asyncio.wait_for(closing, 1.0)
+    assert sup.lifecycle.state == "idle"
+    assert fx.started_keys == ["a@512"]  # the queued b never started
+    assert sup._task is not None and sup._task.done()
+
+
+async def test_shutdown_during_a_start_aborts_it(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, task = ask(sup, "a")
+    await settle()
+    closing = asyncio.ensure_future(sup.shutdown())
+    await settle()
+    assert fx.starts[0].cancelled
+    await asyncio.wait_for(closing, 1.0)
+    assert isinstance(task.exception(), Unavailable)
+    assert transitions(sup) == ["idle->starting", "starting->stopping", "stopping->idle"]
+
+
+async def test_estimate_over_running_variant_counts_first_then_upgrades(
+    harness: Harness,
+) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, first = await harness.ready("a", tokens=100)
+    # ~2000 estimated tokens: over the running 512, but it runs: count there first.
+    pending, task = ask(sup, "a", tokens=None, text_bytes=4000)
+    await settle()
+    grant = task.result()
+    assert grant.instance is a_engine
+    assert grant.count_first
+    assert sup.lifecycle.state == "ready"
+
+    # The handler counted 1500 exactly: too big for 512; it releases with a reason.
+    pending.exact_tokens, pending.method = 1500, "exact"
+    sup.release(grant, requeue_reason="counted 1500 + 100 > 512: upgrade")
+    again = acquire(sup, pending)
+    await settle()
+    assert sup.counters["requeued"] == 1
+    assert sup.lifecycle.state == "draining"  # the first request is still in flight
+    assert not again.done()
+
+    sup.release(first, served=True)
+    await settle()
+    assert fx.stops == [a_engine]
+    assert fx.started_keys == ["a@512", "a@2048"]
+    bigger = fx.starts[1].succeed()
+    await settle()
+    upgraded = again.result()
+    assert upgraded.instance is bigger
+    assert not upgraded.count_first
+    assert states(sup) == ["idle", "starting", *SWAP]
+    mine = [s for s in sup.selections if s["request_id"] == pending.request_id]
+    assert (mine[-1]["outcome"], mine[-1]["context"]) == ("upgraded", 2048)
+    assert mine[-1]["method"] == "exact" and mine[-1]["prompt_tokens"] == 1500
+
+
+@pytest.mark.parametrize("config", [make_config(queue_limit=1)])
+async def test_a_requeued_request_keeps_its_place_even_when_the_queue_is_full(
+    harness: Harness,
+) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, first = await harness.ready("a", tokens=100)
+    pending, task = ask(sup, "a", tokens=None, text_bytes=4000)
+    await settle()
+    grant = task.result()
+    _, b_task = ask(sup, "b")  # fills the queue
+    await settle()
+    assert not b_task.done()
+
+    pending.exact_tokens, pending.method = 1500, "exact"
+    sup.release(grant, requeue_reason="too big")
+    again = acquire(sup, pending)
+    await settle()
+    assert not again.done(), again  # waiting, not refused: it was accepted before
+    assert sup._queue[0] is pending  # it came first, before b
+    sup.release(first, served=True)
+    await settle()
+    assert fx.started_keys[-1] == "a@2048"  # the head (the requeued a) decides
+
+
+async def test_context_too_large_is_rejected_without_a_start(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, task = ask(sup, "a", tokens=8100, reserve=100)
+    await settle()
+    with pytest.raises(ContextLengthExceeded) as info:
+        task.result()
+    assert "8200" in info.value.message and "8192" in info.value.message
+    assert info.value.param == "messages"
+    assert fx.starts == []
+    assert sup.lifecycle.state == "idle"
+    assert sup.selections[-1]["outcome"] == "rejected"
+
+
+async def test_rejection_while_another_engine_runs_leaves_it_alone(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    await harness.ready("a")
+    _, task = ask(sup, "b", tokens=5000)
+    await settle()
+    assert isinstance(task.exception(), ContextLengthExceeded)
+    assert sup.lifecycle.state == "ready"
+    assert fx.stops == [] and len(fx.starts) == 1
+
+
+async def test_capacity_from_effects_decides_the_variant() -> None:
+    fx = FakeEffects(capacity=lambda v: v.context // 2)  # like -np 2
+    sup = Supervisor(make_config(), fx)
+    sup.start()
+    try:
+        _, task = ask(sup, "a", tokens=300, reserve=100)
+        await settle()
+        assert fx.started_keys == ["a@2048"]  # 400 > 512 / 2
+        fx.starts[0].succeed(slot_context=1024)
+        await settle()
+        assert task.done()
+        _, too_big = ask(sup, "a", tokens=4000, reserve=100)
+        await settle()
+        assert isinstance(too_big.exception(), ContextLengthExceeded)
+        assert "4096" in too_big.exception().message
+    finally:
+        await _stop(sup)
+
+
+async def test_reload_removing_a_waiting_requests_model_does_not_wedge(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, a_task = ask(sup, "a")
+    _, b_task = ask(sup, "b")
+    await settle()
+    old = sup.config
+    sup.reload(GatewayConfig(old.source, old.server, (old.models[0],)))  # "b" is gone
+    await settle()
+    assert sup.config.resolve("b") is None
+    fx.starts[0].succeed()
+    await settle()
+    assert a_task.done()  # the queue still moves
+    sup.release(a_task.result(), served=True)
+    await settle()
+    # b was accepted under the old config: it is served, not left waiting forever.
+    assert fx.started_keys == ["a@512", "b@4096"]
+    fx.starts[1].succeed()
+    await settle()
+    assert b_task.done() and not b_task.exception()
+
+
+@pytest.mark.parametrize("config", [make_config(max_start_failures=1)])
+async def test_crashes_up_to_the_limit_fail_the_models_waiters(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, _ = await harness.ready("a")
+    _, b_task = ask(sup, "b")
+    await settle()
+    _, a_waiting = ask(sup, "a")  # behind b: waits for the engine after b's
+    await settle()
+    assert sup.lifecycle.state == "draining"
+    a_engine.crash(-6)
+    await settle()
+    with pytest.raises(Unavailable) as info:
+        a_waiting.result()
+    assert "keeps failing" in info.value.message
+    assert "last words" in info.value.message
+    assert transitions(sup)[-3:] == ["draining->crashed", "crashed->idle", "idle->starting"]
+    assert fx.started_keys[-1] == "b@4096"
+    fx.starts[-1].succeed()
+    await settle()
+    assert b_task.done() and not b_task.exception()
+
+
+async def test_unload_drains_after_the_lease_and_stops(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, grant = await harness.ready("a")
+    await sup.unload()
+    await settle()
+    assert sup.lifecycle.state == "draining"
+    assert fx.stops == []
+    sup.release(grant, served=True)
+    await settle()
+    assert fx.stops == [a_engine]
+    assert sup.lifecycle.state == "idle"
+    assert sup.snapshot()["pid"] is None
