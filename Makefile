@@ -38,6 +38,12 @@ lint: $(VENV)/.deps
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench
 
+bench: setup
+	$(BIN)/python bench/run.py
+
+soak: setup
+	$(BIN)/python bench/soak.py --seconds $${SOAK_SECONDS:-120} --clients $${SOAK_CLIENTS:-32}
+
 statecharts: $(VENV)/.deps
 	$(BIN)/python -m gateway.supervisor.statechart statecharts
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 
 from gateway import __version__
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.server import GatewayServer
 from gateway.utils.logger import RecentLines, setup_logging
 
 EXIT_OK = 0
@@ -55,13 +57,12 @@ def check_config(path: str) -> int:
 
 
 async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int:
-    from gateway.server import GatewayServer  # after logging is set up
-
     server = GatewayServer(config, recent)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(server)))
     try:
         await server.start()
     except OSError as exc:
@@ -71,6 +72,11 @@ async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int
     await stop.wait()
     await server.stop()
     return EXIT_OK
+
+
+async def _reload(server: GatewayServer) -> None:
+    with contextlib.suppress(ConfigError):  # logged; the old config stays
+        await server.reload()
 
 
 if __name__ == "__main__":

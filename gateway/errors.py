@@ -53,3 +53,7 @@ class EngineFailed(GatewayError):
 
 class EngineTimeout(GatewayError):
     status, type, code = 504, "server_error", "engine_timeout"
+
+
+class Unauthorized(GatewayError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,10 +15,9 @@ from typing import Any
 
 import pytest
 
+from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_gateway, wait_healthy
 from gateway.demo.tinymodel import write_tiny_model
 from gateway.engine.binary import BinaryNotFound, find_llama_server
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +35,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tiny": write_tiny_model(folder / "tiny.gguf", seed=1),
         "tiny-b": write_tiny_model(folder / "tiny-b.gguf", seed=2),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def engine_pids() -> set[int]:
@@ -118,40 +108,14 @@ class Gateway:
     def state(self) -> dict[str, Any]:
         return self.request("GET", "/gateway/state").json()
 
-    def transitions(self) -> list[tuple[str, str, str]]:
-        return [(h["from"], h["to"], h["trigger"]) for h in self.state()["history"]]
-
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
+        if sig == signal.SIGTERM:
+            return stop_gateway(self.process, timeout)
+        self.process.send_signal(sig)
         return self.process.wait(timeout)
-
-
-def lua_config(port: int, models: list[dict[str, Any]], **server: Any) -> str:
-    """A config file's text from Python values."""
-    server = {
-        "listen_v4": f"127.0.0.1:{port}",
-        "engine_startup_timeout": 30,
-        "drain_timeout": 10,
-        "stop_timeout": 5,
-        **server,
-    }
-    return f"server = {to_lua(server)}\nmodels = {to_lua(models)}\n"
-
-
-def to_lua(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "{" + ", ".join(to_lua(v) for v in value) + "}"
-    return "{" + ", ".join(f"[{json.dumps(k)}] = {to_lua(v)}" for k, v in value.items()) + "}"
 
 
 def tiny_model_config(models: dict[str, Path], **overrides: Any) -> list[dict[str, Any]]:
@@ -184,32 +148,20 @@ def start_gateway(tmp_path: Path, llama_server: str) -> Iterator[Callable[..., G
         config = tmp_path / f"gateway-{port}.cfg.lua"
         config.write_text(lua_config(port, models, **server))
         log_path = tmp_path / f"gateway-{port}.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", "debug"],
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        process = spawn_gateway(config, log_path)
         gw = Gateway(f"http://127.0.0.1:{port}", process, config, log_path)
         started.append(gw)
-
-        def healthy() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"gateway exited {process.returncode}:\n{gw.log()}")
-            try:
-                return gw.request("GET", "/health", timeout=1).status == 200
-            except OSError:
-                return False
-
-        wait_until(healthy, timeout=20)
+        try:
+            wait_healthy(gw.url, process)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}:\n{gw.log()}") from None
         return gw
 
     yield start
     for gw in started:
         if gw.process.poll() is not None:
             continue  # the test ended it and checked how
-        pid = gw.state()["pid"]
+        pid = gw.state().get("pid")  # None also when /gateway/state needs a key
         code = gw.stop()
         assert code == 0, f"gateway exit code {code}:\n{gw.log()[-3000:]}"
         if pid:

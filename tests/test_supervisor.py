@@ -835,12 +835,14 @@ async def test_crashes_up_to_the_limit_fail_the_models_waiters(harness: Harness)
 async def test_unload_drains_after_the_lease_and_stops(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     a_engine, grant = await harness.ready("a")
-    await sup.unload()
+    unloaded = sup.unload()
     await settle()
     assert sup.lifecycle.state == "draining"
     assert fx.stops == []
+    assert not unloaded.done()  # it answers once no engine runs
     sup.release(grant, served=True)
     await settle()
+    assert unloaded.done()
     assert fx.stops == [a_engine]
     assert sup.lifecycle.state == "idle"
     assert sup.snapshot()["pid"] is None

@@ -280,6 +280,11 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
             max_start_failures=server["max_start_failures"],
             loading_keepalive=server["loading_keepalive"],
             timeouts=_timeouts(server),
+            api_keys=tuple(_as_list(server["api_keys"])),
+            admin_key=server.get("admin_key"),
+            preload=(server["preload"]["model"], server["preload"]["context"])
+            if server.get("preload")
+            else None,
         ),
         models=tuple(_build_model(m, base) for m in tree["models"]),
     )

@@ -70,6 +70,9 @@ class ServerConfig:
     max_start_failures: int
     loading_keepalive: bool
     timeouts: Timeouts
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    admin_key: str | None = None  # when set, /gateway/* control endpoints need it
+    preload: tuple[str, int] | None = None  # (model, context) started at start-up
 
 
 @dataclass(frozen=True)

@@ -271,13 +271,37 @@ local server_defaults = {
   loading_keepalive = true,
 }
 
+-- API keys: a list, or the path of a file with one key a line (# comments).
+local function api_keys(path, v)
+  if v == nil then return {} end
+  if type(v) == "string" then
+    local file = v
+    if file:sub(1, 1) ~= "/" then file = loader.workdir .. file end
+    local handle = io.open(file, "r")
+    if handle == nil then fail(path, "cannot read the key file %s", show(file)) end
+    local keys = {}
+    for line in handle:lines() do
+      local key = line:match("^%s*(.-)%s*$")
+      if key ~= "" and key:sub(1, 1) ~= "#" then keys[#keys + 1] = key end
+    end
+    handle:close()
+    if #keys == 0 then fail(path, "the key file %s holds no key", show(file)) end
+    return keys
+  end
+  local keys = {}
+  for i, key in ipairs(sequence(path, v)) do
+    keys[i] = non_empty_string(string.format("%s[%d]", path, i), key)
+  end
+  return keys
+end
+
 local function validate_server(s)
   if s == nil then s = {} end
   check_type("server", s, "table")
   only_keys("server", s, set_of(
     "listen_v4", "listen_v6", "queue_limit", "max_body_bytes", "max_start_failures",
     "loading_keepalive", "health_check_timeout", "engine_startup_timeout",
-    "engine_idle_timeout", "drain_timeout", "stop_timeout"))
+    "engine_idle_timeout", "drain_timeout", "stop_timeout", "api_keys", "admin_key", "preload"))
   local out = resolve_timeouts("server", s, server_defaults)
   out.listen_v4 = listen_list("server.listen_v4", s.listen_v4, "127.0.0.1:7777", valid_v4, "\"127.0.0.1:7777\"")
   out.listen_v6 = listen_list("server.listen_v6", s.listen_v6, "none", valid_v6, "\"[::1]:7777\"")
@@ -292,7 +316,37 @@ local function validate_server(s)
   if s.loading_keepalive ~= nil then
     out.loading_keepalive = check_type("server.loading_keepalive", s.loading_keepalive, "boolean")
   end
+  out.api_keys = api_keys("server.api_keys", s.api_keys)
+  if s.admin_key ~= nil then out.admin_key = non_empty_string("server.admin_key", s.admin_key) end
+  out.preload = s.preload
   return out
+end
+
+-- preload: a model name, or { model = name, context = N }; checked once models are known.
+local function validate_preload(p, ms)
+  if p == nil then return nil end
+  local path = "server.preload"
+  if type(p) == "string" then p = { model = p } end
+  check_type(path, p, "table")
+  only_keys(path, p, set_of("model", "context"))
+  local name = non_empty_string(path .. ".model", p.model)
+  for _, m in ipairs(ms) do
+    local known = m.name == name
+    for _, alias in ipairs(m.aliases) do known = known or alias == name end
+    if known then
+      if p.context == nil then
+        local smallest = m.variants[1].context
+        for _, v in ipairs(m.variants) do smallest = math.min(smallest, v.context) end
+        return { model = m.name, context = smallest }
+      end
+      local context = positive_integer(path .. ".context", p.context)
+      for _, v in ipairs(m.variants) do
+        if v.context == context then return { model = m.name, context = context } end
+      end
+      fail(path .. ".context", "%d is not a context of model %s", context, show(m.name))
+    end
+  end
+  fail(path .. ".model", "no model is named %s", show(name))
 end
 
 -- models ------------------------------------------------------------------------
@@ -384,5 +438,6 @@ end
 
 server = validate_server(server)
 models = validate_models(models, server)
+server.preload = validate_preload(server.preload, models)
 check_utf8("server", server)
 check_utf8("models", models)

@@ -9,13 +9,18 @@ import time
 from aiohttp import web
 
 from gateway import __version__
-from gateway.config.schema import GatewayConfig
+from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.engine.manager import EngineManager
+from gateway.server.auth import auth_middleware
+from gateway.server.control import ControlHandler
 from gateway.server.endpoints import ENDPOINTS, UNSUPPORTED_PREFIXES
 from gateway.server.errors import error_middleware, error_response
 from gateway.server.handler import RequestHandler
+from gateway.server.observe import mark_first_byte, metrics_middleware
+from gateway.supervisor.machine import STATES
 from gateway.supervisor.supervisor import Supervisor
 from gateway.utils.logger import RecentLines
+from gateway.utils.metrics import Metrics
 
 log = logging.getLogger("gateway")
 
@@ -25,30 +30,71 @@ SHUTDOWN_GRACE = 5.0  # seconds on top of drain and stop timeouts before giving 
 class GatewayServer:
     def __init__(self, config: GatewayConfig, recent_logs: RecentLines | None = None) -> None:
         self.config = config
-        self.recent_logs = recent_logs
+        self.metrics = Metrics()
         self.manager = EngineManager()
-        self.supervisor = Supervisor(config, self.manager)
+        self.supervisor = Supervisor(config, self.manager, self.metrics)
+        self.metrics.watch(self.supervisor.snapshot, STATES)
         self.handler = RequestHandler(lambda: self.config, self.supervisor)
+        self.control = ControlHandler(lambda: self.config, self.supervisor, self.reload, recent_logs)
         self.started_at = time.time()
         self._runner: web.AppRunner | None = None
         self._sites: list[web.TCPSite] = []
 
     def build_app(self) -> web.Application:
         app = web.Application(
-            middlewares=[error_middleware], client_max_size=self.config.server.max_body_bytes
+            middlewares=[
+                metrics_middleware(self.metrics),
+                error_middleware,
+                auth_middleware(lambda: self.config),
+            ],
+            client_max_size=self.config.server.max_body_bytes,
         )
+        app.on_response_prepare.append(mark_first_byte)
         for path in ENDPOINTS:
             app.router.add_post(path, self.handler.model_request)
         for prefix in UNSUPPORTED_PREFIXES:
             app.router.add_route("*", prefix + "{tail:.*}", self._unsupported)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
-        app.router.add_get("/gateway/state", self._state)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_routes(self.control.routes())
         return app
+
+    async def reload(self) -> GatewayConfig:
+        """Load the config file again; a bad one is refused and the old one kept."""
+        try:
+            config = await asyncio.to_thread(load_config, self.config.source)
+        except ConfigError as exc:
+            log.error("config reload rejected, keeping the old config: %s", exc)
+            raise
+        if config.server.listen != self.config.server.listen:
+            log.warning("listen addresses change only with a restart")
+        self.config = config
+        self.supervisor.reload(config)
+        log.info("config reloaded from %s: %d models", config.source, len(config.models))
+        return config
+
+    def _preload(self) -> None:
+        preload = self.config.server.preload
+        if preload is None:
+            return
+        name, context = preload
+        model = self.config.resolve(name)
+        variant = model.variant_for(context) if model else None
+        assert variant is not None  # validated with the config
+        done = self.supervisor.load(variant)
+        done.add_done_callback(
+            lambda f: (
+                f.cancelled()
+                or f.exception() is None
+                or log.error("preload of %s failed: %s", variant.key, f.exception())
+            )
+        )
 
     async def start(self) -> list[str]:
         """Start the supervisor and listen; returns the bound addresses."""
         self.supervisor.start()
+        self._preload()
         self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
         bound = []
@@ -95,8 +141,8 @@ class GatewayServer:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def _state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.supervisor.snapshot())
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
     async def _models(self, request: web.Request) -> web.Response:
         created = int(self.started_at)

@@ -50,9 +50,10 @@ class RequestHandler:
 
     async def model_request(self, request: web.Request) -> web.StreamResponse:
         endpoint = ENDPOINTS[request.path]
-        body, raw = await _read_json(request)
+        body, raw = await read_json_object(request)
         check_common(body)
         model = self._resolve(body)
+        request["model"] = model.name  # for metrics and logs
         endpoint.validate(body)
         why_not = model_engine_refusal(model, endpoint.kind)
         if why_not:
@@ -89,7 +90,7 @@ def model_engine_refusal(model: Model, kind: str) -> str | None:
     return _LLAMACPP.serves(model, model.variants[-1], kind)
 
 
-async def _read_json(request: web.Request) -> tuple[dict[str, Any], bytes]:
+async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
     raw = await request.read()  # over client_max_size: aiohttp raises 413
     try:
         body = json.loads(raw)

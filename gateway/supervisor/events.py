@@ -74,6 +74,12 @@ class ConfigReloaded:
 
 
 @dataclass(frozen=True)
+class LoadRequested:
+    variant: Variant
+    done: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
 class ShutdownRequested:
     done: asyncio.Future[None]
 
@@ -89,5 +95,6 @@ Event = (
     | TimerFired
     | UnloadRequested
     | ConfigReloaded
+    | LoadRequested
     | ShutdownRequested
 )

@@ -13,7 +13,6 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +30,7 @@ from gateway.supervisor import events as ev
 from gateway.supervisor.machine import EngineLifecycle
 from gateway.supervisor.policy import EngineView, Waiting, plan
 from gateway.supervisor.requests import Grant, PendingRequest
+from gateway.utils.metrics import Metrics
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -56,7 +56,7 @@ class _Lease:
 
 
 class Supervisor:
-    def __init__(self, config: GatewayConfig, effects: Effects) -> None:
+    def __init__(self, config: GatewayConfig, effects: Effects, metrics: Metrics | None = None) -> None:
         self.config = config
         self._effects = effects
         self.lifecycle = EngineLifecycle()
@@ -76,7 +76,10 @@ class Supervisor:
         self.selections: deque[dict[str, Any]] = deque(maxlen=RECENT_SELECTIONS)
         self.counters: Counter[str] = Counter()
         self.last_engine_lines: list[str] = []
-        self.on_selection: Callable[[Selection], None] | None = None  # metrics hook
+        self.metrics = metrics or Metrics()
+        self._wanted: tuple[Variant, asyncio.Future[None]] | None = None  # a load ahead of traffic
+        self._stale: EngineInstance | None = None  # runs a config that a reload replaced
+        self._unloading: list[asyncio.Future[None]] = []  # unload callers waiting for idle
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -130,6 +133,12 @@ class Supervisor:
     def reload(self, config: GatewayConfig) -> None:
         self._post(ev.ConfigReloaded(config))
 
+    def load(self, variant: Variant) -> asyncio.Future[None]:
+        """Start `variant` ahead of traffic (queued requests go first); resolves when ready."""
+        done = asyncio.get_running_loop().create_future()
+        self._post(ev.LoadRequested(variant, done))
+        return done
+
     def _post(self, event: ev.Event) -> None:
         self._inbox.put_nowait(event)
 
@@ -151,12 +160,12 @@ class Supervisor:
             case ev.RequestCancelled(pending):
                 if pending in self._queue:
                     self._queue.remove(pending)
-                    self.counters["cancelled_waiting"] += 1
+                    self._count("cancelled_waiting", pending.model.name)
             case ev.LeaseReleased(lease, requeue, served):
                 self._release(lease, requeue, served)
             case ev.TokensCounted(model, shape, tokens):
                 self.estimator.observe(model, shape, tokens)
-                self.counters["tokens_counted"] += tokens
+                self._count("tokens_counted", model, tokens)
             case ev.StartFinished(variant, instance, error):
                 self._start_finished(variant, instance, error)
             case ev.StopFinished(instance, code):
@@ -168,7 +177,9 @@ class Supervisor:
             case ev.UnloadRequested(done):
                 self._unload(done)
             case ev.ConfigReloaded(config):
-                self.config = config
+                self._reload(config)
+            case ev.LoadRequested(variant, done):
+                self._load(variant, done)
             case ev.ShutdownRequested(done):
                 self._begin_shutdown(done)
 
@@ -180,7 +191,7 @@ class Supervisor:
             pending.future.set_exception(Unavailable("the gateway is shutting down"))
         elif len(self._queue) >= self.config.server.queue_limit and not pending.seq:
             # (a requeued request, seq already set, was accepted before and keeps its place)
-            self.counters["rejected_queue_full"] += 1
+            self._count("rejected_queue_full", pending.model.name)
             pending.future.set_exception(
                 Unavailable(
                     f"too many waiting requests ({self.config.server.queue_limit}); retry later",
@@ -199,39 +210,74 @@ class Supervisor:
         """Apply the queue policy to the current state; called after every event."""
         self._queue = [p for p in self._queue if p.future is not None and not p.future.done()]
         state = self.lifecycle.state
+        if state in ("idle", "crashed"):
+            for done in self._unloading:
+                done.set_result(None)
+            self._unloading.clear()
         if self._shutdown is not None:
             self._continue_shutdown()
             return
         decision = plan(self._waiting(), self._view(), self._selector())
         for item, selection in decision.rejects:
             self._reject(self._by_seq(item.seq), selection)
+        target = self._next_target(decision.next)
         if state == "ready":
             for item, selection in decision.grants:
                 self._grant(self._by_seq(item.seq), selection)
-            if decision.next is not None:
-                _, selection = decision.next
-                self._log_selection(self._by_seq(decision.next[0].seq), selection)
-                self._drain(f"swap to {selection.variant.key}")  # type: ignore[union-attr]
+            if target is not None:
+                self._swap_to(*target)
             elif not self._queue:
                 self._arm_idle_timer()
         if self.lifecycle.state == "draining" and not self._instance_leases():
             self._fire("drained", "no request in flight")
             self._launch_stop()
-        elif self.lifecycle.state in ("idle", "crashed") and decision.next is not None:
-            item, selection = decision.next
-            self._start(self._by_seq(item.seq), selection)
+        elif self.lifecycle.state in ("idle", "crashed") and target is not None:
+            self._start(*target)
+
+    def _next_target(
+        self, head: tuple[Waiting, Selection] | None
+    ) -> tuple[Variant, str, PendingRequest | None, Selection | None] | None:
+        """The variant to run next: the queue's head decides, else a load asked for."""
+        if head is not None:
+            item, selection = head
+            pending = self._by_seq(item.seq)
+            assert selection.variant is not None
+            return selection.variant, f"request {pending.request_id}", pending, selection
+        if self._wanted is not None:
+            variant, done = self._wanted
+            if self._instance is not None and self._instance.variant == variant:
+                if self.lifecycle.state == "ready":
+                    done.set_result(None)
+                    self._wanted = None
+                return None
+            return variant, "load requested", None, None
+        return None
+
+    def _swap_to(
+        self, variant: Variant, why: str, pending: PendingRequest | None, selection: Selection | None
+    ) -> None:
+        if pending is not None and selection is not None:
+            self._log_selection(pending, selection)
+        assert self._instance is not None
+        self._count("swaps", self._instance.model.name)
+        self._drain(f"swap to {variant.key} for {why}")
 
     def _largest(self, model: Model) -> int:
         return self._selector().largest_capacity(model)
 
     def _selector(self) -> ModelSelector:
-        return ModelSelector(self._capacity)
+        return ModelSelector(self.capacity)
 
-    def _capacity(self, variant: Variant) -> int:
-        model = next((m for m in self.config.models if m.name == variant.model), None)
-        if model is None:  # removed by a reload while requests accepted for it still wait
+    def capacity(self, variant: Variant) -> int:
+        model = self.config.resolve(variant.model)
+        if model is None or model.name != variant.model:  # removed by a reload meanwhile
             return variant.context
         return self._effects.capacity(variant, model)
+
+    def _model(self, name: str) -> Model:
+        model = self.config.resolve(name)
+        assert model is not None and model.name == name
+        return model
 
     def _waiting(self) -> list[Waiting]:
         return [Waiting(p.seq, p.model, self._needs(p)) for p in self._queue]
@@ -258,6 +304,7 @@ class Supervisor:
         self._queue.remove(pending)
         pending.future.set_result(grant)
         self.counters["granted"] += 1
+        self.metrics.queue_wait.labels(pending.model.name).observe(time.monotonic() - pending.arrived)
         self._log_selection(pending, selection)
 
     def _reject(self, pending: PendingRequest, selection: Selection) -> None:
@@ -281,7 +328,7 @@ class Supervisor:
         if served:
             self._failures.pop(lease.pending.model.name, None)  # the model works again
         if requeue_reason is not None:
-            self.counters["requeued"] += 1
+            self._count("requeued", lease.pending.model.name)
             log.info("request %s goes back to the queue: %s", lease.pending.request_id, requeue_reason)
 
     def _log_selection(self, pending: PendingRequest, selection: Selection) -> None:
@@ -301,24 +348,26 @@ class Supervisor:
         }
         self.selections.append(entry)
         self.counters[f"selection_{selection.outcome.value}"] += 1
+        self.metrics.selections.labels(
+            pending.model.name, selection.outcome.value, selection.needs.method
+        ).inc()
         log.info("select %s %s: %s", pending.request_id, pending.model.name, selection.describe())
-        if self.on_selection is not None:
-            self.on_selection(selection)
 
     # --- starting and stopping ------------------------------------------------------------------
 
-    def _start(self, pending: PendingRequest, selection: Selection) -> None:
-        variant = selection.variant
-        assert variant is not None
-        model = pending.model
+    def _start(
+        self, variant: Variant, why: str, pending: PendingRequest | None, selection: Selection | None
+    ) -> None:
+        model = pending.model if pending is not None else self._model(variant.model)
         delay = self._retry_at.get(model.name, 0.0) - time.monotonic()
         if delay > 0:
             self._arm_timer("retry", delay, None)  # backoff after failures; reconcile again then
             return
-        self._log_selection(pending, selection)
+        if pending is not None and selection is not None:
+            self._log_selection(pending, selection)
         self._target = variant
-        self._fire("start", f"request {pending.request_id} needs {variant.key}")
-        self.counters["starts"] += 1
+        self._fire("start", f"{why} needs {variant.key}")
+        self._count("starts", model.name)
         self._run_effect(self._starting(model, variant))
 
     async def _starting(self, model: Model, variant: Variant) -> None:
@@ -345,6 +394,11 @@ class Supervisor:
                 self._fire("healthy", "started")
                 self._drain("shutdown")
                 return
+            if self._stale is instance:  # reloaded away while it started
+                self._fire("healthy", "started")
+                self._drain(f"config reload changed {variant.key}")
+                return
+            self.metrics.startup.labels(variant.model, str(variant.context)).observe(instance.startup_seconds)
             startup_ms = instance.startup_seconds * 1000
             self._fire("healthy", f"pid {instance.process.pid} port {instance.port} in {startup_ms:.0f} ms")
             log.info(
@@ -362,7 +416,7 @@ class Supervisor:
             self._fire("stopped", "engine killed while starting")
             return
         self.last_engine_lines = error.last_lines
-        self.counters["start_failures"] += 1
+        self._count("start_failures", variant.model)
         self._fire("fail", str(error))
         log.error("engine start failed %s: %s", variant.key, error)
         self._fail_model(variant.model, self._start_error(error))
@@ -379,6 +433,9 @@ class Supervisor:
 
     def _fail_model(self, model_name: str, error: GatewayError) -> None:
         """A start of this model failed: its waiters get the error."""
+        if self._wanted is not None and self._wanted[0].model == model_name:
+            self._wanted[1].set_exception(error)
+            self._wanted = None
         for pending in [p for p in self._queue if p.model.name == model_name]:
             self._queue.remove(pending)
             assert pending.future is not None
@@ -439,7 +496,7 @@ class Supervisor:
         self._instance = None
         self._cancel_timer("drain")
         self.last_engine_lines = instance.process.last_lines()
-        self.counters["crashes"] += 1
+        self._count("crashes", instance.model.name)
         log.error(
             "engine crashed %s pid=%s exit=%s in_flight=%d",
             instance.variant.key,
@@ -487,7 +544,7 @@ class Supervisor:
             return  # armed for an engine that is gone
         state = self.lifecycle.state
         if name == "idle" and state == "ready" and not self._instance_leases() and not self._queue:
-            self.counters["idle_unloads"] += 1
+            self._count("idle_unloads", instance.model.name)  # type: ignore[union-attr]
             self._drain(f"idle for {instance.variant.timeouts.idle:g}s")  # type: ignore[union-attr]
         elif name == "drain" and state == "draining":
             cut = self._instance_leases()
@@ -495,18 +552,61 @@ class Supervisor:
             self._launch_stop()
         # "retry": the backoff ended; the reconcile after this event starts the engine
 
-    # --- control: unload and shutdown ---------------------------------------------------------
+    # --- control: load, reload, unload and shutdown ---------------------------------------------
+
+    def _load(self, variant: Variant, done: asyncio.Future[None]) -> None:
+        if self._shutdown is not None:
+            done.set_exception(Unavailable("the gateway is shutting down"))
+            return
+        if self._wanted is not None and not self._wanted[1].done():
+            self._wanted[1].set_exception(Unavailable(f"superseded by a load of {variant.key}"))
+        self._wanted = (variant, done)
+
+    def _reload(self, config: GatewayConfig) -> None:
+        """New requests see the new config now; the engine is swapped only if its own
+        model or variant changed (after its in-flight requests finish)."""
+        self.config = config
+        for pending in self._queue:
+            model = config.resolve(pending.model.name)
+            if model is not None and model.name == pending.model.name:
+                pending.model = model
+            # else: accepted under the old config, it is served under the old one; nothing
+            # queued is lost
+
+        instance = self._instance
+        if instance is None:
+            return
+        model = config.resolve(instance.model.name)
+        variant = model.variant_for(instance.variant.context) if model else None
+        if (
+            model is not None
+            and variant is not None
+            and _engine_spec(model, variant) == _engine_spec(instance.model, instance.variant)
+        ):
+            instance.model, instance.variant = model, variant  # the same engine, new rules
+            return
+        log.info("config reload changed %s: it is replaced once idle", instance.variant.key)
+        self._stale = instance
+        if self.lifecycle.state == "ready":
+            self._drain(f"config reload changed {instance.variant.key}")
 
     def _unload(self, done: asyncio.Future[None]) -> None:
+        """Stop the engine (after a drain); `done` resolves when none runs."""
         state = self.lifecycle.state
+        if self._wanted is not None:
+            self._wanted[1].set_exception(Unavailable("cancelled by an unload"))
+            self._wanted = None
         if state == "ready":
             self._drain("unload requested")
         elif state == "starting" and self._effect is not None:
             self._effect.cancel()
-        done.set_result(None)
+        self._unloading.append(done)
 
     def _begin_shutdown(self, done: asyncio.Future[None]) -> None:
         self._shutdown = done
+        if self._wanted is not None:
+            self._wanted[1].set_exception(Unavailable("the gateway is shutting down"))
+            self._wanted = None
         for pending in self._queue:
             assert pending.future is not None
             pending.future.set_exception(Unavailable("the gateway is shutting down"))
@@ -527,6 +627,10 @@ class Supervisor:
             self._shutdown.set_result(None)
 
     # --- bookkeeping ----------------------------------------------------------------------------
+
+    def _count(self, name: str, model: str, amount: int = 1) -> None:
+        self.counters[name] += amount
+        self.metrics.count(name, model, amount)
 
     def _fire(self, trigger: str, reason: str) -> None:
         self.lifecycle.fire(trigger, reason)
@@ -556,3 +660,16 @@ class Supervisor:
             "selections": list(self.selections),
             "engine_log": instance.process.last_lines() if instance else self.last_engine_lines,
         }
+
+
+def _engine_spec(model: Model, variant: Variant) -> tuple[Any, ...]:
+    """What starting an engine depends on; a reload that keeps it keeps the engine."""
+    return (
+        model.engine,
+        model.binary,
+        model.args,
+        sorted(model.env.items()),
+        variant.context,
+        variant.args,
+        variant.binary,
+    )

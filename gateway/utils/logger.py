@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -9,6 +11,7 @@ import time
 from collections import deque
 
 RECENT_LINES = 1000
+FOLLOW_BACKLOG = 1000
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,14 +28,33 @@ class JsonFormatter(logging.Formatter):
 
 
 class RecentLines(logging.Handler):
-    """Keeps the last formatted lines in memory for /gateway/logs."""
+    """Keeps the last formatted lines for /gateway/logs and feeds live followers."""
 
     def __init__(self, size: int = RECENT_LINES) -> None:
         super().__init__()
         self.lines: deque[str] = deque(maxlen=size)
+        self._followers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[str]]] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+        line = self.format(record)
+        self.lines.append(line)
+        for loop, queue in list(self._followers):
+            loop.call_soon_threadsafe(_offer, queue, line)
+
+    def follow(self) -> asyncio.Queue[str]:
+        """A queue of the lines logged from now on; `unfollow` it when done."""
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=FOLLOW_BACKLOG)
+        self._followers.add((asyncio.get_running_loop(), queue))
+        return queue
+
+    def unfollow(self, queue: asyncio.Queue[str]) -> None:
+        self._followers = {(loop, q) for loop, q in self._followers if q is not queue}
+
+
+def _offer(queue: asyncio.Queue[str], line: str) -> None:
+    # A follower that cannot keep up misses lines rather than slowing the gateway.
+    with contextlib.suppress(asyncio.QueueFull):
+        queue.put_nowait(line)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> RecentLines:

@@ -1,0 +1,131 @@
+"""The operator's endpoints under /gateway/: state, logs, models, load, unload, reload."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.config import ConfigError, GatewayConfig
+from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.server.handler import read_json_object
+from gateway.supervisor.supervisor import Supervisor
+from gateway.utils.logger import RecentLines
+
+DEFAULT_LOG_LINES = 200
+
+
+class ControlHandler:
+    def __init__(
+        self,
+        config: Callable[[], GatewayConfig],
+        supervisor: Supervisor,
+        reload: Callable[[], Awaitable[GatewayConfig]],
+        recent_logs: RecentLines | None,
+    ) -> None:
+        self._config = config
+        self._supervisor = supervisor
+        self._reload = reload
+        self._logs = recent_logs
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/gateway/state", self.state),
+            web.get("/gateway/models", self.models),
+            web.get("/gateway/logs", self.logs),
+            web.get("/gateway/logs/stream", self.logs_stream),
+            web.post("/gateway/load", self.load),
+            web.post("/gateway/unload", self.unload),
+            web.post("/gateway/reload", self.reload),
+        ]
+
+    async def state(self, request: web.Request) -> web.Response:
+        return web.json_response(self._supervisor.snapshot())
+
+    async def models(self, request: web.Request) -> web.Response:
+        state = self._supervisor.snapshot()
+        running = (state["model"], state["variant"]["context"]) if state["pid"] else None
+        capacity = self._supervisor.capacity
+        models = [
+            {
+                "name": m.name,
+                "aliases": list(m.aliases),
+                "default_max_tokens": m.default_max_tokens,
+                "tokens_per_byte": self._supervisor.estimator.ratio(m.name),
+                "variants": [
+                    {"context": v.context, "capacity": capacity(v), "running": running == (m.name, v.context)}
+                    for v in m.variants
+                ],
+            }
+            for m in self._config().models
+        ]
+        return web.json_response({"models": models, "state": state["state"]})
+
+    async def logs(self, request: web.Request) -> web.Response:
+        lines = list(self._logs.lines) if self._logs else []
+        count = _int_query(request, "lines", DEFAULT_LOG_LINES)
+        return web.Response(text="\n".join(lines[-count:]) + "\n", content_type="text/plain")
+
+    async def logs_stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the recent lines, then every new one as it is logged."""
+        if self._logs is None:
+            raise InvalidRequest("logging to memory is off")
+        queue = self._logs.follow()
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        try:
+            await response.prepare(request)
+            backlog = list(self._logs.lines)[-_int_query(request, "lines", 20) :]
+            for line in backlog:
+                await response.write(_event(line))
+            while True:
+                await response.write(_event(await queue.get()))
+        except ConnectionResetError:
+            return response
+        finally:
+            self._logs.unfollow(queue)
+
+    async def load(self, request: web.Request) -> web.Response:
+        body, _ = await read_json_object(request)
+        name, context = body.get("model"), body.get("context")
+        model = self._config().resolve(name) if isinstance(name, str) else None
+        if model is None:
+            raise ModelNotFound(f"no model is named {name!r}", param="model")
+        if context is None:
+            variant = model.variants[0]
+        else:
+            variant = model.variant_for(context) if isinstance(context, int) else None
+            if variant is None:
+                contexts = ", ".join(str(v.context) for v in model.variants)
+                raise InvalidRequest(
+                    f"{model.name} has no variant with context {context!r} ({contexts})", param="context"
+                )
+        await asyncio.shield(self._supervisor.load(variant))
+        state = self._supervisor.snapshot()
+        return web.json_response({"model": model.name, "context": variant.context, "pid": state["pid"]})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await asyncio.shield(self._supervisor.unload())
+        return web.json_response({"state": self._supervisor.snapshot()["state"]})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        try:
+            config = await self._reload()
+        except ConfigError as exc:
+            raise InvalidRequest(f"config rejected, the old one stays: {exc}") from None
+        return web.json_response({"reloaded": config.source, "models": [m.name for m in config.models]})
+
+
+def _event(line: str) -> bytes:
+    return b"".join(b"data: " + part.encode() + b"\n" for part in line.split("\n")) + b"\n"
+
+
+def _int_query(request: web.Request, name: str, default: int) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit():
+        raise InvalidRequest(f"'{name}' must be a non-negative integer", param=name)
+    return int(value)

@@ -1,0 +1,44 @@
+"""Request metrics: count, duration and time to first byte of every model request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway.server.endpoints import ENDPOINTS
+from gateway.utils.metrics import Metrics
+
+CLIENT_GONE = "499"  # the client left before its answer ended (nginx's convention)
+
+
+def metrics_middleware(metrics: Metrics) -> Callable[..., object]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        if request.path not in ENDPOINTS:
+            return await handler(request)
+        started = time.monotonic()
+        status = "500"
+        try:
+            response = await handler(request)
+            status = str(response.status)
+            return response
+        except asyncio.CancelledError:
+            status = CLIENT_GONE
+            raise
+        finally:
+            model, endpoint, ended = request.get("model", ""), request.path, time.monotonic()
+            metrics.requests.labels(model, endpoint, status).inc()
+            metrics.duration.labels(model, endpoint).observe(ended - started)
+            # A whole (non-streamed) answer goes out right after this: its first byte is now.
+            first = request.get("first_byte_at", ended)
+            metrics.first_byte.labels(model, endpoint).observe(first - started)
+
+    return middleware
+
+
+async def mark_first_byte(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the headers, and with them the first byte, go out now."""
+    request.setdefault("first_byte_at", time.monotonic())

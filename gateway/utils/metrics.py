@@ -1,0 +1,96 @@
+"""Prometheus metrics with prometheus_client, in a registry of the gateway's own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "llm_gateway"
+# Latency buckets from a cached tiny prompt (ms) to a cold start of a large model (minutes).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# The supervisor's counters: name -> (help, labelled by model).
+SUPERVISOR_COUNTERS: dict[str, str] = {
+    "starts": "Engine starts",
+    "start_failures": "Engine starts that never became healthy",
+    "crashes": "Engines that exited on their own while ready or draining",
+    "swaps": "Engines stopped because the head of the queue needed another variant",
+    "idle_unloads": "Engines stopped after engine_idle_timeout",
+    "requeued": "Requests sent back to the queue (upgrade after counting, engine failure)",
+    "rejected_queue_full": "Requests refused because the queue was full",
+    "cancelled_waiting": "Requests whose client left while they waited in the queue",
+    "tokens_counted": "Prompt tokens counted exactly on an engine",
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._counters = {
+            name: self._counter(name, text, "model") for name, text in SUPERVISOR_COUNTERS.items()
+        }
+        self.selections = self._counter(
+            "selections",
+            "Variant selections by outcome (reused, started, upgraded, rejected)",
+            "model",
+            "outcome",
+            "method",
+        )
+        self.requests = self._counter(
+            "requests", "Model requests answered, by status", "model", "endpoint", "status"
+        )
+        self.duration = self._histogram(
+            "request_duration_seconds", "Model requests from arrival to the last byte", "model", "endpoint"
+        )
+        self.first_byte = self._histogram(
+            "time_to_first_byte_seconds", "Model requests from arrival to the first byte", "model", "endpoint"
+        )
+        self.queue_wait = self._histogram(
+            "queue_wait_seconds", "Time from arrival to a lease on a ready engine", "model"
+        )
+        self.startup = self._histogram(
+            "engine_startup_seconds", "Engine spawn to healthy", "model", "context"
+        )
+
+    def _counter(self, name: str, text: str, *labels: str) -> Counter:
+        return Counter(f"{PREFIX}_{name}", text, labels, registry=self.registry)
+
+    def _histogram(self, name: str, text: str, *labels: str) -> Histogram:
+        return Histogram(f"{PREFIX}_{name}", text, labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def count(self, name: str, model: str, amount: int = 1) -> None:
+        self._counters[name].labels(model=model).inc(amount)
+
+    def watch(self, snapshot: Callable[[], dict[str, Any]], states: list[str]) -> None:
+        """Gauges read at scrape time from the supervisor's state."""
+        self.registry.register(_StateCollector(snapshot, states))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], states: list[str]) -> None:
+        self._snapshot = snapshot
+        self._states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._snapshot()
+        engine = GaugeMetricFamily(
+            f"{PREFIX}_engine_state", "1 for the engine state machine's current state", labels=["state"]
+        )
+        for name in self._states:
+            engine.add_metric([name], 1.0 if state["state"] == name else 0.0)
+        yield engine
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting", value=state["queued"]["count"])
+        yield GaugeMetricFamily(f"{PREFIX}_in_flight", "Requests holding a lease", value=state["in_flight"])
+        running = GaugeMetricFamily(
+            f"{PREFIX}_engine_context", "Context of the running variant", labels=["model"]
+        )
+        if state["variant"] is not None and state["pid"] is not None:
+            running.add_metric([state["model"]], state["variant"]["context"])
+        yield running

@@ -1,0 +1,189 @@
+"""Operations against the real engine: metrics, logs, control endpoints, API keys, reload."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Gateway, alive, lua_config, tiny_model_config, wait_until
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def ask(gateway: Gateway, model: str = "tiny", max_tokens: int = 4, **kw):
+    return gateway.post(
+        "/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": max_tokens}, **kw
+    )
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    text = gateway.request("GET", "/metrics").body.decode()
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@pytest.fixture
+def gateway(start_gateway, tiny_models) -> Gateway:
+    return start_gateway(tiny_model_config(tiny_models))
+
+
+def test_metrics_after_a_swap_a_crash_and_a_rejection(gateway: Gateway) -> None:
+    assert ask(gateway).status == 200
+    assert ask(gateway, "tiny-b").status == 200  # one swap
+    os.kill(gateway.state()["pid"], signal.SIGKILL)  # one crash
+    wait_until(lambda: gateway.state()["state"] == "crashed")
+    assert ask(gateway, "tiny-b").status == 200
+    rejected = gateway.post(
+        "/v1/chat/completions", {"model": "tiny-b", "messages": [{"role": "user", "content": "x" * 3000}]}
+    )
+    assert rejected.status == 400  # one rejection: larger than tiny-b's only variant
+    assert ask(gateway, "nope").status == 404
+
+    m = "llm_gateway"
+    assert metric(gateway, f"{m}_requests_total", model="tiny", status="200") == 1
+    assert metric(gateway, f"{m}_requests_total", model="tiny-b", status="200") == 2
+    assert metric(gateway, f"{m}_requests_total", model="tiny-b", status="400") == 1
+    assert metric(gateway, f"{m}_requests_total", model="", status="404") == 1
+    assert metric(gateway, f"{m}_swaps_total") == 1
+    assert metric(gateway, f"{m}_crashes_total", model="tiny-b") == 1
+    assert metric(gateway, f"{m}_starts_total") == 3
+    assert metric(gateway, f"{m}_selections_total", outcome="rejected") == 1
+    assert metric(gateway, f"{m}_engine_startup_seconds_count") == 3
+    assert metric(gateway, f"{m}_request_duration_seconds_count", model="tiny-b") == 3
+    assert metric(gateway, f"{m}_time_to_first_byte_seconds_count", model="tiny") == 1
+    assert metric(gateway, f"{m}_engine_state", state="ready") == 1
+    assert metric(gateway, f"{m}_engine_state", state="idle") == 0
+    assert metric(gateway, f"{m}_queue_depth") == 0
+    assert metric(gateway, f"{m}_tokens_counted_total", model="tiny-b") > 0
+
+
+def test_logs_and_the_live_log_stream(gateway: Gateway) -> None:
+    lines: list[str] = []
+    seen_swap = threading.Event()
+
+    def follow() -> None:
+        with urllib.request.urlopen(gateway.url + "/gateway/logs/stream?lines=0", timeout=20) as resp:
+            for raw in resp:
+                lines.append(raw.decode())
+                if "engine ready tiny-b@2048" in raw.decode():
+                    seen_swap.set()
+                    return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    wait_until(lambda: True)
+    ask(gateway)
+    ask(gateway, "tiny-b")
+    assert seen_swap.wait(10), lines
+    assert any("engine ready tiny@512" in line for line in lines)
+    recent = gateway.request("GET", "/gateway/logs?lines=500").body.decode()
+    assert "select" in recent and "[tiny@512 pid=" in recent  # engine output, prefixed
+
+
+def test_load_unload_and_models(gateway: Gateway) -> None:
+    loaded = gateway.post("/gateway/load", {"model": "tiny-chat", "context": 2048})
+    assert loaded.status == 200
+    assert loaded.json()["context"] == 2048 and alive(loaded.json()["pid"])
+    assert gateway.state()["state"] == "ready"
+    models = {m["name"]: m for m in gateway.request("GET", "/gateway/models").json()["models"]}
+    assert [v["running"] for v in models["tiny"]["variants"]] == [False, True, False]
+    assert models["tiny"]["tokens_per_byte"] is None
+    assert gateway.post("/gateway/load", {"model": "tiny", "context": 999}).status == 400
+    assert gateway.post("/gateway/load", {"model": "ghost"}).status == 404
+    pid = loaded.json()["pid"]
+    unloaded = gateway.post("/gateway/unload", {})
+    assert unloaded.status == 200 and unloaded.json()["state"] == "idle"
+    assert not alive(pid)
+    assert [h["trigger"] for h in gateway.state()["history"]][-3:] == ["drain", "drained", "stopped"]
+
+
+def test_preload_starts_a_model_at_start_up(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(tiny_model_config(tiny_models), preload={"model": "tiny", "context": 8192})
+    wait_until(lambda: gateway.state()["state"] == "ready")
+    assert gateway.state()["variant"]["context"] == 8192
+    assert ask(gateway).headers["X-Gateway-Context"] == "8192"  # reused, no swap
+
+
+def test_api_keys_and_admin_key(start_gateway, tiny_models, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one key a line\nk-one\nk-two\n")
+    gateway = start_gateway(tiny_model_config(tiny_models), api_keys=str(keys), admin_key="adm")
+    assert gateway.request("GET", "/health").status == 200  # always open
+    missing = ask(gateway)
+    assert missing.status == 401 and missing.json()["error"]["type"] == "authentication_error"
+    assert ask(gateway, headers={"Authorization": "Bearer wrong"}).status == 401
+    assert ask(gateway, headers={"Authorization": "Bearer k-two"}).status == 200
+    assert ask(gateway, headers={"x-api-key": "k-one"}).status == 200
+    assert gateway.request("GET", "/v1/models", headers={"Authorization": "Bearer k-one"}).status == 200
+    assert gateway.request("GET", "/metrics").status == 401
+    # /gateway/* takes the admin key only
+    assert gateway.request("GET", "/gateway/state", headers={"Authorization": "Bearer k-one"}).status == 401
+    state = gateway.request("GET", "/gateway/state", headers={"Authorization": "Bearer adm"})
+    assert state.status == 200 and state.json()["state"] == "ready"
+
+
+def write_config(gateway: Gateway, models: list[dict], **server) -> None:
+    port = int(gateway.url.rsplit(":", 1)[1])
+    gateway.config_path.write_text(lua_config(port, models, **server))
+
+
+def test_bad_reload_keeps_the_old_config(gateway: Gateway, tiny_models) -> None:
+    ask(gateway)
+    gateway.config_path.write_text("server = { listen_v4 = 'nonsense' }\nmodels = {}\n")
+    resp = gateway.post("/gateway/reload", {})
+    assert resp.status == 400
+    assert "server.listen_v4" in resp.json()["error"]["message"]
+    assert ask(gateway).status == 200
+    assert gateway.state()["counters"]["starts"] == 1
+    assert "config reload rejected" in gateway.request("GET", "/gateway/logs").body.decode()
+
+
+def test_good_reload_swaps_only_the_changed_engine(gateway: Gateway, tiny_models) -> None:
+    ask(gateway)
+    pid = gateway.state()["pid"]
+    models = tiny_model_config(tiny_models)
+    models[1]["args"] = [*models[1]["args"], "--seed", "7"]  # only tiny-b changes
+    models.append({"name": "tiny-c", "args": models[1]["args"], "variants": [{"context": 1024}]})
+    write_config(gateway, models)
+    assert gateway.post("/gateway/reload", {}).status == 200
+    assert gateway.state()["pid"] == pid and gateway.state()["state"] == "ready"  # tiny kept
+    assert "tiny-c" in {m["id"] for m in gateway.request("GET", "/v1/models").json()["data"]}
+
+    models[0]["args"] = [*models[0]["args"], "--seed", "3"]  # now tiny's own args change
+    write_config(gateway, models)
+    gateway.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: gateway.state()["state"] == "idle")
+    assert not alive(pid)
+    reason = [h["reason"] for h in gateway.state()["history"] if h["trigger"] == "drain"][-1]
+    assert reason == "config reload changed tiny@512"
+    assert ask(gateway).status == 200
+    assert gateway.state()["pid"] != pid
+
+
+def test_reload_never_drops_an_in_flight_request(gateway: Gateway, tiny_models) -> None:
+    result: list = []
+    long = threading.Thread(target=lambda: result.append(ask(gateway, max_tokens=3000)))
+    gateway.post("/gateway/load", {"model": "tiny", "context": 8192})
+    long.start()
+    wait_until(lambda: gateway.state()["in_flight"] == 1, interval=0.002)
+    models = tiny_model_config(tiny_models)
+    models[0]["args"] = [*models[0]["args"], "--seed", "3"]
+    write_config(gateway, models)
+    assert gateway.post("/gateway/reload", {}).status == 200
+    long.join(30)
+    assert result[0].status == 200
+    assert result[0].json()["usage"]["completion_tokens"] == 3000
