@@ -879,3 +879,52 @@ def test_cli_check_config_missing_file(tmp_path: Path) -> None:
     result = run_cli("--check-config", "missing.lua", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == f"config error: config file not found: {tmp_path / 'missing.lua'}\n"
+
+
+# --- operations keys: api_keys, admin_key, preload -------------------------------------
+
+
+def _ops_config(tmp_path: Path, server: str) -> Path:
+    path = tmp_path / "ops.cfg.lua"
+    path.write_text(
+        f"server = {{ {server} }}\n"
+        'models = { { name = "m", aliases = { "m2" }, variants = { { context = 4096 }, { context = 1024 } } } }\n'
+    )
+    return path
+
+
+def test_api_keys_from_a_list_and_from_a_file(tmp_path: Path) -> None:
+    listed = load_config(_ops_config(tmp_path, 'api_keys = { "a", "b" }, admin_key = "adm"'))
+    assert listed.server.api_keys == ("a", "b") and listed.server.admin_key == "adm"
+    (tmp_path / "keys.txt").write_text("# comment\n\n  k1  \nk2\n")
+    from_file = load_config(_ops_config(tmp_path, 'api_keys = "keys.txt"'))
+    assert from_file.server.api_keys == ("k1", "k2") and from_file.server.admin_key is None
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ('api_keys = "missing.txt"', "server.api_keys: cannot read the key file"),
+        ('api_keys = { "" }', "server.api_keys[1]: must not be empty"),
+        ("api_keys = { 5 }", "server.api_keys[1]: must be a string"),
+        ('admin_key = ""', "server.admin_key: must not be empty"),
+        ('preload = "nope"', 'server.preload.model: no model is named "nope"'),
+        (
+            'preload = { model = "m", context = 2048 }',
+            'server.preload.context: 2048 is not a context of model "m"',
+        ),
+        ('preload = { model = "m", size = 1 }', 'server.preload: unknown key "size"'),
+    ],
+)
+def test_operations_key_errors(tmp_path: Path, server: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_ops_config(tmp_path, server))
+    assert message in str(info.value)
+
+
+def test_preload_by_alias_takes_the_smallest_variant(tmp_path: Path) -> None:
+    assert load_config(_ops_config(tmp_path, 'preload = "m2"')).server.preload == ("m", 1024)
+    assert load_config(_ops_config(tmp_path, 'preload = { model = "m", context = 4096 }')).server.preload == (
+        "m",
+        4096,
+    )

@@ -573,6 +573,37 @@ async def test_cancelled_waiting_request_is_removed_and_triggers_no_start(
     assert fx.started_keys == ["a@512"]
 
 
+async def test_a_swap_whose_requests_left_is_called_off(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    a_engine, grant = await harness.ready("a")
+    _, b_task = ask(sup, "b")
+    await settle()
+    assert sup.lifecycle.state == "draining"  # b needs a swap; a's lease holds it
+    b_task.cancel()
+    await settle()
+    assert sup.lifecycle.state == "ready"  # nobody needs b any more: a stays
+    assert [r.trigger for r in sup.lifecycle.history][-2:] == ["drain", "resume"]
+    _, a_again = ask(sup, "a")
+    await settle()
+    assert a_again.done() and not a_again.exception()  # granted on the same engine
+    sup.release(grant, served=True)
+    sup.release(a_again.result(), served=True)
+    await settle()
+    assert fx.stops == [] and fx.started_keys == ["a@512"]
+    assert sup.snapshot()["pid"] == a_engine.process.pid
+
+
+async def test_an_idle_unload_drain_is_not_called_off(harness: Harness) -> None:
+    sup = harness.sup
+    _, grant = await harness.ready("a")
+    unloaded = sup.unload()
+    await settle()
+    assert sup.lifecycle.state == "draining"
+    sup.release(grant, served=True)
+    await settle()
+    assert unloaded.done() and sup.lifecycle.state == "idle"
+
+
 async def _cancelled_before_seen(config: GatewayConfig) -> tuple[Supervisor, FakeEffects]:
     """Arrival and cancellation both wait in the inbox when the supervisor first runs."""
     fx = FakeEffects()

@@ -19,40 +19,16 @@ STATES = ["idle", "starting", "ready", "draining", "stopping", "crashed"]
 # (trigger, sources, destination, what it means): the one table the code, the
 # /gateway/state history, the README and the statecharts/ generator all read.
 TRANSITIONS: list[tuple[str, list[str], str, str]] = [
-    (
-        "start",
-        ["idle", "crashed"],
-        "starting",
-        "an engine is spawned for the variant a request needs",
-    ),
+    ("start", ["idle", "crashed"], "starting", "the head of the queue (or a load) needs an engine"),
     ("healthy", ["starting"], "ready", "the engine answered /health: requests are granted"),
     ("fail", ["starting"], "crashed", "the engine exited or was not healthy in time; it is killed"),
-    (
-        "abort",
-        ["starting"],
-        "stopping",
-        "a start nobody needs any more (shutdown, unload) is cut short",
-    ),
-    (
-        "drain",
-        ["ready"],
-        "draining",
-        "a swap, idle unload or shutdown: no new grants, in-flight finish",
-    ),
-    (
-        "drained",
-        ["draining"],
-        "stopping",
-        "in-flight requests ended or drain_timeout passed: stop it",
-    ),
+    ("abort", ["starting"], "stopping", "a start nobody needs any more (shutdown, unload)"),
+    ("drain", ["ready"], "draining", "a swap, idle unload, reload or shutdown: no new grants"),
+    ("resume", ["draining"], "ready", "the requests that needed a swap left before it happened"),
+    ("drained", ["draining"], "stopping", "nothing in flight, or drain_timeout passed: stop it"),
     ("stopped", ["stopping"], "idle", "the engine process has exited"),
     ("died", ["ready", "draining"], "crashed", "the engine exited on its own"),
-    (
-        "reset",
-        ["crashed"],
-        "idle",
-        "start failures reached max_start_failures: its waiters got 503",
-    ),
+    ("reset", ["crashed"], "idle", "max_start_failures reached: that model's waiters got 503"),
 ]
 
 HISTORY_LENGTH = 200

@@ -80,6 +80,7 @@ class Supervisor:
         self._wanted: tuple[Variant, asyncio.Future[None]] | None = None  # a load ahead of traffic
         self._stale: EngineInstance | None = None  # runs a config that a reload replaced
         self._unloading: list[asyncio.Future[None]] = []  # unload callers waiting for idle
+        self._draining_for_swap = False  # a drain only the queue asked for can be called off
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -217,6 +218,10 @@ class Supervisor:
         if self._shutdown is not None:
             self._continue_shutdown()
             return
+        if state == "draining" and self._swap_unneeded():
+            self._cancel_timer("drain")
+            self._fire("resume", "the requests that needed the swap are gone")
+            state = self.lifecycle.state
         decision = plan(self._waiting(), self._view(), self._selector())
         for item, selection in decision.rejects:
             self._reject(self._by_seq(item.seq), selection)
@@ -233,6 +238,13 @@ class Supervisor:
             self._launch_stop()
         elif self.lifecycle.state in ("idle", "crashed") and target is not None:
             self._start(*target)
+
+    def _swap_unneeded(self) -> bool:
+        """Draining for a swap, but nothing waiting needs another engine any more."""
+        if not self._draining_for_swap or self._instance is None or self._wanted is not None:
+            return False
+        as_ready = EngineView("ready", RunningEngine(self._instance.variant, self._instance.slot_context))
+        return plan(self._waiting(), as_ready, self._selector()).next is None
 
     def _next_target(
         self, head: tuple[Waiting, Selection] | None
@@ -260,7 +272,7 @@ class Supervisor:
             self._log_selection(pending, selection)
         assert self._instance is not None
         self._count("swaps", self._instance.model.name)
-        self._drain(f"swap to {variant.key} for {why}")
+        self._drain(f"swap to {variant.key} for {why}", for_swap=True)
 
     def _largest(self, model: Model) -> int:
         return self._selector().largest_capacity(model)
@@ -452,8 +464,9 @@ class Supervisor:
         self._fire("reset", f"{model_name}: {failures} failures in a row")
         return True
 
-    def _drain(self, reason: str) -> None:
+    def _drain(self, reason: str, for_swap: bool = False) -> None:
         self._cancel_timer("idle")
+        self._draining_for_swap = for_swap
         self._fire("drain", reason)
         assert self._instance is not None
         self._arm_timer("drain", self._instance.variant.timeouts.drain, self._instance)

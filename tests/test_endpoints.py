@@ -1,0 +1,93 @@
+"""What each endpoint takes from a body: validation, the prompt's shape, the reserve. Pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.models import PromptShape
+from gateway.server.endpoints import ENDPOINTS, check_common, reserve
+
+CHAT = ENDPOINTS["/v1/chat/completions"]
+COMPLETION = ENDPOINTS["/v1/completions"]
+EMBEDDING = ENDPOINTS["/v1/embeddings"]
+
+
+def test_chat_shape_counts_utf8_bytes_of_every_text() -> None:
+    body = {
+        "messages": [
+            {"role": "system", "content": "é" * 10},  # 2 bytes each
+            {"role": "user", "content": [{"type": "text", "text": "abc"}, {"type": "text", "text": "de"}]},
+            {"role": "assistant", "content": None},
+        ]
+    }
+    assert CHAT.shape(body, b"") == PromptShape(text_bytes=25, messages=3, bounded=True)
+
+
+def test_tools_images_and_tool_calls_count_but_lose_the_byte_bound() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with_tools = CHAT.shape({"messages": [{"role": "user", "content": "hi"}], "tools": tools}, b"")
+    assert with_tools.text_bytes > 2 and not with_tools.bounded
+    image = {"type": "image_url", "image_url": {"url": "data:..."}}
+    assert not CHAT.shape({"messages": [{"role": "user", "content": [image]}]}, b"").bounded
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "f"}}]}
+    shape = CHAT.shape({"messages": [call]}, b"")
+    assert shape.text_bytes > 0 and not shape.bounded
+
+
+@pytest.mark.parametrize(
+    ("prompt", "text_bytes", "token_ids"),
+    [
+        ("hello", 5, 0),
+        (["a", "abcd", "ab"], 4, 0),  # several prompts: the largest must fit
+        ([1, 2, 3], 0, 3),
+        ([[1, 2], [1, 2, 3, 4]], 0, 4),
+        (["abc", [1, 2, 3, 4, 5]], 3, 5),
+    ],
+)
+def test_completion_prompt_shapes(prompt, text_bytes: int, token_ids: int) -> None:
+    shape = COMPLETION.shape({"prompt": prompt}, b"")
+    assert (shape.text_bytes, shape.token_ids) == (text_bytes, token_ids)
+    assert EMBEDDING.shape({"input": prompt}, b"") == shape
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"messages": []},  # empty messages
+        {"messages": "hi"},
+        {"messages": [{"content": "no role"}]},
+        {"messages": [{"role": 1, "content": "x"}]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": ["not an object"]},
+    ],
+)
+def test_invalid_chat_bodies(body) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        CHAT.validate(body)
+    assert info.value.param is not None and info.value.param.startswith("messages")
+
+
+@pytest.mark.parametrize("prompt", [None, 5, [], [1.5], [True], {"a": 1}, [[]], [["a"]]])
+def test_invalid_prompts(prompt) -> None:
+    with pytest.raises(InvalidRequest):
+        COMPLETION.validate({"prompt": prompt})
+
+
+def test_reserve_takes_the_first_limit_given_else_the_default() -> None:
+    assert reserve(CHAT, {}, 256) == 256
+    assert reserve(CHAT, {"max_tokens": 10}, 256) == 10
+    assert reserve(CHAT, {"max_completion_tokens": 20, "max_tokens": 10}, 256) == 20
+    assert reserve(CHAT, {"max_tokens": None}, 256) == 256
+    assert reserve(EMBEDDING, {"max_tokens": 10}, 256) == 0  # no answer to reserve
+    for bad in (0, -1, 1.5, "10", True, 1e30):
+        with pytest.raises(InvalidRequest):
+            reserve(CHAT, {"max_tokens": bad}, 256)
+
+
+@pytest.mark.parametrize("body", [{"stream": "yes"}, {"stream": 1}, {"n": 0}, {"n": "2"}, {"n": True}])
+def test_common_fields(body) -> None:
+    with pytest.raises(InvalidRequest):
+        check_common(body)
+    check_common({"stream": True, "n": 2})
