@@ -888,7 +888,8 @@ def _ops_config(tmp_path: Path, server: str) -> Path:
     path = tmp_path / "ops.cfg.lua"
     path.write_text(
         f"server = {{ {server} }}\n"
-        'models = { { name = "m", aliases = { "m2" }, variants = { { context = 4096 }, { context = 1024 } } } }\n'
+        'models = { { name = "m", aliases = { "m2" },'
+        " variants = { { context = 4096 }, { context = 1024 } } } }\n"
     )
     return path
 
