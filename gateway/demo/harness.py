@@ -46,10 +46,12 @@ def lua_config(port: int, models: list[dict[str, Any]], **server: Any) -> str:
     return f"server = {to_lua(server)}\nmodels = {to_lua(models)}\n"
 
 
-def spawn_gateway(config: Path, log_path: Path, log_level: str = "debug") -> subprocess.Popen[bytes]:
+def spawn_gateway(
+    config: Path, log_path: Path, log_level: str = "debug", *extra_args: str
+) -> subprocess.Popen[bytes]:
     """`python -m gateway` on `config`, its output into `log_path`."""
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", log_level],
+        [sys.executable, "-m", "gateway", "--config", str(config), "--log-level", log_level, *extra_args],
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
