@@ -57,3 +57,14 @@ class EngineTimeout(GatewayError):
 
 class Unauthorized(GatewayError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class EngineRejected(GatewayError):
+    """The engine refused the request while the gateway counted it: its status and words."""
+
+    code = "engine_rejected"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = "invalid_request_error" if status < 500 else "server_error"

@@ -99,3 +99,16 @@ def test_nothing_is_granted_unless_ready(state: str) -> None:
 def test_empty_queue_plans_nothing() -> None:
     result = plan([], ready(A, 512), SELECTOR)
     assert result.grants == [] and result.rejects == [] and result.next is None
+
+
+def test_a_shared_cache_grants_in_order_while_tokens_are_free() -> None:
+    a = make_model("a", 512)
+    running = RunningEngine(a.variants[0], 512)
+    queue = [waiting(1, a, 300), waiting(2, a, 300), waiting(3, a, 10)]
+    busy = plan(queue, EngineView("ready", running, free_tokens=400, idle=False), ModelSelector())
+    assert [w.seq for w, _ in busy.grants] == [1]  # 2 does not fit; 3 keeps behind it
+    assert busy.next is None
+    idle = plan(
+        [waiting(1, a, 500)], EngineView("ready", running, free_tokens=100, idle=True), ModelSelector()
+    )
+    assert [w.seq for w, _ in idle.grants] == [1]  # an idle engine always takes one

@@ -24,7 +24,7 @@ from gateway.config.schema import (
 )
 from gateway.engine.manager import StartFailed
 from gateway.errors import ContextLengthExceeded, EngineFailed, EngineTimeout, Unavailable
-from gateway.models import PromptShape
+from gateway.models import PromptShape, byte_bound
 from gateway.supervisor import supervisor as supervisor_module
 from gateway.supervisor.requests import Grant, PendingRequest
 from gateway.supervisor.supervisor import Supervisor
@@ -86,11 +86,15 @@ class FakeInstance:
     slot_context: int
     exited: asyncio.Future[int]
     served_name: str = "fake"
+    kv_budget: int | None = None
     overhead: None = None
     startup_seconds: float = 0.01
 
     def crash(self, code: int = -11) -> None:
         self.exited.set_result(code)
+
+    def upper_bound(self, kind: str, shape: PromptShape) -> int | None:
+        return byte_bound(kind, shape, None)  # no chat template measured
 
 
 @dataclass(eq=False)
@@ -102,7 +106,7 @@ class StartCall:
     )
     cancelled: bool = False
 
-    def succeed(self, slot_context: int | None = None) -> FakeInstance:
+    def succeed(self, slot_context: int | None = None, kv_budget: int | None = None) -> FakeInstance:
         loop = asyncio.get_running_loop()
         instance = FakeInstance(
             model=self.model,
@@ -111,6 +115,7 @@ class StartCall:
             port=40000 + len(self.variant.key),
             slot_context=slot_context or self.variant.context,
             exited=loop.create_future(),
+            kv_budget=kv_budget,
         )
         self.future.set_result(instance)
         return instance
@@ -877,3 +882,47 @@ async def test_unload_drains_after_the_lease_and_stops(harness: Harness) -> None
     assert fx.stops == [a_engine]
     assert sup.lifecycle.state == "idle"
     assert sup.snapshot()["pid"] is None
+
+
+async def test_a_shared_kv_cache_admits_only_what_fits(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, first = ask(sup, "a", tokens=400, reserve=100)  # needs 500 of a 512 cache
+    await settle()
+    fx.starts[0].succeed(kv_budget=512)
+    await settle()
+    assert first.done()
+    _, second = ask(sup, "a", tokens=50, reserve=10)  # 60 more: 560 > 512
+    _, third = ask(sup, "a", tokens=1, reserve=1)  # would fit, but waits its turn
+    await settle()
+    assert not second.done() and not third.done()
+    assert sup.snapshot()["queued"]["count"] == 2 and sup.lifecycle.state == "ready"
+    sup.release(first.result(), served=True)
+    await settle()
+    assert second.done() and third.done()  # both fit once the first ended
+    assert fx.started_keys == ["a@512"]  # waiting for room is not a swap
+
+
+async def test_an_exact_count_updates_the_reservation(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    pending, first = ask(sup, "a", tokens=None, reserve=10)  # estimated: counted on the engine
+    await settle()
+    fx.starts[0].succeed(kv_budget=512)
+    await settle()
+    grant = first.result()
+    assert grant.count_first
+    sup.observe(grant, pending.shape, 480)  # counted: 490 of 512 reserved now
+    _, second = ask(sup, "a", tokens=30, reserve=10)
+    await settle()
+    assert not second.done()
+    sup.release(grant, served=True)
+    await settle()
+    assert second.done()
+
+
+async def test_an_idle_engine_takes_a_request_whatever_its_estimate(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, task = ask(sup, "a", tokens=None, reserve=10, text_bytes=4000)  # estimate far over 512
+    await settle()
+    fx.starts[0].succeed(kv_budget=512)
+    await settle()
+    assert task.done() and task.result().count_first  # granted to be counted, not stuck

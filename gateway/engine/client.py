@@ -18,6 +18,22 @@ class EngineRequestError(Exception):
     """A call to an engine failed (connection refused, reset, or a bad answer)."""
 
 
+class EngineAnswered(EngineRequestError):
+    """The engine answered with an error status: it refused what it was sent."""
+
+    def __init__(self, message: str, status: int, body: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+    @property
+    def engine_message(self) -> str:
+        try:
+            return str(json.loads(self.body)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            return self.body[:500]
+
+
 def new_session() -> aiohttp.ClientSession:
     """One session for all engines: no total timeout (generations are long), no pool cap."""
     return aiohttp.ClientSession(
@@ -58,7 +74,7 @@ class EngineClient:
         async with resp:
             text = await resp.text()
             if resp.status != 200:
-                raise EngineRequestError(f"{method} {path}: HTTP {resp.status}: {text[:500]}")
+                raise EngineAnswered(f"{method} {path}: HTTP {resp.status}: {text[:500]}", resp.status, text)
             try:
                 return json.loads(text)
             except ValueError as exc:

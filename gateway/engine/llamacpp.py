@@ -82,6 +82,20 @@ class LlamaCppEngine:
             return context // int(slots)
         return context
 
+    def shared_kv_budget(self, variant: Variant, model: Model, slot_context: int) -> int | None:
+        """Tokens all slots share, or None when each slot has a cache of its own.
+
+        By default llama-server runs several slots on one unified KV cache of n_ctx
+        tokens: concurrent requests together must fit it, or the engine fails them with
+        "Context size has been exceeded". An explicit `-np N` without `--kv-unified`
+        gives each slot its own n_ctx / N instead.
+        """
+        args = [*model.args, *variant.args]
+        slots = _flag_value(args, _PARALLEL_FLAGS)
+        if slots and int(slots) > 1 and not _has_flag(args, _UNIFIED_FLAGS):
+            return None
+        return slot_context
+
     def serves(self, model: Model, variant: Variant, kind: str) -> str | None:
         """Why this engine cannot serve a request kind, or None when it can."""
         args = [*model.args, *variant.args]

@@ -19,6 +19,7 @@ from gateway.engine.binary import BinaryNotFound, find_llama_server
 from gateway.engine.client import EngineClient, EngineRequestError, new_session
 from gateway.engine.llamacpp import LlamaCppEngine, TemplateOverhead
 from gateway.engine.process import EngineProcess
+from gateway.models import PromptShape, byte_bound
 
 log = logging.getLogger("gateway.engine")
 
@@ -46,9 +47,14 @@ class EngineInstance:
     port: int
     served_name: str
     slot_context: int
+    kv_budget: int | None  # tokens concurrent requests share; None: each slot has its own
     overhead: TemplateOverhead | None  # None when its chat template could not be measured
     startup_seconds: float
     exited: asyncio.Task[int] = field(repr=False)
+
+    def upper_bound(self, kind: str, shape: PromptShape) -> int | None:
+        """A proven upper bound of a prompt's tokens on this engine, if there is one."""
+        return byte_bound(kind, shape, self.overhead.upper_bound if self.overhead else None)
 
 
 class EngineManager:
@@ -130,6 +136,7 @@ class EngineManager:
             port=port,
             served_name=self.llamacpp.served_name(model, variant),
             slot_context=slot_context,
+            kv_budget=self.llamacpp.shared_kv_budget(variant, model, slot_context),
             overhead=overhead,
             startup_seconds=time.monotonic() - process.started_monotonic,
             exited=exited,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -38,3 +39,21 @@ class Needs:
     def exact(self) -> bool:
         """Good enough to decide on: counted, or bounded from above."""
         return self.method != "estimate"
+
+
+# Tokens a tokenizer may add beyond one per byte of text: BOS, EOS, a leading space marker.
+BOUND_SLACK = 4
+
+
+def byte_bound(kind: str, shape: PromptShape, template_bound: Callable[[int, int], int] | None) -> int | None:
+    """An upper bound on the prompt's tokens for tokenizers that spend at least one byte
+    per token (byte-level BPE, SentencePiece with byte fallback), or None.
+
+    Chat prompts also carry the chat template's own tokens: `template_bound(text_bytes,
+    messages)` bounds them, as measured on the running engine.
+    """
+    if not shape.bounded:
+        return None
+    if kind == "chat":
+        return template_bound(shape.text_bytes, shape.messages) if template_bound else None
+    return shape.text_bytes + shape.token_ids + BOUND_SLACK

@@ -39,21 +39,47 @@ def _is_prompt(value: Any) -> bool:
     )
 
 
+def _require(ok: bool, param: str, what: str) -> None:
+    if not ok:
+        raise InvalidRequest(f"'{param}' must be {what}", param=param)
+
+
+def _objects(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
 def _validate_messages(body: Body) -> None:
+    """The fields the gateway reads to size a chat prompt; the engine checks the rest."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty array of messages", param="messages")
+    _require(isinstance(messages, list) and bool(messages), "messages", "a non-empty array of messages")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(
-                f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
-            )
+        at = f"messages[{i}]"
+        _require(
+            isinstance(message, dict) and isinstance(message.get("role"), str),
+            at,
+            "an object with a string 'role'",
+        )
         content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise InvalidRequest(
-                f"messages[{i}].content must be a string, an array of parts, or null",
-                param=f"messages[{i}].content",
-            )
+        _require(
+            content is None or isinstance(content, str | list),
+            f"{at}.content",
+            "a string, an array of parts, or null",
+        )
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            _validate_part(part, f"{at}.content[{j}]")
+        _require(message.get("name") is None or isinstance(message["name"], str), f"{at}.name", "a string")
+        if "tool_calls" in message and message["tool_calls"] is not None:
+            _require(_objects(message["tool_calls"]), f"{at}.tool_calls", "an array of objects")
+    if body.get("tools") is not None:
+        _require(_objects(body["tools"]), "tools", "an array of objects")
+
+
+def _validate_part(part: Any, at: str) -> None:
+    _require(
+        isinstance(part, dict) and isinstance(part.get("type"), str), at, "an object with a string 'type'"
+    )
+    if part["type"] == "text":
+        _require(isinstance(part.get("text"), str), f"{at}.text", "a string")
 
 
 def _validate_field(name: str) -> Callable[[Body], None]:

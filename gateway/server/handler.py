@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config.schema import GatewayConfig, Model
-from gateway.engine.client import EngineRequestError
+from gateway.engine.client import EngineAnswered, EngineRequestError
 from gateway.engine.llamacpp import LlamaCppEngine
-from gateway.errors import EngineFailed, GatewayError, InvalidRequest, ModelNotFound
+from gateway.errors import EngineFailed, EngineRejected, GatewayError, InvalidRequest, ModelNotFound
+from gateway.models import BOUND_SLACK
 from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, reserve
 from gateway.server.proxy import NotSent, Renamer, forward, upstream_headers, write_error_event
 from gateway.supervisor.requests import Grant, PendingRequest
@@ -32,7 +33,6 @@ KEEPALIVE_DELAY = 0.5  # a stream waiting longer than this gets ": loading" comm
 KEEPALIVE_INTERVAL = 2.0
 MAX_RETRIES = 1  # an engine that fails before answering gets the request once more
 RETRY_SETTLE = 0.5  # seconds to see whether a failed engine is exiting
-BOUND_SLACK = 4  # tokens a tokenizer may add beyond one per byte (BOS, EOS, a leading space)
 
 
 def request_id(request: web.Request) -> str:
@@ -66,10 +66,10 @@ class RequestHandler:
             shape=endpoint.shape(forwarded, raw),
             reserve=reserve(endpoint, forwarded, model.default_max_tokens),
         )
-        if endpoint.kind in ("other", "rerank") or (not pending.shape.text_bytes):
+        if endpoint.kind in ("other", "rerank") or (endpoint.kind != "chat" and not pending.shape.text_bytes):
             # Nothing to count on the engine: the body's size, or token ids, are the bound.
-            pending.exact_tokens = pending.shape.text_bytes + pending.shape.token_ids
-            pending.method = "bound" if pending.shape.text_bytes else "exact"
+            bound = pending.shape.text_bytes + pending.shape.token_ids + BOUND_SLACK
+            pending.exact_tokens, pending.method = bound, "bound"
         data = raw if forwarded is body else json.dumps(forwarded).encode()
         call = _Call(self._supervisor, request, endpoint, pending, forwarded, data, body["model"])
         return await call.run(self._config().server.loading_keepalive and bool(body.get("stream")))
@@ -184,15 +184,17 @@ class _Call:
     async def _count(self, grant: Grant) -> str | None:
         """Count exactly (unless a bound proves it fits); a reason to requeue if too big."""
         instance, pending = grant.instance, self.pending
-        bound = self._upper_bound(grant)
+        bound = instance.upper_bound(pending.kind, pending.shape)
         if bound is not None and bound + pending.reserve <= instance.slot_context:
             pending.exact_tokens, pending.method = bound, "bound"
             return None
         try:
             tokens = await instance.engine.count(instance.client, pending.kind, self.body)
+        except EngineAnswered as exc:
+            raise EngineRejected(exc.status, exc.engine_message) from None
         except EngineRequestError as exc:
             return self._retry_or_fail(f"counting failed: {exc}")
-        self.supervisor.observe(pending.model.name, pending.shape, tokens)
+        self.supervisor.observe(grant, pending.shape, tokens)
         pending.exact_tokens, pending.method = tokens, "exact"
         if tokens + pending.reserve <= instance.slot_context:
             return None
@@ -200,14 +202,6 @@ class _Call:
             f"counted {tokens} prompt tokens + {pending.reserve} reserve > "
             f"context {instance.slot_context} of {instance.variant.key}: upgrade"
         )
-
-    def _upper_bound(self, grant: Grant) -> int | None:
-        shape, overhead = self.pending.shape, grant.instance.overhead
-        if not shape.bounded:
-            return None
-        if self.pending.kind == "chat":
-            return overhead.upper_bound(shape.text_bytes, shape.messages) if overhead else None
-        return shape.text_bytes + shape.token_ids + BOUND_SLACK
 
     def _retry_or_fail(self, reason: str) -> str:
         if self.retries >= MAX_RETRIES:

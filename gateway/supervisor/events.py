@@ -33,6 +33,7 @@ class LeaseReleased:
 
 @dataclass(frozen=True)
 class TokensCounted:
+    lease: int
     model: str
     shape: PromptShape
     tokens: int

@@ -17,12 +17,23 @@ class Waiting:
     seq: int  # arrival order
     model: Model
     needs: Needs
+    # Context it takes on a shared KV cache if granted: its needs, or more when they are
+    # an estimate that a byte bound exceeds.
+    tokens: int = 0
+
+    @property
+    def reservation(self) -> int:
+        return max(self.tokens, self.needs.total)
 
 
 @dataclass(frozen=True)
 class EngineView:
     state: str  # the machine's state
     running: RunningEngine | None  # set while ready
+    # Tokens of a shared (unified) KV cache not reserved by requests in flight; None when
+    # every slot has a cache of its own. `idle`: nothing is in flight on the engine.
+    free_tokens: int | None = None
+    idle: bool = True
 
 
 @dataclass
@@ -39,16 +50,24 @@ def plan(waiting: Sequence[Waiting], engine: EngineView, selector: ModelSelector
 
     Requests for other engines wait even when later ones could be served now: a swap is
     only ever made for the head of the queue, which keeps arrival order fair and an
-    A,B,A,B pattern from swapping on every request.
+    A,B,A,B pattern from swapping on every request. With a shared KV cache a request is
+    granted only while the tokens it needs are free, so concurrent requests never run
+    the engine out of context; an idle engine always takes one (to count it, at least).
     """
     result = Plan()
     running = engine.running if engine.state == "ready" else None
+    free, idle = engine.free_tokens, engine.idle
     for item in waiting:
         selection = selector.select(item.needs, item.model, running)
         if selection.outcome is Outcome.REJECTED:
             result.rejects.append((item, selection))
         elif selection.outcome is Outcome.REUSED:
+            if free is not None and item.reservation > free and not idle:
+                break  # waits for the requests in flight to end; later ones keep their turn
             result.grants.append((item, selection))
+            idle = False
+            if free is not None:
+                free -= item.reservation
         elif result.next is None:
             result.next = (item, selection)
     return result

@@ -53,6 +53,7 @@ class Effects(Protocol):
 class _Lease:
     pending: PendingRequest
     instance: EngineInstance
+    tokens: int  # context it reserves on its engine: its needs, exact once counted
 
 
 class Supervisor:
@@ -122,9 +123,10 @@ class Supervisor:
         again for the same request, which keeps its place in the queue."""
         self._post(ev.LeaseReleased(grant.lease, requeue_reason, served))
 
-    def observe(self, model: str, shape: PromptShape, tokens: int) -> None:
-        """An exact count, to learn the model's tokens per byte."""
-        self._post(ev.TokensCounted(model, shape, tokens))
+    def observe(self, grant: Grant, shape: PromptShape, tokens: int) -> None:
+        """An exact count on the granted engine: the lease's reservation, and the
+        model's tokens per byte to learn from."""
+        self._post(ev.TokensCounted(grant.lease, grant.instance.model.name, shape, tokens))
 
     def unload(self) -> asyncio.Future[None]:
         done = asyncio.get_running_loop().create_future()
@@ -164,9 +166,11 @@ class Supervisor:
                     self._count("cancelled_waiting", pending.model.name)
             case ev.LeaseReleased(lease, requeue, served):
                 self._release(lease, requeue, served)
-            case ev.TokensCounted(model, shape, tokens):
+            case ev.TokensCounted(lease_id, model, shape, tokens):
                 self.estimator.observe(model, shape, tokens)
                 self._count("tokens_counted", model, tokens)
+                if (lease := self._leases.get(lease_id)) is not None:
+                    lease.tokens = tokens + lease.pending.reserve
             case ev.StartFinished(variant, instance, error):
                 self._start_finished(variant, instance, error)
             case ev.StopFinished(instance, code):
@@ -228,7 +232,7 @@ class Supervisor:
         target = self._next_target(decision.next)
         if state == "ready":
             for item, selection in decision.grants:
-                self._grant(self._by_seq(item.seq), selection)
+                self._grant(self._by_seq(item.seq), selection, item.reservation)
             if target is not None:
                 self._swap_to(*target)
             elif not self._queue:
@@ -292,27 +296,43 @@ class Supervisor:
         return model
 
     def _waiting(self) -> list[Waiting]:
-        return [Waiting(p.seq, p.model, self._needs(p)) for p in self._queue]
+        return [self._as_waiting(p) for p in self._queue]
+
+    def _as_waiting(self, pending: PendingRequest) -> Waiting:
+        needs = self._needs(pending)
+        instance = self._instance
+        if needs.exact or instance is None or instance.model.name != pending.model.name:
+            return Waiting(pending.seq, pending.model, needs)
+        # Granted on an estimate, it is counted only after the grant: reserve the bound.
+        bound = instance.upper_bound(pending.kind, pending.shape)
+        return Waiting(pending.seq, pending.model, needs, bound + pending.reserve if bound else 0)
 
     def _needs(self, pending: PendingRequest):  # -> Needs
         return pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
 
     def _view(self) -> EngineView:
-        running = None
-        if self._instance is not None and self.lifecycle.state == "ready":
-            running = RunningEngine(self._instance.variant, self._instance.slot_context)
-        return EngineView(self.lifecycle.state, running)
+        instance = self._instance
+        if instance is None or self.lifecycle.state != "ready":
+            return EngineView(self.lifecycle.state, None)
+        leases = [lease for lease in self._leases.values() if lease.instance is instance]
+        budget = instance.kv_budget
+        return EngineView(
+            "ready",
+            RunningEngine(instance.variant, instance.slot_context),
+            free_tokens=None if budget is None else budget - sum(lease.tokens for lease in leases),
+            idle=not leases,
+        )
 
     def _by_seq(self, seq: int) -> PendingRequest:
         return next(p for p in self._queue if p.seq == seq)
 
     # --- granting and rejecting ---------------------------------------------------------------
 
-    def _grant(self, pending: PendingRequest, selection: Selection) -> None:
+    def _grant(self, pending: PendingRequest, selection: Selection, tokens: int) -> None:
         assert self._instance is not None and pending.future is not None
         self._cancel_timer("idle")
         grant = Grant(self._instance, selection)
-        self._leases[grant.lease] = _Lease(pending, self._instance)
+        self._leases[grant.lease] = _Lease(pending, self._instance, tokens)
         self._queue.remove(pending)
         pending.future.set_result(grant)
         self.counters["granted"] += 1

@@ -10,6 +10,8 @@ import sys
 import time
 from collections import deque
 
+from aiohttp.http_exceptions import BadHttpMessage
+
 RECENT_LINES = 1000
 FOLLOW_BACKLOG = 1000
 
@@ -51,6 +53,17 @@ class RecentLines(logging.Handler):
         self._followers = {(loop, q) for loop, q in self._followers if q is not queue}
 
 
+def _bad_http_in_one_line(record: logging.LogRecord) -> bool:
+    """A malformed request (say, a 100 KB header) is the client's fault: aiohttp has
+    answered it with 400 already, so one warning line, not an error with a traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, BadHttpMessage):
+        record.msg, record.args = "bad HTTP request from a client: %s", (error,)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
 def _offer(queue: asyncio.Queue[str], line: str) -> None:
     # A follower that cannot keep up misses lines rather than slowing the gateway.
     with contextlib.suppress(asyncio.QueueFull):
@@ -77,4 +90,5 @@ def setup_logging(level: str = "info", fmt: str = "text") -> RecentLines:
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_bad_http_in_one_line)
     return recent

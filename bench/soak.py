@@ -1,0 +1,842 @@
+"""Fault and load at once: many clients, both models, every variant, while engines get killed.
+
+Run as `.venv/bin/python bench/soak.py --seconds 60 --clients 32` (it starts its own
+gateway in front of the tiny demo models, on loopback), or import `run_soak` and point it
+at a running gateway (tests/test_soak.py does, for a short run).
+
+Concurrent aiohttp clients send a random mix: chat and completions for `tiny` (variants
+512/2048/8192) and `tiny-b`, prompts of every size class, streamed and not, streams that
+the client closes after a few events, streams with a large `max_tokens` that force the
+larger variants and are closed early as well, and now and then a bad request (malformed
+JSON, an unknown model, `max_tokens: 0`). A killer SIGKILLs the running engine every 2-5 s.
+
+Then it checks, and `SoakReport.problems()` lists what failed:
+
+- every answer is complete and well formed (JSON with choices; a stream whose events all
+  parse and that ends with `data: [DONE]`, or with an error event after a kill), or an
+  OpenAI-shaped error with a status the request may get; no request took longer than
+  `REQUEST_TIMEOUT`;
+- afterwards no engine is left but the gateway's current one, the gateway's open file
+  descriptors did not grow beyond `FD_SLACK` over a baseline taken after warm-up, the
+  state machine history (polled during the run) has only legal, chained transitions, the
+  gateway is healthy and serves both models again;
+- if `/metrics` exists: `llm_gateway_requests_total` counted at least the 200 answers the
+  clients saw complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_gateway, wait_healthy
+from gateway.demo.tinymodel import write_tiny_model
+from gateway.supervisor.machine import HISTORY_LENGTH, TRANSITIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REQUEST_TIMEOUT = 30.0  # seconds one request may take, queueing and engine restarts included
+FD_SLACK = 10  # open descriptors the gateway may have more than after warm-up
+SETTLE_TIMEOUT = 30.0  # seconds for in-flight work, engines and descriptors to settle
+KILL_INTERVAL = (2.0, 5.0)
+KILL_ATTEMPTS = 8  # polls, POLL_INTERVAL apart, for an engine to kill
+POLL_INTERVAL = 0.25  # /gateway/state polls: history, engine pids, descriptor peak
+MAX_LISTED = 40  # problems of one kind kept in the report (all are counted)
+
+ENGINE_ERRORS = frozenset({502, 503, 504})  # what a good request may get while engines die
+ERROR_STATUSES = frozenset({400, 404, 413, 502, 503, 504})
+VARIANTS = {"tiny": (512, 2048, 8192), "tiny-b": (2048,)}
+ALIASES = {"tiny": "tiny-chat"}
+LEGAL = frozenset((source, dest, trigger) for trigger, sources, dest, _ in TRANSITIONS for source in sources)
+
+# Prompt sizes in bytes (one token per byte, as the tiny models tokenize). With at most
+# 64 answer tokens and the template's ~25, "small" fits 512, "medium" 2048, "large" 8192.
+SIZES = {"small": (1, 380), "medium": (600, 1900), "large": (2200, 7600)}
+MIXES = [  # (kind, weight)
+    ("chat", 24),
+    ("completion", 10),
+    ("stream", 24),
+    ("stream-cancel", 14),
+    ("big-cancel", 8),
+    ("bad-json", 3),
+    ("bad-model", 3),
+    ("bad-max-tokens", 3),
+]
+BAD_STATUS = {"bad-json": 400, "bad-model": 404, "bad-max-tokens": 400}
+WORDS = [
+    *("the", "a", "of", "engine", "gateway", "token", "stream", "variant", "swap", "kill", "context"),
+    "héllo",
+    "日本",
+]
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+@dataclass
+class SoakReport:
+    seed: int
+    seconds: float
+    clients: int
+    kill_engines: bool
+    wall_seconds: float = 0.0
+    requests: int = 0
+    kinds: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)  # complete, error, error-event, cancelled
+    served: Counter[str] = field(default_factory=Counter)  # "tiny@512": answers with that context
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    kills: list[int] = field(default_factory=list)  # pids the killer SIGKILLed
+    kill_states: Counter[str] = field(default_factory=Counter)  # the state each kill hit
+    counters: dict[str, int] = field(default_factory=dict)  # the gateway's, at the end
+    bad_answers: list[str] = field(default_factory=list)
+    bad_answer_count: int = 0
+    problem_kinds: Counter[str] = field(default_factory=Counter)  # bad answers, grouped
+    hung: list[str] = field(default_factory=list)
+    hung_count: int = 0
+    leftover_engines: list[int] = field(default_factory=list)
+    engines_seen: int = 0
+    fd_baseline: int = 0
+    fd_peak: int = 0
+    fd_final: int = 0
+    fd_slack: int = FD_SLACK
+    transitions: int = 0
+    history_gaps: int = 0
+    illegal_transitions: list[str] = field(default_factory=list)
+    broken_chain: list[str] = field(default_factory=list)
+    metrics_status: int | None = None
+    metrics_200: float | None = None
+    clients_200: int = 0  # complete 200 answers, warm-up and recovery included
+    metrics_problem: str | None = None
+    health_after: int | None = None
+    recovery_failures: list[str] = field(default_factory=list)
+    shutdown: str | None = None  # main(): how the gateway it started ended
+
+    def fd_growth(self) -> int:
+        return self.fd_final - self.fd_baseline
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.bad_answer_count:
+            out.append(
+                f"{self.bad_answer_count} malformed or unexpected answers, e.g. {self.bad_answers[:3]}"
+            )
+        if self.hung_count:
+            out.append(f"{self.hung_count} requests took over {REQUEST_TIMEOUT:g}s: {self.hung[:3]}")
+        if self.leftover_engines:
+            out.append(f"engines left running besides the current one: {self.leftover_engines}")
+        if self.fd_growth() > self.fd_slack:
+            out.append(
+                f"open descriptors grew from {self.fd_baseline} to {self.fd_final} (> {self.fd_slack})"
+            )
+        if self.illegal_transitions:
+            out.append(f"illegal transitions: {self.illegal_transitions[:5]}")
+        if self.broken_chain:
+            out.append(f"history does not chain: {self.broken_chain[:5]}")
+        if self.metrics_problem:
+            out.append(self.metrics_problem)
+        if self.health_after != 200:
+            out.append(f"GET /health after the run: {self.health_after}")
+        if self.recovery_failures:
+            out.append(f"requests after the run failed: {self.recovery_failures}")
+        if self.shutdown not in (None, "exit 0"):
+            out.append(f"gateway shutdown: {self.shutdown}")
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        out = {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
+        return {**out, "fd_growth": self.fd_growth(), "problems": self.problems()}
+
+    def summary(self) -> str:
+        lines = [
+            f"soak: {self.seconds:g}s, {self.clients} clients, seed {self.seed}, "
+            f"kills {'on' if self.kill_engines else 'off'}; wall {self.wall_seconds:.1f}s",
+            f"requests   {self.requests}: {dict(sorted(self.kinds.items()))}",
+            f"statuses   {dict(sorted(self.statuses.items()))}",
+            f"outcomes   {dict(sorted(self.outcomes.items()))}",
+            f"served     {dict(sorted(self.served.items()))}",
+            f"latency ms {self.latency_ms}",
+            f"killed     {len(self.kills)} engines (in {dict(self.kill_states)}); counters {self.counters}",
+            f"engines    {self.engines_seen} seen, left over: {self.leftover_engines or 'none'}",
+            f"fds        baseline {self.fd_baseline}, peak {self.fd_peak}, final {self.fd_final} "
+            f"(growth {self.fd_growth()}, allowed {self.fd_slack})",
+            f"history    {self.transitions} transitions ({self.history_gaps} gaps), "
+            f"illegal {len(self.illegal_transitions)}, chain breaks {len(self.broken_chain)}",
+            f"metrics    /metrics {self.metrics_status}: 200s counted {self.metrics_200}, "
+            f"seen complete {self.clients_200}",
+            f"after      /health {self.health_after}, recovery failures {self.recovery_failures or 'none'}"
+            + (f", shutdown {self.shutdown}" if self.shutdown else ""),
+        ]
+        for kind, count in self.problem_kinds.most_common(10):
+            lines.append(f"bad answer x{count}: {kind}")
+        problems = self.problems()
+        lines.append("PROBLEMS:\n  " + "\n  ".join(problems) if problems else "all checks passed")
+        return "\n".join(lines)
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Spec:
+    kind: str
+    model: str  # the name the client sends
+    path: str
+    data: bytes
+    stream: bool
+    max_tokens: int = 0
+    cancel_after: int | None = None  # close the stream after this many data events
+    prompt_bytes: int = 0
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.model} prompt={self.prompt_bytes}B max_tokens={self.max_tokens}"
+
+
+def text_of(rng: random.Random, size: int) -> str:
+    """Words up to exactly `size` UTF-8 bytes."""
+    out, length = [], 0
+    while length < size:
+        word = rng.choice(WORDS) + " "
+        if length + len(word.encode()) > size:
+            word = rng.choice(string.ascii_letters) * (size - length)
+        out.append(word)
+        length += len(word.encode())
+    return "".join(out)
+
+
+def make_spec(rng: random.Random) -> Spec:
+    kind = rng.choices([k for k, _ in MIXES], [w for _, w in MIXES])[0]
+    model = rng.choice(["tiny", "tiny", "tiny-b"])
+    sizes = ["small", "medium", "large"] if model == "tiny" else ["small", "medium"]
+    size = rng.randint(*SIZES[rng.choice(sizes)])
+    max_tokens = rng.randint(1, 64)
+    cancel_after = None
+    if kind == "big-cancel":  # a large answer forces a large variant; closed after a few events
+        size = rng.randint(*SIZES["small"])
+        max_tokens = rng.choice([rng.randint(1000, 1600), rng.randint(3000, 7600)])
+        if model == "tiny-b":
+            max_tokens = rng.randint(600, 1600)
+        cancel_after = rng.randint(1, 4)
+    elif kind == "stream-cancel":
+        cancel_after = rng.randint(1, 4)
+    name = ALIASES.get(model, model) if rng.random() < 0.2 else model
+    stream = kind in ("stream", "stream-cancel", "big-cancel")
+    prompt = text_of(rng, size)
+    path = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
+    body: dict[str, Any] = {"model": name, "max_tokens": max_tokens, "stream": stream}
+    if kind == "completion":
+        body["prompt"] = prompt
+    else:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    if kind == "bad-model":
+        body["model"] = rng.choice(["no-such-model", "tiny-c", "TINY", "tiny "])
+    elif kind == "bad-max-tokens":
+        body["max_tokens"] = 0
+    data = json.dumps(body).encode()
+    if kind == "bad-json":
+        data = data[: rng.randint(1, len(data) - 1)]  # cut short: never valid JSON
+    return Spec(kind, name, path, data, stream, body["max_tokens"], cancel_after, size)
+
+
+@dataclass
+class Outcome:
+    spec: Spec
+    status: int | None = None
+    result: str = ""  # complete, error, error-event, cancelled, hung, failed
+    problem: str | None = None
+    seconds: float = 0.0
+    context: str | None = None  # X-Gateway-Context
+
+
+def error_shape_problem(payload: Any) -> str | None:
+    """None when `payload` is OpenAI's error shape."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("error"), dict):
+        return f"not an error object: {str(payload)[:200]}"
+    error = payload["error"]
+    missing = [k for k in ("message", "type", "code", "param") if k not in error]
+    if missing or not isinstance(error["message"], str) or not isinstance(error["type"], str):
+        return f"error without {missing or 'string message/type'}: {str(payload)[:200]}"
+    return None
+
+
+def check_answer(spec: Spec, payload: Any) -> str | None:
+    """None when a non-streamed 200 answer is complete and well formed."""
+    if not isinstance(payload, dict):
+        return f"answer is not an object: {str(payload)[:200]}"
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return f"answer without choices: {str(payload)[:200]}"
+    choice = choices[0]
+    text = choice.get("text") if spec.kind == "completion" else (choice.get("message") or {}).get("content")
+    if not isinstance(text, str):
+        return f"choice without text: {str(choice)[:200]}"
+    if choice.get("finish_reason") not in ("length", "stop"):
+        return f"finish_reason {choice.get('finish_reason')!r}"
+    used = (payload.get("usage") or {}).get("completion_tokens")
+    if not isinstance(used, int) or used > spec.max_tokens:
+        return f"completion_tokens {used!r} for max_tokens {spec.max_tokens}"
+    if payload.get("model") != spec.model:
+        return f"model {payload.get('model')!r}, asked for {spec.model!r}"
+    return None
+
+
+def check_chunk(spec: Spec, payload: Any) -> str | None:
+    if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
+        return f"event without choices: {str(payload)[:200]}"
+    if payload.get("model") != spec.model:
+        return f"event model {payload.get('model')!r}, asked for {spec.model!r}"
+    return None
+
+
+async def send(session: aiohttp.ClientSession, url: str, spec: Spec) -> Outcome:
+    outcome = Outcome(spec)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            await _exchange(session, url, spec, outcome)
+    except TimeoutError:
+        outcome.result, outcome.problem = "hung", f"no end within {REQUEST_TIMEOUT:g}s"
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        outcome.result = "failed"
+        outcome.problem = f"connection failed: {type(exc).__name__}: {exc}"
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+async def _exchange(session: aiohttp.ClientSession, url: str, spec: Spec, outcome: Outcome) -> None:
+    headers = {"Content-Type": "application/json"}
+    async with session.post(url + spec.path, data=spec.data, headers=headers) as resp:
+        outcome.status = resp.status
+        outcome.context = resp.headers.get("X-Gateway-Context")
+        is_sse = "text/event-stream" in resp.headers.get("Content-Type", "")
+        if resp.status == 200 and is_sse and spec.stream:
+            await _read_stream(resp, spec, outcome)
+            return
+        raw = await resp.read()
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            outcome.result, outcome.problem = "error", f"HTTP {resp.status}, not JSON: {raw[:200]!r}"
+            return
+        expected = BAD_STATUS.get(spec.kind)
+        if expected is not None:
+            outcome.result = "error"
+            if resp.status != expected:
+                outcome.problem = f"HTTP {resp.status} (expected {expected}): {raw[:200]!r}"
+            else:
+                outcome.problem = error_shape_problem(payload)
+        elif resp.status == 200:
+            outcome.result = "complete"
+            if spec.stream:
+                outcome.problem = f"a stream was answered as {resp.headers.get('Content-Type')}"
+            else:
+                outcome.problem = check_answer(spec, payload)
+        else:
+            outcome.result = "error"
+            if resp.status not in ENGINE_ERRORS:
+                outcome.problem = f"HTTP {resp.status} for a good request: {raw[:300]!r}"
+            else:
+                outcome.problem = error_shape_problem(payload)
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, spec: Spec, outcome: Outcome) -> None:
+    """Parse the events as they come; close early for cancelling kinds."""
+    events = 0
+    ended: str | None = None  # "done" or "error"
+    while True:
+        line = await resp.content.readline()
+        if not line:
+            break
+        line = line.rstrip(b"\r\n")
+        if not line or line.startswith(b":"):
+            continue  # event separator, or a keep-alive comment
+        if ended is not None:
+            outcome.problem = f"data after the stream's end: {line[:200]!r}"
+            break
+        if not line.startswith(b"data: "):
+            outcome.problem = f"not an SSE data line: {line[:200]!r}"
+            break
+        data = line[6:]
+        if data == b"[DONE]":
+            ended = "done"
+            continue
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            outcome.problem = f"event is not JSON: {data[:200]!r}"
+            break
+        if isinstance(payload, dict) and "error" in payload:
+            ended = "error"
+            outcome.problem = error_shape_problem(payload)
+            continue
+        outcome.problem = check_chunk(spec, payload)
+        if outcome.problem:
+            break
+        events += 1
+        if spec.cancel_after is not None and events >= spec.cancel_after:
+            resp.close()  # the client goes away mid-stream
+            outcome.result = "cancelled"
+            return
+    if ended == "done":
+        outcome.result = "complete"
+    elif ended == "error":
+        outcome.result = "error-event"
+    else:
+        outcome.result = "failed"
+        outcome.problem = outcome.problem or f"the stream ended after {events} events without [DONE]"
+
+
+# --- watching the gateway -------------------------------------------------------------------------
+
+
+def listening_pid(port: int) -> int | None:
+    """The process that listens on a loopback TCP port (ours: same user)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                cols = row.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "0A":
+                    inodes.add(f"socket:[{cols[9]}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    return None
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_stat(pid: int) -> tuple[str, str, int] | None:
+    """(command, state, parent pid) of a process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text.rsplit(")", 1)[1].split()
+    return comm, fields[0], int(fields[1])
+
+
+def engine_children(gateway_pid: int) -> set[int]:
+    """llama-server processes (zombies too) whose parent is the gateway."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            stat = proc_stat(int(proc.name))
+            if stat and stat[0] == "llama-server" and stat[2] == gateway_pid:
+                found.add(int(proc.name))
+    return found
+
+
+def live(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
+@dataclass
+class Watch:
+    """What the monitor collects while the soak runs."""
+
+    gateway_pid: int
+    history: dict[tuple[float, str, str, str], dict[str, Any]] = field(default_factory=dict)
+    gaps: list[float] = field(default_factory=list)  # monotonic times before which entries may be lost
+    engines: set[int] = field(default_factory=set)
+    fd_peak: int = 0
+    kills: list[int] = field(default_factory=list)
+    kill_states: Counter[str] = field(default_factory=Counter)
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        entries = state.get("history") or []
+        known = max((key[0] for key in self.history), default=None)
+        if (
+            known is not None
+            and len(entries) >= HISTORY_LENGTH
+            and entries[0]["monotonic"] > known
+            and (entries[0]["monotonic"], entries[0]["from"], entries[0]["to"], entries[0]["trigger"])
+            not in self.history
+        ):
+            self.gaps.append(entries[0]["monotonic"])
+        for entry in entries:
+            self.history[(entry["monotonic"], entry["from"], entry["to"], entry["trigger"])] = entry
+        if state.get("pid"):
+            self.engines.add(int(state["pid"]))
+        with contextlib.suppress(OSError):
+            self.fd_peak = max(self.fd_peak, fd_count(self.gateway_pid))
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        return await resp.json()
+
+
+async def monitor(session: aiohttp.ClientSession, url: str, watch: Watch, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            watch.absorb(await get_json(session, url + "/gateway/state"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+
+
+async def killer(
+    session: aiohttp.ClientSession, url: str, watch: Watch, rng: random.Random, stop: asyncio.Event
+) -> None:
+    """SIGKILL the running engine at random moments (only a llama-server child of the gateway).
+
+    When no engine runs at that moment (idle, starting), it tries again shortly after."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.uniform(*KILL_INTERVAL))
+        for _ in range(KILL_ATTEMPTS):
+            if stop.is_set():
+                return
+            if await kill_running_engine(session, url, watch):
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+
+
+async def kill_running_engine(session: aiohttp.ClientSession, url: str, watch: Watch) -> bool:
+    try:
+        state = await get_json(session, url + "/gateway/state")
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+    watch.absorb(state)
+    pid = state.get("pid")
+    stat = proc_stat(pid) if pid else None
+    if not stat or stat[0] != "llama-server" or stat[2] != watch.gateway_pid or stat[1] == "Z":
+        return False
+    os.kill(pid, signal.SIGKILL)
+    watch.kills.append(pid)
+    watch.kill_states[state.get("state", "?")] += 1
+    return True
+
+
+async def client(
+    session: aiohttp.ClientSession, url: str, rng: random.Random, deadline: float, out: list[Outcome]
+) -> None:
+    while time.monotonic() < deadline:
+        out.append(await send(session, url, make_spec(rng)))
+        await asyncio.sleep(rng.uniform(0, 0.05))
+
+
+# --- the run and its checks -------------------------------------------------------------------------
+
+
+def run_soak(
+    gateway_url: str,
+    seconds: float = 60,
+    clients: int = 32,
+    kill_engines: bool = True,
+    seed: int | None = None,
+    gateway_pid: int | None = None,
+) -> SoakReport:
+    """Run the soak against a gateway on this machine and check what it left behind."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(1 << 31)
+    if gateway_pid is None:
+        gateway_pid = listening_pid(int(gateway_url.rsplit(":", 1)[1].split("/")[0]))
+        if gateway_pid is None:
+            raise RuntimeError(f"no process of ours listens at {gateway_url}")
+    report = SoakReport(seed=seed, seconds=seconds, clients=clients, kill_engines=kill_engines)
+    asyncio.run(_soak(gateway_url.rstrip("/"), report, gateway_pid))
+    return report
+
+
+async def _soak(url: str, report: SoakReport, gateway_pid: int) -> None:
+    rng = random.Random(report.seed)
+    watch = Watch(gateway_pid)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        outcomes = await warm_up(session, url, rng)
+        await settle(session, url)
+        report.fd_baseline = fd_count(gateway_pid)
+        watch.fd_peak = report.fd_baseline
+        started = time.monotonic()
+        deadline = started + report.seconds
+        stop = asyncio.Event()
+        side = [asyncio.create_task(monitor(session, url, watch, stop))]
+        if report.kill_engines:
+            side.append(asyncio.create_task(killer(session, url, watch, random.Random(rng.random()), stop)))
+        results: list[Outcome] = []
+        await asyncio.gather(
+            *(
+                client(session, url, random.Random(rng.random()), deadline, results)
+                for _ in range(report.clients)
+            )
+        )
+        stop.set()
+        await asyncio.gather(*side)
+        report.wall_seconds = time.monotonic() - started
+        outcomes += results
+        await settle(session, url)
+        outcomes += await recover(session, url, report)
+        state = await get_json(session, url + "/gateway/state")
+        watch.absorb(state)
+        report.counters = state.get("counters", {})
+        report.health_after = await status_of(session, url + "/health")
+        await check_metrics(session, url, report, outcomes)
+    tally(report, results, outcomes)
+    report.kills = watch.kills
+    report.kill_states = watch.kill_states
+    report.engines_seen = len(watch.engines)
+    check_history(report, watch)
+    await check_leftovers(report, watch, state.get("pid"))
+    await check_descriptors(report, watch)
+
+
+async def warm_up(session: aiohttp.ClientSession, url: str, rng: random.Random) -> list[Outcome]:
+    """Both models, a stream and a cancelled stream, so pools and caches exist for the baseline."""
+    specs = [make_spec(random.Random(rng.random())) for _ in range(40)]
+    chosen = {s.kind: s for s in specs if s.kind in ("chat", "stream", "stream-cancel", "completion")}
+    out = []
+    for model in ("tiny-b", "tiny"):
+        out.append(await send(session, url, _good_chat(model)))
+    for spec in chosen.values():
+        out.append(await send(session, url, spec))
+    return out
+
+
+def _good_chat(model: str, stream: bool = False) -> Spec:
+    body = {"model": model, "messages": [{"role": "user", "content": "warm"}], "max_tokens": 4}
+    body["stream"] = stream
+    return Spec(
+        "stream" if stream else "chat", model, "/v1/chat/completions", json.dumps(body).encode(), stream, 4
+    )
+
+
+async def recover(session: aiohttp.ClientSession, url: str, report: SoakReport) -> list[Outcome]:
+    """After the storm both models answer again, plain and streamed."""
+    out = []
+    for model, stream in (("tiny", False), ("tiny-b", True), ("tiny", True), ("tiny-b", False)):
+        outcome = await send(session, url, _good_chat(model, stream))
+        out.append(outcome)
+        if outcome.result != "complete" or outcome.problem:
+            report.recovery_failures.append(
+                f"{model} stream={stream}: HTTP {outcome.status} {outcome.result} {outcome.problem}"
+            )
+    return out
+
+
+async def status_of(session: aiohttp.ClientSession, url: str) -> int | None:
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            await resp.read()
+            return resp.status
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def settle(session: aiohttp.ClientSession, url: str) -> None:
+    """Wait (bounded) until nothing is in flight or queued and the engine is ready or idle."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+            state = await get_json(session, url + "/gateway/state")
+            if (
+                not state["in_flight"]
+                and not state["queued"]["count"]
+                and state["state"] in ("ready", "idle")
+            ):
+                return
+        await asyncio.sleep(0.1)
+
+
+def tally(report: SoakReport, results: list[Outcome], outcomes: list[Outcome]) -> None:
+    report.requests = len(results)
+    report.kinds = Counter(o.spec.kind for o in results)
+    report.statuses = Counter(o.status or 0 for o in results)
+    report.outcomes = Counter(o.result for o in results)
+    report.served = Counter(
+        f"{o.spec.model.replace('-chat', '')}@{o.context}" for o in results if o.status == 200 and o.context
+    )
+    times = sorted(o.seconds * 1000 for o in results)
+    if times:
+        report.latency_ms = {
+            "median": round(statistics.median(times), 1),
+            "p95": round(times[int(0.95 * (len(times) - 1))], 1),
+            "max": round(times[-1], 1),
+        }
+    for o in outcomes:
+        if o.result == "hung":
+            report.hung_count += 1
+            if len(report.hung) < MAX_LISTED:
+                report.hung.append(f"{o.spec.describe()}: {o.problem}")
+        elif o.problem:
+            report.bad_answer_count += 1
+            report.problem_kinds[f"HTTP {o.status} {o.result}: " + re.sub(r"\d+", "N", o.problem)[:140]] += 1
+            if len(report.bad_answers) < MAX_LISTED:
+                report.bad_answers.append(f"{o.spec.describe()}: HTTP {o.status} {o.result}: {o.problem}")
+
+
+def check_history(report: SoakReport, watch: Watch) -> None:
+    entries = [watch.history[key] for key in sorted(watch.history)]
+    report.transitions = len(entries)
+    report.history_gaps = len(watch.gaps)
+    for entry in entries:
+        step = (entry["from"], entry["to"], entry["trigger"])
+        if step not in LEGAL:
+            report.illegal_transitions.append(f"{step[0]} -{step[2]}-> {step[1]} ({entry.get('reason')})")
+    if entries and not watch.gaps and len(entries) < HISTORY_LENGTH and entries[0]["from"] != "idle":
+        report.broken_chain.append(f"the history starts in {entries[0]['from']!r}, not 'idle'")
+    for before, after in itertools.pairwise(entries):
+        if after["from"] != before["to"] and not any(
+            before["monotonic"] < g <= after["monotonic"] for g in watch.gaps
+        ):
+            report.broken_chain.append(
+                f"{before['from']}->{before['to']} ({before['trigger']}) then "
+                f"{after['from']}->{after['to']} ({after['trigger']})"
+            )
+
+
+async def check_leftovers(report: SoakReport, watch: Watch, current: int | None) -> None:
+    """No engine but the current one: neither a child of the gateway nor any pid we saw."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        others = {p for p in engine_children(watch.gateway_pid) | watch.engines if p != current}
+        # a zombie still holds a pid: it was not reaped yet
+        left = sorted(p for p in others if proc_stat(p) is not None and proc_stat(p)[0] == "llama-server")
+        if not left or time.monotonic() > deadline:
+            report.leftover_engines = left
+            return
+        await asyncio.sleep(0.2)
+
+
+async def check_descriptors(report: SoakReport, watch: Watch) -> None:
+    """Idle keep-alive connections may take a while to close: the lowest count within the bound."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    report.fd_peak = watch.fd_peak
+    report.fd_final = fd_count(watch.gateway_pid)
+    while report.fd_growth() > report.fd_slack and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        report.fd_final = min(report.fd_final, fd_count(watch.gateway_pid))
+
+
+_SAMPLE = re.compile(r"^llm_gateway_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)")
+
+
+def requests_total_200(text: str) -> float:
+    """The sum of `llm_gateway_requests_total` samples labelled status="200"."""
+    total = 0.0
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"]))
+            if labels.get("status") == "200":
+                total += float(match["value"])
+    return total
+
+
+async def check_metrics(
+    session: aiohttp.ClientSession, url: str, report: SoakReport, outcomes: list[Outcome]
+) -> None:
+    """Counted 200s >= the complete 200 answers we saw (cancelled and cut streams left out)."""
+    report.clients_200 = sum(1 for o in outcomes if o.status == 200 and o.result == "complete")
+    try:
+        async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            report.metrics_status = resp.status
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        report.metrics_problem = f"GET /metrics failed: {exc}"
+        return
+    if resp.status == 404:
+        return  # not built yet: nothing to compare
+    if resp.status != 200:
+        report.metrics_problem = f"GET /metrics: HTTP {resp.status}: {text[:200]}"
+        return
+    report.metrics_200 = requests_total_200(text)
+    if report.metrics_200 < report.clients_200:
+        report.metrics_problem = (
+            f"llm_gateway_requests_total counts {report.metrics_200:g} answers with status 200, "
+            f"the clients saw {report.clients_200} complete ones"
+        )
+
+
+# --- main: its own gateway ----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-kill", action="store_true", help="load only, no engine kills")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+
+    if str(ROOT) not in sys.path:  # `python bench/soak.py`: tests/ is importable from the root
+        sys.path.insert(0, str(ROOT))
+    from tests.conftest import tiny_model_config
+
+    folder = Path(tempfile.mkdtemp(prefix="llm-gateway-soak-"))
+    models = {
+        "tiny": write_tiny_model(folder / "tiny.gguf", seed=1),
+        "tiny-b": write_tiny_model(folder / "tiny-b.gguf", seed=2),
+    }
+    port = free_port()
+    config = folder / "soak.cfg.lua"
+    config.write_text(lua_config(port, tiny_model_config(models)))
+    log_path = folder / "gateway.log"
+    process = spawn_gateway(config, log_path)
+    url = f"http://127.0.0.1:{port}"
+    report = None
+    try:
+        wait_healthy(url, process)
+        report = run_soak(url, args.seconds, args.clients, not args.no_kill, args.seed, process.pid)
+    finally:
+        shutdown = stop_and_check(process)
+        if report is not None:
+            report.shutdown = shutdown
+    print(report.summary())
+    if args.json:
+        args.json.write_text(json.dumps(report.as_json(), indent=2, default=str))
+    if report.problems():
+        print(f"gateway log: {log_path}")
+        return 1
+    shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+def stop_and_check(process: subprocess.Popen[bytes], timeout: float = 30) -> str:
+    """SIGTERM, bounded; then no engine of the gateway may be left."""
+    children = engine_children(process.pid)
+    code = stop_gateway(process, timeout)
+    deadline = time.monotonic() + 5
+    while any(live(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [p for p in children if live(p)]
+    if code == -signal.SIGKILL:
+        return f"did not stop in {timeout:g}s after SIGTERM (killed)"
+    if alive:
+        return f"exit {code}, engines still alive: {alive}"
+    return f"exit {code}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

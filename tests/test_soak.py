@@ -1,0 +1,38 @@
+"""The short fault-and-load run (bench/soak.py): 8 clients for about 12 s while engines get
+SIGKILLed, then every check of its report."""
+
+from __future__ import annotations
+
+from bench.soak import REQUEST_TIMEOUT, run_soak
+from tests.conftest import Gateway, tiny_model_config
+
+SECONDS = 12
+CLIENTS = 8
+SEED = 20261126  # the mix is reproducible; the timing of kills and swaps is not
+
+
+def test_soak_with_engine_kills(start_gateway, tiny_models) -> None:
+    gateway: Gateway = start_gateway(tiny_model_config(tiny_models))
+    report = run_soak(
+        gateway.url, SECONDS, CLIENTS, kill_engines=True, seed=SEED, gateway_pid=gateway.process.pid
+    )
+    summary = report.summary()
+    print(summary)
+    # it really was load, with faults, across models and variants
+    assert report.requests >= 4 * CLIENTS, summary
+    assert report.kills, f"the killer found no engine to kill\n{summary}"
+    assert report.outcomes["complete"] > 0 and report.outcomes["cancelled"] > 0, summary
+    assert len(report.served) >= 3, f"too few model variants served\n{summary}"
+    # every request: a complete, well-formed answer or a clear error, and none hung
+    assert report.bad_answer_count == 0, "\n".join([summary, *report.bad_answers])
+    assert report.hung_count == 0, "\n".join([f"over {REQUEST_TIMEOUT:g}s:", *report.hung])
+    # afterwards: one engine at most, no descriptor leak, a legal history, healthy
+    assert not report.leftover_engines, summary
+    assert report.fd_growth() <= report.fd_slack, summary
+    assert report.transitions > 0, summary
+    assert not report.illegal_transitions, "\n".join(report.illegal_transitions)
+    assert not report.broken_chain, "\n".join(report.broken_chain)
+    assert report.metrics_problem is None, summary
+    assert report.health_after == 200, summary
+    assert not report.recovery_failures, summary
+    assert report.problems() == [], summary
