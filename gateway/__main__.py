@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -83,7 +82,14 @@ async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(server)))
+    reloads: set[asyncio.Task[None]] = set()  # kept, so that a running reload is not collected
+
+    def reload_on_sighup() -> None:
+        task = asyncio.create_task(_reload(server))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     try:
         await server.start()
     except OSError as exc:
@@ -96,8 +102,12 @@ async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int
 
 
 async def _reload(server: GatewayServer) -> None:
-    with contextlib.suppress(ConfigError):  # logged; the old config stays
+    try:
         await server.reload()
+    except ConfigError:
+        pass  # logged; the old config stays
+    except Exception:
+        log.exception("config reload failed")
 
 
 if __name__ == "__main__":

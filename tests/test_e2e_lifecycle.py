@@ -224,3 +224,36 @@ def test_crash_loop_backs_off_then_gives_503_while_others_work(start_gateway, ti
     assert state["counters"]["crashes"] >= 2
     assert "crashing on request" in "\n".join(state["engine_log"])
     assert ask(gateway, "tiny").status == 200
+
+
+def test_an_engine_exiting_on_start_is_started_once_per_request(start_gateway, tiny_models) -> None:
+    gateway = start_gateway([fake_model("exit-on-start"), *tiny_model_config(tiny_models)])
+    assert ask(gateway, "fake-exit-on-start").status == 502
+    state = gateway.state()
+    assert (state["counters"]["starts"], state["counters"]["start_failures"]) == (1, 1)
+    assert "abort" not in [h["trigger"] for h in state["history"]]
+
+
+def test_drain_timeout_cuts_off_requests_in_flight_at_once(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(tiny_model_config(tiny_models), drain_timeout=0.3)
+    warm(gateway, 4000)  # tiny@8192: room for two requests of 4000 tokens at once
+    body = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 4000, "stream": True})
+    req = urllib.request.Request(
+        gateway.url + "/v1/chat/completions", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    plain, plain_result = in_thread(ask, gateway, "tiny", max_tokens=4000)
+    with urllib.request.urlopen(req) as resp:
+        resp.readline()
+        wait_until(lambda: gateway.state()["in_flight"] == 2, interval=0.002)
+        started = time.monotonic()
+        swap, swap_result = in_thread(ask, gateway, "tiny-b")
+        rest = resp.read().decode()
+        cut_after = time.monotonic() - started
+    plain.join(30)
+    swap.join(30)
+    assert cut_after < 1.0  # 0.3 s of drain, not the rest of the generation
+    assert "drain_timeout" in rest and "data: [DONE]" not in rest
+    assert plain_result[0].status == 502  # cut off, not run again
+    assert "drain_timeout" in plain_result[0].json()["error"]["message"]
+    assert swap_result[0].status == 200
+    assert gateway.state()["counters"]["starts"] == 2  # no swap back for a re-run

@@ -93,6 +93,11 @@ class FakeInstance:
     def crash(self, code: int = -11) -> None:
         self.exited.set_result(code)
 
+    was_cut_off: bool = False
+
+    def cut_off(self) -> None:
+        self.was_cut_off = True
+
     def upper_bound(self, kind: str, shape: PromptShape) -> int | None:
         return byte_bound(kind, shape, None)  # no chat template measured
 
@@ -429,6 +434,7 @@ async def test_drain_timeout_cuts_off_a_leasestuck(harness: Harness) -> None:
     assert fx.stops == []
 
     await wait_until(lambda: sup.lifecycle.state == "starting")
+    assert a_engine.was_cut_off  # its answers in flight are ended, not awaited
     assert fx.stops == [a_engine]
     drained = [r for r in sup.lifecycle.history if r.trigger == "drained"]
     assert len(drained) == 1 and "drain_timeout" in drained[0].reason
@@ -707,6 +713,10 @@ async def test_shutdown_waits_for_the_lease_then_stops_the_engine(harness: Harne
     await asyncio.wait_for(closing, 1.0)
     assert sup.lifecycle.state == "idle"
     assert fx.started_keys == ["a@512"]  # the queued b never started
+    _, after = ask(sup, "a")  # the task lives on, so a late arrival is answered
+    await settle()
+    assert isinstance(after.exception(), Unavailable)
+    await sup.close()
     assert sup._task is not None and sup._task.done()
 
 

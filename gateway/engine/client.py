@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -81,23 +80,28 @@ class EngineClient:
                 raise EngineRequestError(f"{method} {path}: not JSON: {text[:200]}") from exc
 
     async def open(
+        self, method: str, path: str, data: bytes | None, headers: Mapping[str, str], retry: bool = True
+    ) -> aiohttp.ClientResponse:
+        """Send a request and return the response with its body unread. With `retry`
+        (for calls that may run twice), a connection that failed is tried once more."""
+        try:
+            return await self._request(method, path, data, headers)
+        except _RETRYABLE as exc:
+            if not retry:
+                raise EngineRequestError(f"{method} {path}: {exc}") from exc
+        try:
+            return await self._request(method, path, data, headers)
+        except aiohttp.ClientError as exc:
+            raise EngineRequestError(f"{method} {path}: {exc}") from exc
+
+    async def _request(
         self, method: str, path: str, data: bytes | None, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
-        """Send a request and return the response with its body unread; retries once
-        when the connection failed before any answer."""
-        for attempt in (1, 2):
-            try:
-                return await self._session.request(
-                    method,
-                    self.base_url + path,
-                    data=data,
-                    headers=headers,
-                    allow_redirects=False,
-                )
-            except _RETRYABLE as exc:
-                if attempt == 2:
-                    raise EngineRequestError(f"{method} {path}: {exc}") from exc
-                await asyncio.sleep(0)
-            except aiohttp.ClientError as exc:
-                raise EngineRequestError(f"{method} {path}: {exc}") from exc
-        raise AssertionError("unreachable")
+        try:
+            return await self._session.request(
+                method, self.base_url + path, data=data, headers=headers, allow_redirects=False
+            )
+        except _RETRYABLE:
+            raise
+        except aiohttp.ClientError as exc:
+            raise EngineRequestError(f"{method} {path}: {exc}") from exc

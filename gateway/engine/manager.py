@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -51,6 +52,16 @@ class EngineInstance:
     overhead: TemplateOverhead | None  # None when its chat template could not be measured
     startup_seconds: float
     exited: asyncio.Task[int] = field(repr=False)
+    # Answers being relayed from it, so that a drain timeout can end them at once.
+    open_responses: set[aiohttp.ClientResponse] = field(default_factory=set, repr=False)
+    was_cut_off: bool = False
+
+    def cut_off(self) -> None:
+        """drain_timeout passed: close what is still in flight (llama-server does not
+        stop on SIGTERM while a slot generates, and the client should know now)."""
+        self.was_cut_off = True
+        for response in list(self.open_responses):
+            response.close()
 
     def upper_bound(self, kind: str, shape: PromptShape) -> int | None:
         """A proven upper bound of a prompt's tokens on this engine, if there is one."""
@@ -63,6 +74,7 @@ class EngineManager:
     def __init__(self) -> None:
         self.llamacpp = LlamaCppEngine()
         self._session: aiohttp.ClientSession | None = None
+        self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -73,6 +85,12 @@ class EngineManager:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def kill_all_now(self) -> None:
+        """The last resort of a shutdown that ran out of time: no engine outlives us,
+        including one still starting."""
+        for process in list(self._processes):
+            process.kill_now()
 
     def capacity(self, variant: Variant, model: Model) -> int:
         return self.llamacpp.capacity(variant, model)
@@ -90,6 +108,8 @@ class EngineManager:
         except OSError as exc:
             raise StartFailed("spawn", f"cannot start {binary}: {exc.strerror or exc}") from None
         exited = asyncio.create_task(process.wait(), name=f"engine-exit {variant.key}")
+        self._processes.add(process)
+        exited.add_done_callback(lambda _: self._processes.discard(process))
         log.info("engine start %s pid=%s: %s", variant.key, process.pid, " ".join(process.argv))
         try:
             async with asyncio.timeout(variant.timeouts.startup):
@@ -110,10 +130,12 @@ class EngineManager:
         model: Model,
         variant: Variant,
         process: EngineProcess,
-        listening: asyncio.Future,
+        listening: asyncio.Future[re.Match[str]],
         exited: asyncio.Task[int],
     ) -> EngineInstance:
         await asyncio.wait([listening, exited], return_when=asyncio.FIRST_COMPLETED)
+        if listening.done() and listening.exception() is not None:
+            await exited  # its output ended because it is exiting
         _raise_if_exited(process, exited)
         port = int(listening.result().group(1))
         client = EngineClient(self.session, f"http://127.0.0.1:{port}")

@@ -49,10 +49,6 @@ class EngineProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc else None
-
     def last_lines(self, count: int = 20) -> list[str]:
         return list(self._lines)[-count:]
 
@@ -120,8 +116,8 @@ class EngineProcess:
                 break
             self._take_line(raw.decode("utf-8", "replace").rstrip())
         for _, future in self._watches:
-            if not future.done():
-                future.cancel()
+            if not future.done():  # the output ended: the line will never come
+                future.set_exception(EOFError(f"{self.label} closed its output"))
 
     def _take_line(self, line: str) -> None:
         self._lines.append(line)

@@ -116,19 +116,23 @@ class GatewayServer:
         log.info("shutting down: no new connections; draining")
         for site in self._sites:
             await site.stop()
-        timeouts = self.config.server.timeouts
+        self.control.close()
         try:
-            await asyncio.wait_for(
-                self.supervisor.shutdown(), timeouts.drain + timeouts.stop + SHUTDOWN_GRACE
-            )
+            await asyncio.wait_for(self.supervisor.shutdown(), self._shutdown_budget())
         except TimeoutError:
             log.error("shutdown took too long: killing the engine")
         finally:
-            self.supervisor.kill_engine_now()
+            self.manager.kill_all_now()  # a no-op after a clean stop
             if self._runner is not None:
                 await self._runner.cleanup()
+            await self.supervisor.close()
             await self.manager.close()
         log.info("stopped")
+
+    def _shutdown_budget(self) -> float:
+        """The longest drain and stop any variant may take, and a little more."""
+        timeouts = [v.timeouts for m in self.config.models for v in m.variants]
+        return max(t.drain + t.stop for t in timeouts) + SHUTDOWN_GRACE
 
     async def _unsupported(self, request: web.Request) -> web.Response:
         return error_response(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -10,10 +11,12 @@ from aiohttp import web
 from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.server.handler import read_json_object
+from gateway.server.sse import SSE_HEADERS, sse_data
 from gateway.supervisor.supervisor import Supervisor
 from gateway.utils.logger import RecentLines
 
 DEFAULT_LOG_LINES = 200
+FOLLOW_POLL = 1.0  # seconds between looks at whether the server is closing
 
 
 class ControlHandler:
@@ -28,6 +31,7 @@ class ControlHandler:
         self._supervisor = supervisor
         self._reload = reload
         self._logs = recent_logs
+        self._closing = False
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -71,21 +75,25 @@ class ControlHandler:
         """Server-sent events: the recent lines, then every new one as it is logged."""
         if self._logs is None:
             raise InvalidRequest("logging to memory is off")
+        backlog = list(self._logs.lines)[-_int_query(request, "lines", 20) :]
         queue = self._logs.follow()
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers=SSE_HEADERS)
         try:
             await response.prepare(request)
-            backlog = list(self._logs.lines)[-_int_query(request, "lines", 20) :]
             for line in backlog:
-                await response.write(_event(line))
-            while True:
-                await response.write(_event(await queue.get()))
+                await response.write(sse_data(line))
+            while not self._closing:
+                with contextlib.suppress(TimeoutError):  # look at _closing now and then
+                    await response.write(sse_data(await asyncio.wait_for(queue.get(), FOLLOW_POLL)))
         except ConnectionResetError:
-            return response
+            pass
         finally:
             self._logs.unfollow(queue)
+        return response
+
+    def close(self) -> None:
+        """Shutdown: end the live log streams (they would hold the server open)."""
+        self._closing = True
 
     async def load(self, request: web.Request) -> web.Response:
         body, _ = await read_json_object(request)
@@ -116,10 +124,6 @@ class ControlHandler:
         except ConfigError as exc:
             raise InvalidRequest(f"config rejected, the old one stays: {exc}") from None
         return web.json_response({"reloaded": config.source, "models": [m.name for m in config.models]})
-
-
-def _event(line: str) -> bytes:
-    return b"".join(b"data: " + part.encode() + b"\n" for part in line.split("\n")) + b"\n"
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:

@@ -22,7 +22,8 @@ from gateway.engine.llamacpp import LlamaCppEngine
 from gateway.errors import EngineFailed, EngineRejected, GatewayError, InvalidRequest, ModelNotFound
 from gateway.models import BOUND_SLACK
 from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, reserve
-from gateway.server.proxy import NotSent, Renamer, forward, upstream_headers, write_error_event
+from gateway.server.proxy import NotSent, Renamer, engine_request_headers, forward, write_error_event
+from gateway.server.sse import SSE_HEADERS, sse_comment
 from gateway.supervisor.requests import Grant, PendingRequest
 from gateway.supervisor.supervisor import Supervisor
 
@@ -86,8 +87,9 @@ class RequestHandler:
 
 
 def model_engine_refusal(model: Model, kind: str) -> str | None:
-    """Why the model's engine cannot serve this kind of request (its largest variant)."""
-    return _LLAMACPP.serves(model, model.variants[-1], kind)
+    """Why no variant of the model can serve this kind of request, or None."""
+    refusals = [_LLAMACPP.serves(model, variant, kind) for variant in model.variants]
+    return None if None in refusals else refusals[0]
 
 
 async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
@@ -135,7 +137,8 @@ class _Call:
         self.data = data
         self.requested_name = requested_name
         self.started: web.StreamResponse | None = None  # an SSE answer already under way
-        self.retries = 0
+        self.retries = 0  # engine failures before an answer
+        self.overflowed = False  # the engine refused the prompt as too long once
 
     async def run(self, keepalive: bool) -> web.StreamResponse:
         try:
@@ -163,7 +166,7 @@ class _Call:
                 self.request,
                 grant.instance,
                 self.data,
-                upstream_headers(self.request.headers),
+                engine_request_headers(self.request.headers),
                 Renamer.between(grant.instance.served_name, self.requested_name),
                 self.started,
                 self._headers(grant),
@@ -171,12 +174,7 @@ class _Call:
             served = True
             return response
         except NotSent as exc:
-            # Let a dying engine's exit reach the supervisor first, so the retry waits
-            # for a fresh engine instead of being granted the dead one again.
-            await asyncio.wait([grant.instance.exited], timeout=RETRY_SETTLE)
-            requeue = self._retry_or_fail(str(exc))
-            if exc.prompt_tokens is not None:  # the engine's own count beats ours
-                self.pending.exact_tokens, self.pending.method = exc.prompt_tokens, "exact"
+            requeue = await self._after_not_sent(grant, exc)
             return None
         finally:
             self.supervisor.release(grant, requeue, served)
@@ -203,6 +201,21 @@ class _Call:
             f"context {instance.slot_context} of {instance.variant.key}: upgrade"
         )
 
+    async def _after_not_sent(self, grant: Grant, exc: NotSent) -> str:
+        """Why the request goes back to the queue, or the error that ends it."""
+        if exc.prompt_tokens is not None:  # the engine counted more than fits: go larger
+            if self.overflowed:
+                raise EngineFailed(f"the engine refused the prompt twice as too long: {exc}")
+            self.overflowed = True
+            self.pending.exact_tokens, self.pending.method = exc.prompt_tokens, "exact"
+            return f"{exc}: the engine counted {exc.prompt_tokens} prompt tokens"
+        if grant.instance.was_cut_off:
+            raise EngineFailed("cut off: drain_timeout passed during a swap before the engine answered")
+        # Let a dying engine's exit reach the supervisor first, so the retry waits for a
+        # fresh engine instead of being granted the dead one again.
+        await asyncio.wait([grant.instance.exited], timeout=RETRY_SETTLE)
+        return self._retry_or_fail(str(exc))
+
     def _retry_or_fail(self, reason: str) -> str:
         if self.retries >= MAX_RETRIES:
             raise EngineFailed(f"the engine failed twice for this request; last: {reason}")
@@ -226,17 +239,15 @@ class _Call:
                     return acquiring.result()
                 await self._keepalive()
         except BaseException:
+            if acquiring.done() and not acquiring.cancelled() and acquiring.exception() is None:
+                self.supervisor.release(acquiring.result())  # granted as the client left
             acquiring.cancel()
             raise
 
     async def _keepalive(self) -> None:
         if self.started is None:
             self.started = web.StreamResponse(
-                headers={
-                    "Content-Type": "text/event-stream",
-                    "Cache-Control": "no-cache",
-                    "X-Request-Id": self.pending.request_id,
-                }
+                headers={**SSE_HEADERS, "X-Request-Id": self.pending.request_id}
             )
             await self.started.prepare(self.request)
-        await self.started.write(f": waiting for model {self.pending.model.name}\n\n".encode())
+        await self.started.write(sse_comment(f"waiting for model {self.pending.model.name}"))

@@ -23,7 +23,7 @@ def metrics_middleware(metrics: Metrics) -> Callable[..., object]:
         status = "500"
         try:
             response = await handler(request)
-            status = str(response.status)
+            status = CLIENT_GONE if request.get("client_gone") else str(response.status)
             return response
         except asyncio.CancelledError:
             status = CLIENT_GONE

@@ -6,7 +6,6 @@ change made to an answer is the `model` name, when the client asked by another n
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from aiohttp import web
 from gateway.engine.client import EngineRequestError
 from gateway.engine.manager import EngineInstance
 from gateway.errors import EngineFailed, GatewayError
+from gateway.server.sse import sse_data, sse_json
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -31,9 +31,10 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
         "Content-Length",
         "Host",
-        "Authorization",
     )
 )
+# The gateway's own credentials stay with the gateway.
+CREDENTIALS = frozenset({"authorization", "x-api-key"})
 _SSE = "text/event-stream"
 
 
@@ -70,7 +71,17 @@ def _model_field(name: str) -> bytes:
 
 
 def upstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    """End-to-end headers only: hop-by-hop ones and those `Connection` names are dropped."""
+    listed = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in listed}
+
+
+def engine_request_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """What of the client's headers the engine sees. Answers come uncompressed: the
+    model name is renamed and context errors are read in them."""
+    passed = {k: v for k, v in upstream_headers(headers).items() if k.lower() not in CREDENTIALS}
+    passed = {k: v for k, v in passed.items() if k.lower() != "accept-encoding"}
+    return {**passed, "Accept-Encoding": "identity"}
 
 
 async def forward(
@@ -88,9 +99,12 @@ async def forward(
     `started` is an SSE response already sent to the client (loading keep-alives).
     """
     try:
-        upstream = await instance.client.open("POST", request.path, data, headers)
+        # Not retried here: a POST the engine may have taken is retried, if at all, by the
+        # handler once it knows whether the engine died.
+        upstream = await instance.client.open("POST", request.path, data, headers, retry=False)
     except EngineRequestError as exc:
         raise NotSent(f"engine unreachable: {exc}") from None
+    instance.open_responses.add(upstream)
     try:
         first = await _first_chunk(upstream)
         if upstream.status == 400:
@@ -99,7 +113,7 @@ async def forward(
             if overflow is not None:
                 raise NotSent("the engine's context is too small", prompt_tokens=overflow)
         if _SSE in upstream.headers.get("Content-Type", "") or started is not None:
-            return await _relay_stream(request, upstream, first, renamer, started, response_headers)
+            return await _relay_stream(request, instance, upstream, first, renamer, started, response_headers)
         body = first + await _rest(upstream)
         return web.Response(
             status=upstream.status,
@@ -107,6 +121,7 @@ async def forward(
             headers={**upstream_headers(upstream.headers), **response_headers},
         )
     finally:
+        instance.open_responses.discard(upstream)
         upstream.close()  # also the way a cancelled request reaches the engine: it frees the slot
 
 
@@ -126,6 +141,7 @@ async def _rest(upstream: aiohttp.ClientResponse) -> bytes:
 
 async def _relay_stream(
     request: web.Request,
+    instance: EngineInstance,
     upstream: aiohttp.ClientResponse,
     first: bytes,
     renamer: Renamer | None,
@@ -137,7 +153,7 @@ async def _relay_stream(
         if _SSE not in upstream.headers.get("Content-Type", ""):
             # The client already has a 200 event stream: an error answer becomes an event.
             body = first + await _rest(upstream)
-            await response.write(b"data: " + (renamer(body) if renamer else body).strip() + b"\n\n")
+            await response.write(sse_data(renamer(body) if renamer else body))
             return response
     else:
         response = web.StreamResponse(
@@ -145,9 +161,14 @@ async def _relay_stream(
             headers={**upstream_headers(upstream.headers), **response_headers},
         )
         await response.prepare(request)
-    # A client that went away ends the copy; leaving closes the engine's connection too.
-    with contextlib.suppress(ConnectionResetError):
-        await _pump(upstream, response, first, renamer)
+    try:
+        broken = await _pump(upstream, response, first, renamer)
+        if instance.was_cut_off:
+            await write_error_event(response, EngineFailed("cut off: drain_timeout passed in a swap"))
+        elif broken:
+            await write_error_event(response, EngineFailed(f"the engine failed mid-stream: {broken}"))
+    except ConnectionResetError:
+        request["client_gone"] = True  # leaving closes the engine's connection too
     return response
 
 
@@ -156,8 +177,8 @@ async def _pump(
     response: web.StreamResponse,
     chunk: bytes,
     renamer: Renamer | None,
-) -> None:
-    """Copy the engine's stream to the client as it comes."""
+) -> str | None:
+    """Copy the engine's stream to the client as it comes; why it broke off, if it did."""
     carry = b""
     while chunk:
         if renamer is None:
@@ -172,12 +193,12 @@ async def _pump(
         try:
             chunk = await upstream.content.readany()
         except (aiohttp.ClientError, ConnectionError) as exc:
-            await write_error_event(response, EngineFailed(f"the engine failed mid-stream: {exc}"))
-            return
+            return str(exc) or type(exc).__name__
     if carry:
         await response.write(renamer(carry) if renamer else carry)
+    return None
 
 
 async def write_error_event(response: web.StreamResponse, error: GatewayError) -> None:
     """An error after the stream's headers went out: as an SSE event, as OpenAI does."""
-    await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
+    await response.write(sse_json(error.body()))

@@ -8,7 +8,7 @@ waits and kills run outside, and their results come back to the supervisor as ev
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,6 @@ class EngineLifecycle:
 
     def __init__(self) -> None:
         self.history: deque[TransitionRecord] = deque(maxlen=HISTORY_LENGTH)
-        self.entered: Counter[str] = Counter()
         self.machine = Machine(model=self, send_event=True, after_state_change="_record", **machine_kwargs())
 
     def fire(self, trigger: str, reason: str) -> None:
@@ -90,4 +89,3 @@ class EngineLifecycle:
             wall=time.time(),
         )
         self.history.append(record)
-        self.entered[record.dest] += 1

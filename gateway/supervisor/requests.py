@@ -30,7 +30,6 @@ class PendingRequest:
     seq: int = 0  # arrival order, set by the supervisor
     exact_tokens: int | None = None  # once counted on an engine of this model
     method: str = "exact"  # how exact_tokens was found: "exact" or "bound"
-    requeues: int = 0
     logged: Variant | None = None  # the variant of its last logged selection
     future: asyncio.Future[Grant] | None = None
 

@@ -13,6 +13,7 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +26,7 @@ from gateway.errors import (
     GatewayError,
     Unavailable,
 )
-from gateway.models import ModelSelector, PromptShape, RunningEngine, Selection, TokenEstimator
+from gateway.models import ModelSelector, Needs, PromptShape, RunningEngine, Selection, TokenEstimator
 from gateway.supervisor import events as ev
 from gateway.supervisor.machine import EngineLifecycle
 from gateway.supervisor.policy import EngineView, Waiting, plan
@@ -35,6 +36,7 @@ from gateway.utils.metrics import Metrics
 log = logging.getLogger("gateway.supervisor")
 
 RECENT_SELECTIONS = 20
+PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "embedding": "input"}
 BACKOFF_BASE = 0.25  # seconds before the first restart after a failure; doubles, bounded
 BACKOFF_MAX = 8.0
 
@@ -79,7 +81,6 @@ class Supervisor:
         self.last_engine_lines: list[str] = []
         self.metrics = metrics or Metrics()
         self._wanted: tuple[Variant, asyncio.Future[None]] | None = None  # a load ahead of traffic
-        self._stale: EngineInstance | None = None  # runs a config that a reload replaced
         self._unloading: list[asyncio.Future[None]] = []  # unload callers waiting for idle
         self._draining_for_swap = False  # a drain only the queue asked for can be called off
 
@@ -89,18 +90,22 @@ class Supervisor:
         self._task = asyncio.create_task(self._run(), name="supervisor")
 
     async def shutdown(self) -> None:
-        """Refuse new work, let in-flight requests finish (bounded), stop the engine."""
+        """Refuse new work, let in-flight requests finish (bounded), stop the engine.
+
+        The task keeps running afterwards, so that a request arriving late (a requeue
+        after a cut-off, say) still gets its 503; `close` ends it.
+        """
         done = asyncio.get_running_loop().create_future()
         self._post(ev.ShutdownRequested(done))
         await done
+
+    async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-
-    def kill_engine_now(self) -> None:
-        """Last resort for an interrupted shutdown: the engine must not outlive us."""
-        if self._instance is not None:
-            self._instance.process.kill_now()
+        if self._effect is not None:
+            self._effect.cancel()
+            await asyncio.gather(self._effect, return_exceptions=True)
 
     # --- the API handlers use ------------------------------------------------------------
 
@@ -238,8 +243,7 @@ class Supervisor:
             elif not self._queue:
                 self._arm_idle_timer()
         if self.lifecycle.state == "draining" and not self._instance_leases():
-            self._fire("drained", "no request in flight")
-            self._launch_stop()
+            self._finish_drain("no request in flight")
         elif self.lifecycle.state in ("idle", "crashed") and target is not None:
             self._start(*target)
 
@@ -307,7 +311,7 @@ class Supervisor:
         bound = instance.upper_bound(pending.kind, pending.shape)
         return Waiting(pending.seq, pending.model, needs, bound + pending.reserve if bound else 0)
 
-    def _needs(self, pending: PendingRequest):  # -> Needs
+    def _needs(self, pending: PendingRequest) -> Needs:
         return pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
 
     def _view(self) -> EngineView:
@@ -349,7 +353,7 @@ class Supervisor:
                 f"this request needs {needs.total} tokens of context ({needs.prompt_tokens} prompt "
                 f"tokens + {needs.reserve} reserved for the answer), but the largest context of "
                 f"model {pending.model.name!r} is {self._largest(pending.model)}",
-                param="messages" if pending.kind == "chat" else "prompt",
+                param=PROMPT_PARAM.get(pending.kind),
             )
         )
 
@@ -409,6 +413,7 @@ class Supervisor:
             self._post(ev.StartFinished(variant, None, exc))
         except asyncio.CancelledError:
             self._post(ev.StartFinished(variant, None, StartFailed("aborted", "start aborted")))
+            raise
         except Exception as exc:  # an engine answering nonsense while starting
             self._post(ev.StartFinished(variant, None, StartFailed("exited", str(exc))))
         else:
@@ -420,33 +425,33 @@ class Supervisor:
         self._effect = None
         self._target = None
         if instance is not None:
-            self._instance = instance
-            self._watch_exit(instance)
-            if self._shutdown is not None:
-                self._fire("healthy", "started")
-                self._drain("shutdown")
-                return
-            if self._stale is instance:  # reloaded away while it started
-                self._fire("healthy", "started")
-                self._drain(f"config reload changed {variant.key}")
-                return
-            self.metrics.startup.labels(variant.model, str(variant.context)).observe(instance.startup_seconds)
-            startup_ms = instance.startup_seconds * 1000
-            self._fire("healthy", f"pid {instance.process.pid} port {instance.port} in {startup_ms:.0f} ms")
-            log.info(
-                "engine ready %s pid=%s port=%d slot_context=%d startup=%.0fms",
-                variant.key,
-                instance.process.pid,
-                instance.port,
-                instance.slot_context,
-                instance.startup_seconds * 1000,
-            )
-            return
-        assert error is not None
-        if error.kind == "aborted":
+            self._on_ready(instance)
+        elif error is not None and error.kind == "aborted":
             self._fire("abort", "start aborted")
             self._fire("stopped", "engine killed while starting")
-            return
+        elif error is not None:
+            self._on_start_failed(variant, error)
+
+    def _on_ready(self, instance: EngineInstance) -> None:
+        self._instance = instance
+        self._watch_exit(instance)
+        variant, pid, startup_ms = instance.variant, instance.process.pid, instance.startup_seconds * 1000
+        self.metrics.startup.labels(variant.model, str(variant.context)).observe(instance.startup_seconds)
+        self._fire("healthy", f"pid {pid} port {instance.port} in {startup_ms:.0f} ms")
+        log.info(
+            "engine ready %s pid=%s port=%d slot_context=%d startup=%.0fms",
+            variant.key,
+            pid,
+            instance.port,
+            instance.slot_context,
+            startup_ms,
+        )
+        if self._shutdown is not None:
+            self._drain("shutdown")
+        elif self._outdated(instance):
+            self._drain(f"config reload changed {variant.key}")
+
+    def _on_start_failed(self, variant: Variant, error: StartFailed) -> None:
         self.last_engine_lines = error.last_lines
         self._count("start_failures", variant.model)
         self._fire("fail", str(error))
@@ -464,14 +469,23 @@ class Supervisor:
         return EngineFailed(message)
 
     def _fail_model(self, model_name: str, error: GatewayError) -> None:
-        """A start of this model failed: its waiters get the error."""
+        """A start of this model failed: its waiters (and a load of it) get the error."""
         if self._wanted is not None and self._wanted[0].model == model_name:
-            self._wanted[1].set_exception(error)
-            self._wanted = None
-        for pending in [p for p in self._queue if p.model.name == model_name]:
+            self._cancel_wanted(error)
+        self._fail_waiters(error, model_name)
+
+    def _fail_waiters(self, error: GatewayError, model_name: str | None = None) -> None:
+        """Answer the queued requests (of one model, or all) with `error`."""
+        for pending in [p for p in self._queue if model_name in (None, p.model.name)]:
             self._queue.remove(pending)
             assert pending.future is not None
             pending.future.set_exception(error)
+
+    def _cancel_wanted(self, error: GatewayError) -> None:
+        if self._wanted is not None:
+            if not self._wanted[1].done():
+                self._wanted[1].set_exception(error)
+            self._wanted = None
 
     def _count_failure(self, model_name: str) -> bool:
         """One more failed start or crash in a row: back off; True when the limit is reached."""
@@ -491,6 +505,10 @@ class Supervisor:
         assert self._instance is not None
         self._arm_timer("drain", self._instance.variant.timeouts.drain, self._instance)
 
+    def _finish_drain(self, reason: str) -> None:
+        self._fire("drained", reason)
+        self._launch_stop()
+
     def _launch_stop(self) -> None:
         self._cancel_timer("drain")
         instance = self._instance
@@ -504,17 +522,26 @@ class Supervisor:
 
     def _stop_finished(self, instance: EngineInstance, code: int) -> None:
         self._effect = None
+        self._forget(instance, "stopped", code)
+        self._fire("stopped", f"pid {instance.process.pid} exited with {code}")
+
+    def _forget(self, instance: EngineInstance, how: str, code: int) -> None:
+        """The engine is gone: keep its last words, log one line."""
+        self._instance = None
+        self._cancel_timer("drain")
         self.last_engine_lines = instance.process.last_lines()
         uptime = time.monotonic() - instance.process.started_monotonic
-        log.info(
-            "engine stopped %s pid=%s exit=%s uptime=%.1fs",
+        level = logging.ERROR if how == "crashed" else logging.INFO
+        log.log(
+            level,
+            "engine %s %s pid=%s exit=%s uptime=%.1fs in_flight=%d",
+            how,
             instance.variant.key,
             instance.process.pid,
             code,
             uptime,
+            self._count_leases(instance),
         )
-        self._instance = None
-        self._fire("stopped", f"pid {instance.process.pid} exited with {code}")
 
     def _watch_exit(self, instance: EngineInstance) -> None:
         def exited(task: asyncio.Task[int]) -> None:
@@ -526,17 +553,8 @@ class Supervisor:
     def _engine_exited(self, instance: EngineInstance, code: int) -> None:
         if instance is not self._instance or self.lifecycle.state not in ("ready", "draining"):
             return  # a stop we asked for; the stop effect reports it
-        self._instance = None
-        self._cancel_timer("drain")
-        self.last_engine_lines = instance.process.last_lines()
+        self._forget(instance, "crashed", code)
         self._count("crashes", instance.model.name)
-        log.error(
-            "engine crashed %s pid=%s exit=%s in_flight=%d",
-            instance.variant.key,
-            instance.process.pid,
-            code,
-            self._count_leases(instance),
-        )
         self._fire("died", f"pid {instance.process.pid} exited with {code}")
         if self._count_failure(instance.model.name):
             tail = "\n".join(self.last_engine_lines[-10:])
@@ -549,7 +567,7 @@ class Supervisor:
                 ),
             )
 
-    def _run_effect(self, coro: Any) -> None:
+    def _run_effect(self, coro: Coroutine[Any, Any, None]) -> None:
         self._effect = asyncio.create_task(coro, name="supervisor-effect")
 
     # --- timers -------------------------------------------------------------------------------
@@ -580,9 +598,10 @@ class Supervisor:
             self._count("idle_unloads", instance.model.name)  # type: ignore[union-attr]
             self._drain(f"idle for {instance.variant.timeouts.idle:g}s")  # type: ignore[union-attr]
         elif name == "drain" and state == "draining":
-            cut = self._instance_leases()
-            self._fire("drained", f"drain_timeout: {cut} request(s) still in flight are cut off")
-            self._launch_stop()
+            assert instance is not None
+            cut = self._count_leases(instance)
+            instance.cut_off()  # their answers end now; the engine is free to stop
+            self._finish_drain(f"drain_timeout: {cut} request(s) still in flight are cut off")
         # "retry": the backoff ended; the reconcile after this event starts the engine
 
     # --- control: load, reload, unload and shutdown ---------------------------------------------
@@ -591,8 +610,7 @@ class Supervisor:
         if self._shutdown is not None:
             done.set_exception(Unavailable("the gateway is shutting down"))
             return
-        if self._wanted is not None and not self._wanted[1].done():
-            self._wanted[1].set_exception(Unavailable(f"superseded by a load of {variant.key}"))
+        self._cancel_wanted(Unavailable(f"superseded by a load of {variant.key}"))
         self._wanted = (variant, done)
 
     def _reload(self, config: GatewayConfig) -> None:
@@ -605,57 +623,63 @@ class Supervisor:
                 pending.model = model
             # else: accepted under the old config, it is served under the old one; nothing
             # queued is lost
-
+        if self._wanted is not None and self._current(self._wanted[0].model, self._wanted[0].context) is None:
+            self._cancel_wanted(Unavailable("the model or variant to load was removed by a reload"))
         instance = self._instance
         if instance is None:
-            return
-        model = config.resolve(instance.model.name)
-        variant = model.variant_for(instance.variant.context) if model else None
-        if (
-            model is not None
-            and variant is not None
-            and _engine_spec(model, variant) == _engine_spec(instance.model, instance.variant)
-        ):
-            instance.model, instance.variant = model, variant  # the same engine, new rules
+            return  # an engine still starting is checked when it is ready
+        if not self._outdated(instance):
+            current = self._current(instance.model.name, instance.variant.context)
+            if current is not None:
+                instance.model, instance.variant = current  # the same engine, new rules
             return
         log.info("config reload changed %s: it is replaced once idle", instance.variant.key)
-        self._stale = instance
-        if self.lifecycle.state == "ready":
-            self._drain(f"config reload changed {instance.variant.key}")
+        self._wind_down(f"config reload changed {instance.variant.key}")
+
+    def _current(self, model_name: str, context: int) -> tuple[Model, Variant] | None:
+        """A variant as the config now defines it."""
+        model = self.config.resolve(model_name)
+        variant = model.variant_for(context) if model and model.name == model_name else None
+        return (model, variant) if model and variant else None
+
+    def _outdated(self, instance: EngineInstance) -> bool:
+        """The config now starts this model's variant differently. (An engine of a model
+        the reload removed keeps serving the requests accepted for it; a swap or the idle
+        timeout ends it.)"""
+        current = self._current(instance.model.name, instance.variant.context)
+        model = self.config.resolve(instance.model.name)
+        if current is None:
+            return model is not None and model.name == instance.model.name  # variant removed
+        return _engine_spec(*current) != _engine_spec(instance.model, instance.variant)
 
     def _unload(self, done: asyncio.Future[None]) -> None:
         """Stop the engine (after a drain); `done` resolves when none runs."""
-        state = self.lifecycle.state
-        if self._wanted is not None:
-            self._wanted[1].set_exception(Unavailable("cancelled by an unload"))
-            self._wanted = None
-        if state == "ready":
-            self._drain("unload requested")
-        elif state == "starting" and self._effect is not None:
-            self._effect.cancel()
+        self._cancel_wanted(Unavailable("cancelled by an unload"))
+        self._wind_down("unload requested")
         self._unloading.append(done)
 
     def _begin_shutdown(self, done: asyncio.Future[None]) -> None:
         self._shutdown = done
-        if self._wanted is not None:
-            self._wanted[1].set_exception(Unavailable("the gateway is shutting down"))
-            self._wanted = None
-        for pending in self._queue:
-            assert pending.future is not None
-            pending.future.set_exception(Unavailable("the gateway is shutting down"))
-        self._queue.clear()
+        self._cancel_wanted(Unavailable("the gateway is shutting down"))
+        self._fail_waiters(Unavailable("the gateway is shutting down"))
         for name in ("idle", "retry"):
             self._cancel_timer(name)
-        if self.lifecycle.state == "ready":
-            self._drain("shutdown")
-        elif self.lifecycle.state == "starting" and self._effect is not None:
+        self._wind_down("shutdown")
+
+    def _wind_down(self, reason: str) -> None:
+        """Bring the engine down for good: drain it, keep a drain going, or cut a start."""
+        state = self.lifecycle.state
+        if state == "ready":
+            self._drain(reason)
+        elif state == "draining":
+            self._draining_for_swap = False  # no `resume` may undo this one
+        elif state == "starting" and self._effect is not None:
             self._effect.cancel()
 
     def _continue_shutdown(self) -> None:
         state = self.lifecycle.state
         if state == "draining" and not self._instance_leases():
-            self._fire("drained", "shutdown: no request in flight")
-            self._launch_stop()
+            self._finish_drain("shutdown: no request in flight")
         elif state in ("idle", "crashed") and self._shutdown is not None and not self._shutdown.done():
             self._shutdown.set_result(None)
 
