@@ -23,6 +23,11 @@ _EMBEDDING_FLAGS = ("--embedding", "--embeddings")
 _RERANK_FLAGS = ("--rerank", "--reranking")
 
 
+def _args(model: Model, variant: Variant) -> list[str]:
+    """A variant's engine arguments: the model's, then the variant's own."""
+    return [*model.args, *variant.args]
+
+
 def _flag_value(args: Sequence[str], flags: Sequence[str]) -> str | None:
     """The value of the last occurrence of any of `flags` (`-f v` or `--flag=v`)."""
     value = None
@@ -57,7 +62,7 @@ class LlamaCppEngine:
     listening_pattern = LISTENING_PATTERN
 
     def argv(self, binary: str, model: Model, variant: Variant) -> list[str]:
-        args = [*model.args, *variant.args]
+        args = _args(model, variant)
         if not _has_flag(args, _CONTEXT_FLAGS):
             args += ["--ctx-size", str(variant.context)]
         if not _has_flag(args, _ALIAS_FLAGS):
@@ -67,7 +72,7 @@ class LlamaCppEngine:
 
     def served_name(self, model: Model, variant: Variant) -> str:
         """The `model` the engine writes into its responses (its first alias)."""
-        alias = _flag_value([*model.args, *variant.args], _ALIAS_FLAGS)
+        alias = _flag_value(_args(model, variant), _ALIAS_FLAGS)
         return alias.split(",")[0] if alias else model.name
 
     def capacity(self, variant: Variant, model: Model) -> int:
@@ -75,7 +80,7 @@ class LlamaCppEngine:
 
         An explicit `-np N` without a unified KV cache splits the context per slot.
         """
-        args = [*model.args, *variant.args]
+        args = _args(model, variant)
         context = int(_flag_value(args, _CONTEXT_FLAGS) or variant.context)
         slots = _flag_value(args, _PARALLEL_FLAGS)
         if slots and int(slots) > 1 and not _has_flag(args, _UNIFIED_FLAGS):
@@ -90,7 +95,7 @@ class LlamaCppEngine:
         "Context size has been exceeded". An explicit `-np N` without `--kv-unified`
         gives each slot its own n_ctx / N instead.
         """
-        args = [*model.args, *variant.args]
+        args = _args(model, variant)
         slots = _flag_value(args, _PARALLEL_FLAGS)
         if slots and int(slots) > 1 and not _has_flag(args, _UNIFIED_FLAGS):
             return None
@@ -98,7 +103,7 @@ class LlamaCppEngine:
 
     def serves(self, model: Model, variant: Variant, kind: str) -> str | None:
         """Why this engine cannot serve a request kind, or None when it can."""
-        args = [*model.args, *variant.args]
+        args = _args(model, variant)
         if kind == "embedding" and not _has_flag(args, _EMBEDDING_FLAGS):
             return f"model {model.name!r} is not started with --embeddings, so it serves no embeddings"
         if kind == "rerank" and not _has_flag(args, _RERANK_FLAGS):

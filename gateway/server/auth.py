@@ -6,6 +6,7 @@ import hmac
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.config.schema import GatewayConfig, ServerConfig
 from gateway.errors import Unauthorized
@@ -42,7 +43,7 @@ def key_matches(presented: str, keys: tuple[str, ...]) -> bool:
     return matched
 
 
-def auth_middleware(config: Callable[[], GatewayConfig]) -> Callable[..., object]:
+def auth_middleware(config: Callable[[], GatewayConfig]) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
         keys = required_keys(request.path, config().server)

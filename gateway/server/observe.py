@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway.server.endpoints import ENDPOINTS
 from gateway.utils.metrics import Metrics
@@ -14,7 +14,7 @@ from gateway.utils.metrics import Metrics
 CLIENT_GONE = "499"  # the client left before its answer ended (nginx's convention)
 
 
-def metrics_middleware(metrics: Metrics) -> Callable[..., object]:
+def metrics_middleware(metrics: Metrics) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
         if request.path not in ENDPOINTS:

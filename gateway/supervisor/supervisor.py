@@ -29,7 +29,7 @@ from gateway.errors import (
 from gateway.models import ModelSelector, Needs, PromptShape, RunningEngine, Selection, TokenEstimator
 from gateway.supervisor import events as ev
 from gateway.supervisor.machine import EngineLifecycle
-from gateway.supervisor.policy import EngineView, Waiting, plan
+from gateway.supervisor.policy import EngineView, Plan, Waiting, plan
 from gateway.supervisor.requests import Grant, PendingRequest
 from gateway.utils.metrics import Metrics
 
@@ -219,33 +219,37 @@ class Supervisor:
     def _reconcile(self) -> None:
         """Apply the queue policy to the current state; called after every event."""
         self._queue = [p for p in self._queue if p.future is not None and not p.future.done()]
-        state = self.lifecycle.state
-        if state in ("idle", "crashed"):
-            for done in self._unloading:
-                done.set_result(None)
-            self._unloading.clear()
+        if self.lifecycle.state in ("idle", "crashed"):
+            self._answer_unloads()
         if self._shutdown is not None:
             self._continue_shutdown()
             return
-        if state == "draining" and self._swap_unneeded():
+        if self.lifecycle.state == "draining" and self._swap_unneeded():
             self._cancel_timer("drain")
             self._fire("resume", "the requests that needed the swap are gone")
-            state = self.lifecycle.state
-        decision = plan(self._waiting(), self._view(), self._selector())
+        self._apply(plan(self._waiting(), self._view(), self._selector()))
+
+    def _apply(self, decision: Plan) -> None:
+        """Carry out the policy's plan: rejects, grants, then a swap, a stop or a start."""
         for item, selection in decision.rejects:
             self._reject(self._by_seq(item.seq), selection)
         target = self._next_target(decision.next)
-        if state == "ready":
+        if self.lifecycle.state == "ready":
             for item, selection in decision.grants:
                 self._grant(self._by_seq(item.seq), selection, item.reservation)
             if target is not None:
-                self._swap_to(*target)
+                self._swap_to(*target)  # now draining: it may end at once, below
             elif not self._queue:
                 self._arm_idle_timer()
         if self.lifecycle.state == "draining" and not self._instance_leases():
             self._finish_drain("no request in flight")
         elif self.lifecycle.state in ("idle", "crashed") and target is not None:
             self._start(*target)
+
+    def _answer_unloads(self) -> None:
+        for done in self._unloading:
+            done.set_result(None)
+        self._unloading.clear()
 
     def _swap_unneeded(self) -> bool:
         """Draining for a swap, but nothing waiting needs another engine any more."""
