@@ -1,12 +1,18 @@
-"""Gateway benchmarks on loopback: proxy overhead, CPU per chunk, counting, swaps, estimates.
+"""Gateway benchmarks on loopback, side by side with llama-server direct and its router mode.
 
-Run as `.venv/bin/python bench/run.py`. Writes bench/results.json and docs/benchmarks.md.
-Generates the tiny demo model, starts the gateway as a subprocess, always stops it.
+Sections: proxy overhead (direct / gateway / llama-server router mode), gateway CPU per
+streamed chunk (uvloop and asyncio), exact counting (its own cost, and what the byte bound
+saves), swaps (gateway and router), estimate hit rate, concurrency (1 to 256 streams).
+
+Run as `.venv/bin/python bench/run.py` (`make bench`). Writes bench/results.json,
+docs/benchmarks.md and the plots in docs/. Generates the tiny demo models, starts the
+gateways and the router as subprocesses, always stops them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -20,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from report import markdown, plots
+from router import child_listening_ms, spawn_router, stop_router, wait_router
 
 from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_gateway, wait_healthy
 from gateway.demo.tinymodel import write_tiny_model
@@ -30,23 +38,32 @@ REPORT = ROOT / "docs" / "benchmarks.md"
 THREADS = 1  # engine threads (-t)
 GEN_TOKENS = 256
 N = 15  # repetitions per side-by-side measurement
-CPU_REQUESTS = 40
+CPU_REQUESTS = 16  # per repetition and event loop
+CPU_REPS = 5
 SWAPS = 6
+BIG_CONTEXT = 34000
 COUNT_SIZES = [1000, 8000, 32000]
-COUNT_REPS = 8
+COUNT_REPS = 10
 COLD_SIZES = [300, 1500, 1900, 2500, 6000, 7800, 12000, 30000]
-TIMEOUT = aiohttp.ClientTimeout(total=120)
+CONCURRENCY = [1, 16, 64, 256]
+CONC_TOKENS = 64
+CONC_MIN_REQUESTS = 32  # per level: c clients run ceil(32 / c) requests each, at least one
+TIMEOUT = aiohttp.ClientTimeout(total=180)
+
+
+def tiny_model(tiny: Path, variants: list[int]) -> dict[str, Any]:
+    return {
+        "name": "tiny",
+        "args": ["-m", str(tiny), "-t", str(THREADS)],
+        "default_max_tokens": 64,
+        "request": {"defaults": {"temperature": 0}},
+        "variants": [{"context": c} for c in variants],
+    }
 
 
 def config_text(port: int, tiny: Path, tiny_b: Path) -> str:
     models = [
-        {
-            "name": "tiny",
-            "args": ["-m", str(tiny), "-t", str(THREADS)],
-            "default_max_tokens": 64,
-            "request": {"defaults": {"temperature": 0}},
-            "variants": [{"context": 2048}, {"context": 8192}, {"context": 34000}],
-        },
+        tiny_model(tiny, [2048, 8192, BIG_CONTEXT]),
         {
             "name": "tiny-b",
             "args": ["-m", str(tiny_b), "-t", str(THREADS)],
@@ -58,10 +75,18 @@ def config_text(port: int, tiny: Path, tiny_b: Path) -> str:
     return lua_config(port, models, engine_startup_timeout=60)
 
 
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def stats(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return {"median": statistics.median(ordered), "p90": p90, "n": len(ordered)}
+    return {
+        "median": statistics.median(ordered),
+        "p90": percentile(ordered, 0.9),
+        "p99": percentile(ordered, 0.99),
+        "n": len(ordered),
+    }
 
 
 def chat(model: str, content: str, max_tokens: int, stream: bool) -> dict[str, Any]:
@@ -104,6 +129,13 @@ async def plain(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) 
     return (time.perf_counter() - start) * 1000
 
 
+async def post_json(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
+    async with session.post(url, json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: {resp.status} {(await resp.text())[:300]}")
+        return await resp.json()
+
+
 async def state(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
     async with session.get(gw + "/gateway/state") as resp:
         return await resp.json()
@@ -114,68 +146,289 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def proxy_overhead(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
+def status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+async def counters(session: aiohttp.ClientSession, gw: str) -> dict[str, int]:
+    return dict((await state(session, gw)).get("counters") or {})
+
+
+async def slot_context(session: aiohttp.ClientSession, engine: str) -> int:
+    async with session.get(engine + "/slots") as resp:
+        if resp.status == 200:
+            return min(int(slot["n_ctx"]) for slot in await resp.json())
+    async with session.get(engine + "/props") as resp:
+        return int((await resp.json())["default_generation_settings"]["n_ctx"])
+
+
+# 1. Proxy overhead: direct, through the gateway, through llama-server's router mode.
+
+
+async def proxy_overhead(session: aiohttp.ClientSession, gw: str, router: str | None) -> dict[str, Any]:
     await plain(session, gw, chat("tiny", "hello", 8, False))  # engine up (2048 variant)
     engine = f"http://127.0.0.1:{(await state(session, gw))['port']}"
+    sides = [("direct", engine), ("gateway", gw)] + ([("router", router)] if router else [])
     body_s = chat("tiny", "Tell me a story.", GEN_TOKENS, True)
     body_p = chat("tiny", "Tell me a story.", GEN_TOKENS, False)
-    for url in (engine, gw):  # warm-up
+    for _, url in sides:  # warm-up (the router loads its model here)
         await streamed(session, url, body_s)
     rows: dict[str, dict[str, list[float]]] = {
-        side: {"ttft_ms": [], "total_ms": [], "tok_s": [], "plain_ms": []} for side in ("direct", "gateway")
+        side: {"ttft_ms": [], "total_ms": [], "tok_s": [], "plain_ms": []} for side, _ in sides
     }
+    before = await counters(session, gw)
     for _ in range(N):
-        for side, url in (("direct", engine), ("gateway", gw)):
+        for side, url in sides:
             r = await streamed(session, url, body_s)
             rows[side]["ttft_ms"].append(r["ttft_ms"])
             rows[side]["total_ms"].append(r["total_ms"])
             rows[side]["tok_s"].append(r["chunks"] / (r["total_ms"] / 1000))
             rows[side]["plain_ms"].append(await plain(session, url, body_p))
-    return {side: {k: stats(v) for k, v in m.items()} for side, m in rows.items()}
+    out: dict[str, Any] = {side: {k: stats(v) for k, v in m.items()} for side, m in rows.items()}
+    out["raw_ttft_ms"] = {side: m["ttft_ms"] for side, m in rows.items()}
+    out["gateway_requeued"] = (await counters(session, gw)).get("requeued", 0) - before.get("requeued", 0)
+    return out
 
 
-async def cpu_per_chunk(session: aiohttp.ClientSession, gw: str, pid: int) -> dict[str, Any]:
+# 2. Gateway CPU per streamed chunk on both event loops.
+
+
+async def cpu_per_chunk(
+    session: aiohttp.ClientSession, gateways: dict[str, tuple[str, int]]
+) -> dict[str, Any]:
     body = chat("tiny", "Tell me a story.", GEN_TOKENS, True)
-    before = cpu_seconds(pid)
-    wall = time.perf_counter()
-    chunks = 0
-    for _ in range(CPU_REQUESTS):
-        chunks += int((await streamed(session, gw, body))["chunks"])
-    wall = time.perf_counter() - wall
-    cpu = cpu_seconds(pid) - before
+    for url, _ in gateways.values():  # engines up, warm
+        await streamed(session, url, body)
+    reps: dict[str, list[dict[str, float]]] = {loop: [] for loop in gateways}
+    for _ in range(CPU_REPS):
+        for loop, (url, pid) in gateways.items():  # alternating loops, repetition by repetition
+            before = cpu_seconds(pid)
+            wall = time.perf_counter()
+            chunks = 0
+            for _ in range(CPU_REQUESTS):
+                chunks += int((await streamed(session, url, body))["chunks"])
+            wall = time.perf_counter() - wall
+            cpu = cpu_seconds(pid) - before
+            reps[loop].append(
+                {"chunks": chunks, "cpu_s": cpu, "wall_s": wall, "us_per_chunk": cpu / chunks * 1e6}
+            )
     return {
-        "requests": CPU_REQUESTS,
-        "chunks": chunks,
-        "gateway_cpu_s": cpu,
-        "wall_s": wall,
-        "cpu_us_per_chunk": cpu / chunks * 1e6 if chunks else None,
+        "requests_per_rep": CPU_REQUESTS,
+        "reps": CPU_REPS,
         "clock_ticks_per_s": os.sysconf("SC_CLK_TCK"),
+        "loops": {
+            loop: {
+                "runs": runs,
+                "chunks_per_rep": statistics.median(r["chunks"] for r in runs),
+                "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+                "wall_s": statistics.median(r["wall_s"] for r in runs),
+                "us_per_chunk": stats([r["us_per_chunk"] for r in runs]),
+            }
+            for loop, runs in reps.items()
+        },
     }
 
 
+# 3. Counting: its own cost on the engine, and what the byte bound saves the gateway.
+
+
+def filler(n: int) -> str:
+    return ("abcdefgh " * (n // 9 + 1))[:n]
+
+
+async def count_on_engine(session: aiohttp.ClientSession, engine: str, body: dict[str, Any]) -> int:
+    templated = await post_json(session, engine + "/apply-template", body)
+    tokens = await post_json(
+        session,
+        engine + "/tokenize",
+        {"content": templated["prompt"], "add_special": True, "parse_special": True},
+    )
+    return len(tokens["tokens"])
+
+
 async def counting(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
-    # The largest prompt first: the 34000 variant starts and then serves every size.
-    prompts = {n: ("abcdefgh " * (n // 9 + 1))[:n] for n in COUNT_SIZES}
-    await plain(session, gw, chat("tiny", prompts[max(COUNT_SIZES)], 1, False))
+    # The largest prompt first: the BIG_CONTEXT variant starts and then serves every size.
+    await plain(session, gw, chat("tiny", filler(max(COUNT_SIZES)), 1, False))
     st = await state(session, gw)
     engine = f"http://127.0.0.1:{st['port']}"
-    out: dict[str, Any] = {"variant": st["variant"]["context"]}
+    variant = st["variant"]["context"]
+    ctx = await slot_context(session, engine)  # llama.cpp rounds n_ctx up (to 256s)
+    out: dict[str, Any] = {"variant": variant, "slot_context": ctx, "engine_count": {}, "added": []}
+    # (a) POST /apply-template then POST /tokenize, straight against the engine.
     for n in COUNT_SIZES:
-        body = chat("tiny", prompts[n], 1, False)
-        await plain(session, engine, body)  # warm the prompt cache
+        body = chat("tiny", filler(n), 1, False)
+        tokens = await count_on_engine(session, engine, body)  # warm-up
+        times = []
+        for _ in range(COUNT_REPS):
+            t = time.perf_counter()
+            await count_on_engine(session, engine, body)
+            times.append((time.perf_counter() - t) * 1000)
+        out["engine_count"][str(n)] = {"tokens": tokens, "ms": stats(times)}
+    # The gateway's bound for one chat message, computed the way it does (llamacpp.py).
+    one = await count_on_engine(session, engine, {"messages": [{"role": "user", "content": ""}]})
+    three = await count_on_engine(
+        session, engine, {"messages": [{"role": r, "content": ""} for r in ("user", "assistant", "user")]}
+    )
+    per_message = max(0, three - one)
+    fixed = max(0, one - per_message)
+
+    def bound(n: int) -> int:
+        return fixed + (per_message + 1) + n
+
+    largest_proven = ctx - 1 - bound(0)  # bytes: bound + max_tokens 1 == ctx
+    cases = [
+        ("small prompt, bound proves the fit", 1000),
+        ("90% of the context, bound proves the fit", int(ctx * 0.9)),
+        ("largest prompt the bound proves", largest_proven),
+        ("one byte more: bound misses, gateway counts", largest_proven + 1),
+    ]
+    # (b) max_tokens 1 requests, direct vs through the gateway, on the same ready engine.
+    for label, n in cases:
+        body = chat("tiny", filler(n), 1, False)
+        exact = await count_on_engine(session, engine, body)
+        await plain(session, engine, body)  # the prompt cache holds it for both sides
+        await plain(session, gw, body)
         direct, via = [], []
+        before = await counters(session, gw)
         for _ in range(COUNT_REPS):
             direct.append(await plain(session, engine, body))
             via.append(await plain(session, gw, body))
-        out[str(n)] = {
-            "direct_ms": stats(direct),
-            "gateway_ms": stats(via),
-            "difference_ms": statistics.median(via) - statistics.median(direct),
-        }
+        after = await counters(session, gw)
+        out["added"].append(
+            {
+                "case": label,
+                "prompt_bytes": n,
+                "exact_tokens": exact,
+                "bound_tokens": bound(n),
+                "bound_proves": bound(n) + 1 <= ctx,
+                "fits": exact + 1 <= ctx,
+                "direct_ms": stats(direct),
+                "gateway_ms": stats(via),
+                "added_ms": statistics.median(via) - statistics.median(direct),
+                # The gateway's own record: requests it counted exactly (tokens_counted / exact).
+                "gateway_counted": (after.get("tokens_counted", 0) - before.get("tokens_counted", 0)) / exact,
+                "requests": COUNT_REPS,
+                "requeued": after.get("requeued", 0) - before.get("requeued", 0),
+            }
+        )
     st = await state(session, gw)
-    if st["variant"]["context"] != 34000:
+    out["template"] = {"fixed": fixed, "per_message": per_message}
+    if st["variant"]["context"] != variant:
         out["warning"] = f"engine changed to {st['variant']}"
     return out
+
+
+# 4. Concurrency: c streaming clients at once, direct and through the gateway.
+
+
+async def fast_stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One stream, parsed cheaply (256 of them share this process's one core)."""
+    start = time.perf_counter()
+    ttft = None
+    chunks = 0
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                return {"error": f"{resp.status} {(await resp.text())[:200]}"}
+            async for raw in resp.content:
+                if raw.startswith(b"data: {") and b'"content":"' in raw:
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return {"error": repr(exc)}
+    if chunks == 0:
+        return {"error": "no content chunks"}
+    return {"ttft_ms": ttft * 1000, "chunks": chunks, "end": time.perf_counter()}
+
+
+async def sample_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], status_kb(pid, "VmRSS"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.01)
+
+
+async def one_level(
+    session: aiohttp.ClientSession, url: str, c: int, pid: int | None, gw: str | None
+) -> dict[str, Any]:
+    body = chat("tiny", "Tell me a story.", CONC_TOKENS, True)
+    per_client = max(1, -(-CONC_MIN_REQUESTS // c))
+    results: list[dict[str, Any]] = []
+    gate = asyncio.Event()
+
+    async def client() -> None:
+        await gate.wait()
+        for _ in range(per_client):
+            results.append(await fast_stream(session, url, body))
+
+    tasks = [asyncio.ensure_future(client()) for _ in range(c)]
+    await asyncio.sleep(0)
+    peak, stop = [0], asyncio.Event()
+    sampler = asyncio.ensure_future(sample_rss(pid, peak, stop)) if pid else None
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    before = await counters(session, gw) if gw else {}
+    start = time.perf_counter()
+    gate.set()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - start
+    cpu = cpu_seconds(pid) - cpu0 if pid else None
+    requeued = (await counters(session, gw)).get("requeued", 0) - before.get("requeued", 0) if gw else None
+    stop.set()
+    if sampler:
+        await sampler
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    chunks = sum(r["chunks"] for r in ok)
+    ttfts = sorted(r["ttft_ms"] for r in ok)
+    return {
+        "clients": c,
+        "requests": len(results),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "chunks": chunks,
+        "wall_s": wall,
+        "tok_s": chunks / wall,
+        "ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
+        "ttft_p99_ms": percentile(ttfts, 0.99) if ttfts else None,
+        "gateway_cpu_s": cpu,
+        "gateway_requeued": requeued,
+        "gateway_cpu_us_per_chunk": cpu / chunks * 1e6 if cpu is not None and chunks else None,
+        "gateway_peak_rss_mb": peak[0] / 1024 if pid else None,
+    }
+
+
+async def concurrency(session: aiohttp.ClientSession, gw: str, pid: int) -> dict[str, Any]:
+    st = await state(session, gw)
+    if st.get("model") != "tiny" or (st.get("variant") or {}).get("context") != BIG_CONTEXT:
+        async with session.post(gw + "/gateway/load", json={"model": "tiny", "context": BIG_CONTEXT}) as resp:
+            await resp.read()
+        st = await state(session, gw)
+    engine = f"http://127.0.0.1:{st['port']}"
+    prompt_tokens = await count_on_engine(
+        session, engine, chat("tiny", "Tell me a story.", CONC_TOKENS, True)
+    )
+    levels = []
+    for c in CONCURRENCY:
+        direct = await one_level(session, engine, c, None, None)
+        via = await one_level(session, gw, c, pid, gw)
+        levels.append({"clients": c, "direct": direct, "gateway": via})
+        print(
+            f"  {c} clients: direct {direct['tok_s']:.0f} tok/s, gateway {via['tok_s']:.0f} tok/s", flush=True
+        )
+    return {
+        "context": (await state(session, gw))["variant"]["context"],
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": CONC_TOKENS,
+        "levels": levels,
+        "gateway_vmhwm_mb": status_kb(pid, "VmHWM") / 1024,
+    }
+
+
+# 5. Swaps: alternating two models, through the gateway and through the router.
 
 
 def last_healthy_ms(st: dict[str, Any]) -> float | None:
@@ -186,9 +439,14 @@ def last_healthy_ms(st: dict[str, Any]) -> float | None:
     return None
 
 
-async def swaps(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
+async def swaps(
+    session: aiohttp.ClientSession, gw: str, router: str | None, router_log: Path | None
+) -> dict[str, Any]:
     totals, startups, overheads = [], [], []
+    r_totals: list[float] = []
+    r_startups: list[float] = []
     model = "tiny-b" if (await state(session, gw))["model"] == "tiny" else "tiny"
+    r_model = "tiny-b"  # the router serves tiny since section 1
     for _ in range(SWAPS):
         t = await plain(session, gw, chat(model, "hi", 1, False))
         startup = last_healthy_ms(await state(session, gw))
@@ -197,11 +455,27 @@ async def swaps(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
             startups.append(startup)
             overheads.append(t - startup)
         model = "tiny" if model == "tiny-b" else "tiny-b"
-    return {
+        if router and router_log:
+            seen = len(child_listening_ms(router_log))
+            r_totals.append(await plain(session, router, chat(r_model, "hi", 1, False)))
+            await asyncio.sleep(0.05)  # the relayed log line
+            new = child_listening_ms(router_log)[seen:]
+            if new:
+                r_startups.append(new[-1])
+            r_model = "tiny" if r_model == "tiny-b" else "tiny-b"
+    out: dict[str, Any] = {
         "swap_total_ms": stats(totals),
         "engine_startup_ms": stats(startups),
         "gateway_overhead_ms": stats(overheads),
     }
+    if r_totals:
+        out["router"] = {"swap_total_ms": stats(r_totals)}
+        if r_startups:
+            out["router"]["child_listening_ms"] = stats(r_startups)
+    return out
+
+
+# 6. Estimate hit rate.
 
 
 async def estimates(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
@@ -233,7 +507,7 @@ async def estimates(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
 
 
 def engine_pids(folder: Path) -> list[int]:
-    """This run's llama-server processes (their model is in our temp folder)."""
+    """This run's llama-server processes (their model or preset is in our temp folder)."""
     out = subprocess.run(["pgrep", "-x", "llama-server"], capture_output=True, text=True)
     pids = []
     for pid in out.stdout.split():
@@ -245,46 +519,83 @@ def engine_pids(folder: Path) -> list[int]:
     return pids
 
 
-async def run_all(gw: str, pid: int) -> dict[str, Any]:
+async def run_all(
+    gw: str, pid: int, gw_asyncio: str, pid_asyncio: int, router: str | None, router_log: Path | None
+) -> dict[str, Any]:
     # A fresh connection per request on both sides: a pooled keep-alive connection that the
-    # other side has closed fails the next request.
-    connector = aiohttp.TCPConnector(force_close=True)
+    # other side has closed fails the next request. No connection limit (256 streams).
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
     async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
         results: dict[str, Any] = {}
+        loops = {"uvloop": (gw, pid), "asyncio": (gw_asyncio, pid_asyncio)}
         for name, step in (
-            ("proxy_overhead", lambda: proxy_overhead(session, gw)),
-            ("cpu_per_chunk", lambda: cpu_per_chunk(session, gw, pid)),
+            ("proxy_overhead", lambda: proxy_overhead(session, gw, router)),
+            ("cpu_per_chunk", lambda: cpu_per_chunk(session, loops)),
             ("counting", lambda: counting(session, gw)),
-            ("swaps", lambda: swaps(session, gw)),
+            ("concurrency", lambda: concurrency(session, gw, pid)),
+            ("swaps", lambda: swaps(session, gw, router, router_log)),
             ("estimates", lambda: estimates(session, gw)),
         ):
             t = time.perf_counter()
             results[name] = await step()
             print(f"{name}: {time.perf_counter() - t:.1f} s", flush=True)
+            if name == "cpu_per_chunk":  # the asyncio gateway is done: stop it, free its engine
+                results["asyncio_gateway_exit_code"] = await asyncio.to_thread(stop_gateway, ASYNCIO_GW[0])
         return results
 
 
+ASYNCIO_GW: list[subprocess.Popen[bytes]] = []
+
+
 def main() -> int:
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
         folder = Path(tmp)
         tiny = write_tiny_model(folder / "tiny.gguf", seed=1, context_length=65536)
         tiny_b = write_tiny_model(folder / "tiny-b.gguf", seed=2)
-        port = free_port()
+        port, port2, rport = free_port(), free_port(), free_port()
         config = folder / "bench.cfg.lua"
         config.write_text(config_text(port, tiny, tiny_b))
-        log_path = folder / "gateway.log"
-        process = spawn_gateway(config, log_path, "warning")
-        gw = f"http://127.0.0.1:{port}"
+        config2 = folder / "bench-asyncio.cfg.lua"
+        config2.write_text(lua_config(port2, [tiny_model(tiny, [2048])], engine_startup_timeout=60))
+        log_path, log2 = folder / "gateway.log", folder / "gateway-asyncio.log"
+        process = spawn_gateway(config, log_path, "warning", "--loop", "uvloop")
+        process2 = spawn_gateway(config2, log2, "warning", "--loop", "asyncio")
+        ASYNCIO_GW.append(process2)
+        gw, gw2 = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port2}"
+        router_proc = None
+        router_url: str | None = f"http://127.0.0.1:{rport}"
+        router_error = None
+        try:
+            router_proc, router_log = spawn_router(
+                folder, {"tiny": tiny, "tiny-b": tiny_b}, rport, 2048, THREADS
+            )
+            wait_router(router_url, router_proc)
+        except Exception as exc:  # the peer is optional: say why it is missing
+            router_error, router_url = f"{type(exc).__name__}: {exc}", None
+            router_log = folder / "router.log"
+            if router_log.exists():
+                router_error += "\n" + router_log.read_text(errors="replace")[-1500:]
         try:
             wait_healthy(gw, process)
+            wait_healthy(gw2, process2)
             started = time.perf_counter()
-            results = asyncio.run(asyncio.wait_for(run_all(gw, process.pid), timeout=170))
+            results = asyncio.run(
+                asyncio.wait_for(
+                    run_all(
+                        gw, process.pid, gw2, process2.pid, router_url, router_log if router_url else None
+                    ),
+                    timeout=420,
+                )
+            )
             results["runtime_s"] = time.perf_counter() - started
         except BaseException:
             print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
             raise
         finally:
             code = stop_gateway(process)
+            code2 = stop_gateway(process2)
+            router_code = stop_router(router_proc) if router_proc else None
             deadline = time.monotonic() + 10
             while engine_pids(folder) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -296,13 +607,23 @@ def main() -> int:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
     }
-    results["shutdown"] = {"gateway_exit_code": code, "leftover_llama_server": leftover}
+    results["router_error"] = router_error
+    results["shutdown"] = {
+        "gateway_exit_code": code,
+        "asyncio_gateway_exit_code": code2,
+        "router_exit_code": router_code,
+        "leftover_llama_server": leftover,
+    }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     REPORT.parent.mkdir(parents=True, exist_ok=True)
+    results["plots"] = plots(results, REPORT.parent)
     REPORT.write_text(markdown(results))
     print(markdown(results))
-    return 0 if code == 0 and not leftover else 1
+    print(f"load average: start {load_start}, end {results['machine']['loadavg_end']}")
+    return 0 if code == 0 and code2 == 0 and not leftover else 1
 
 
 def cpu_model() -> str:
@@ -310,103 +631,6 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor()
-
-
-def f(s: dict[str, float], digits: int = 1) -> str:
-    return f"{s['median']:.{digits}f} ({s['p90']:.{digits}f})"
-
-
-def markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    po = r["proxy_overhead"]
-    d, g = po["direct"], po["gateway"]
-    lines = [
-        "# Benchmarks",
-        "",
-        "Produced by `bench/run.py` (`make bench`, or `.venv/bin/python bench/run.py`); raw numbers in",
-        "`bench/results.json`. Loopback only, the generated tiny model (one token per byte).",
-        "",
-        f"Machine: `nproc` = {m['nproc']} ({m['cpu']}), {m['platform']}, Python {m['python']}.",
-        f"**Engine threads: `-t {m['engine_threads']}`** for every llama-server in these numbers.",
-        f"Cells are median (p90). Total run time {r['runtime_s']:.0f} s.",
-        "",
-        f"## 1. Proxy overhead ({GEN_TOKENS} generated tokens, temperature 0, engine ready, "
-        f"`-t {m['engine_threads']}`, n={d['ttft_ms']['n']})",
-        "",
-        "| | direct to llama-server | through the gateway | difference (medians) |",
-        "|---|---|---|---|",
-    ]
-    for key, label in (
-        ("ttft_ms", "streamed: first token, ms"),
-        ("total_ms", "streamed: total, ms"),
-        ("tok_s", "streamed: tokens/s"),
-        ("plain_ms", "non-streamed: latency, ms"),
-    ):
-        diff = g[key]["median"] - d[key]["median"]
-        pct = diff / d[key]["median"] * 100
-        lines.append(f"| {label} | {f(d[key])} | {f(g[key])} | {diff:+.1f} ({pct:+.1f}%) |")
-    c = r["cpu_per_chunk"]
-    lines += [
-        "",
-        f"## 2. Gateway CPU per streamed chunk (`-t {m['engine_threads']}`)",
-        "",
-        "| requests | chunks | gateway CPU (utime+stime) | wall | CPU per chunk |",
-        "|---|---|---|---|---|",
-        f"| {c['requests']} x {GEN_TOKENS} tokens | {c['chunks']} | {c['gateway_cpu_s']:.2f} s "
-        f"| {c['wall_s']:.2f} s | {c['cpu_us_per_chunk']:.0f} us |",
-        "",
-        f"/proc stat resolution is 1/{c['clock_ticks_per_s']} s; the figure includes the gateway's whole",
-        "process (request parsing, selection, proxying).",
-        "",
-        f"## 3. Exact counting on a ready engine (context {r['counting']['variant']}, max_tokens 1, "
-        f"`-t {m['engine_threads']}`)",
-        "",
-        "| prompt tokens | direct, ms | through the gateway, ms | difference (mostly counting), ms |",
-        "|---|---|---|---|",
-    ]
-    for n in COUNT_SIZES:
-        row = r["counting"][str(n)]
-        diff = row["difference_ms"]
-        lines.append(f"| ~{n} | {f(row['direct_ms'])} | {f(row['gateway_ms'])} | {diff:+.1f} |")
-    if "warning" in r["counting"]:
-        lines.append(f"\nWarning: {r['counting']['warning']}")
-    s = r["swaps"]
-    lines += [
-        "",
-        "The engine reuses its prompt cache for a repeated prompt, so the direct side is close to",
-        "the cost of one token; the gateway side adds POST /apply-template and /tokenize.",
-        "",
-        f"## 4. Swap cost (alternating two models, max_tokens 1, `-t {m['engine_threads']}`)",
-        "",
-        "| swap total (send to response), ms | engine spawn to healthy, ms | gateway overhead, ms |",
-        "|---|---|---|",
-        f"| {f(s['swap_total_ms'])} | {f(s['engine_startup_ms'])} | {f(s['gateway_overhead_ms'])} |",
-        "",
-        'Engine startup is the gateway\'s own "healthy" transition reason ("in N ms"); the',
-        "overhead is each swap's total minus its startup (stopping the old engine, the request",
-        "itself, counting).",
-        "",
-        "## 5. Estimate hit rate (cold requests, the other model running)",
-        "",
-        "| prompt bytes | method | estimated prompt tokens | first variant | final variant | hit |",
-        "|---|---|---|---|---|---|",
-    ]
-    e = r["estimates"]
-    for row in e["requests"]:
-        lines.append(
-            f"| {row['prompt_bytes']} | {row['method']} | {row['first_prompt_tokens']} "
-            f"| {row['first_context']} | {row['final_context']} | {'yes' if row['hit'] else 'no'} |"
-        )
-    lines += [
-        "",
-        f"Hit rate: {e['hits']}/{e['total']} ({e['hit_rate'] * 100:.0f}%): the first started variant was the",
-        'final one (no "upgraded" selection for the request).',
-        "",
-        f"Shutdown: gateway exit code {r['shutdown']['gateway_exit_code']}, llama-server left over: "
-        f"{r['shutdown']['leftover_llama_server'] or 'none'}.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

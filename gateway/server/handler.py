@@ -60,17 +60,7 @@ class RequestHandler:
         if why_not:
             raise InvalidRequest(why_not, param="model")
         forwarded = _apply_rules(body, model)
-        pending = PendingRequest(
-            request_id=request_id(request),
-            model=model,
-            kind=endpoint.kind,
-            shape=endpoint.shape(forwarded, raw),
-            reserve=reserve(endpoint, forwarded, model.default_max_tokens),
-        )
-        if endpoint.kind in ("other", "rerank") or (endpoint.kind != "chat" and not pending.shape.text_bytes):
-            # Nothing to count on the engine: the body's size, or token ids, are the bound.
-            bound = pending.shape.text_bytes + pending.shape.token_ids + BOUND_SLACK
-            pending.exact_tokens, pending.method = bound, "bound"
+        pending = _pending(request_id(request), endpoint, model, forwarded, raw)
         data = raw if forwarded is body else json.dumps(forwarded).encode()
         call = _Call(self._supervisor, request, endpoint, pending, forwarded, data, body["model"])
         return await call.run(self._config().server.loading_keepalive and bool(body.get("stream")))
@@ -84,6 +74,24 @@ class RequestHandler:
             available = ", ".join(sorted(n for m in self._config().models for n in (m.name, *m.aliases)))
             raise ModelNotFound(f"the model {name!r} does not exist; available: {available}", param="model")
         return model
+
+
+def _pending(
+    rid: str, endpoint: Endpoint, model: Model, body: dict[str, Any], raw: bytes
+) -> PendingRequest:
+    """What the supervisor needs to know of a request."""
+    pending = PendingRequest(
+        request_id=rid,
+        model=model,
+        kind=endpoint.kind,
+        shape=endpoint.shape(body, raw),
+        reserve=reserve(endpoint, body, model.default_max_tokens),
+    )
+    if endpoint.kind in ("other", "rerank") or (endpoint.kind != "chat" and not pending.shape.text_bytes):
+        # Nothing to count on the engine: the body's size, or token ids, are the bound.
+        bound = pending.shape.text_bytes + pending.shape.token_ids + BOUND_SLACK
+        pending.exact_tokens, pending.method = bound, "bound"
+    return pending
 
 
 def model_engine_refusal(model: Model, kind: str) -> str | None:
