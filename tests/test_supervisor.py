@@ -936,3 +936,28 @@ async def test_an_idle_engine_takes_a_request_whatever_its_estimate(harness: Har
     fx.starts[0].succeed(kv_budget=512)
     await settle()
     assert task.done() and task.result().count_first  # granted to be counted, not stuck
+
+
+async def test_a_start_nobody_waits_for_is_cut_short(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, task = ask(sup, "a")
+    await settle()
+    assert sup.lifecycle.state == "starting"
+    task.cancel()
+    await settle()
+    assert fx.starts[0].cancelled  # the effect was cancelled: the engine is killed
+    assert [r.trigger for r in sup.lifecycle.history] == ["start", "abort", "stopped"]
+    assert sup.lifecycle.state == "idle"
+
+
+async def test_a_start_still_wanted_by_another_request_goes_on(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, first = ask(sup, "a")
+    _, second = ask(sup, "a")
+    await settle()
+    first.cancel()
+    await settle()
+    assert sup.lifecycle.state == "starting" and not fx.starts[0].cancelled
+    fx.starts[0].succeed()
+    await settle()
+    assert second.done() and not second.exception()

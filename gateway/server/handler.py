@@ -76,9 +76,7 @@ class RequestHandler:
         return model
 
 
-def _pending(
-    rid: str, endpoint: Endpoint, model: Model, body: dict[str, Any], raw: bytes
-) -> PendingRequest:
+def _pending(rid: str, endpoint: Endpoint, model: Model, body: dict[str, Any], raw: bytes) -> PendingRequest:
     """What the supervisor needs to know of a request."""
     pending = PendingRequest(
         request_id=rid,

@@ -22,7 +22,7 @@ TRANSITIONS: list[tuple[str, list[str], str, str]] = [
     ("start", ["idle", "crashed"], "starting", "the head of the queue (or a load) needs an engine"),
     ("healthy", ["starting"], "ready", "the engine answered /health: requests are granted"),
     ("fail", ["starting"], "crashed", "the engine exited or was not healthy in time; it is killed"),
-    ("abort", ["starting"], "stopping", "a start nobody needs any more (shutdown, unload)"),
+    ("abort", ["starting"], "stopping", "a start nobody needs any more (its waiters left, unload, shutdown)"),
     ("drain", ["ready"], "draining", "a swap, idle unload, reload or shutdown: no new grants"),
     ("resume", ["draining"], "ready", "the requests that needed a swap left before it happened"),
     ("drained", ["draining"], "stopping", "nothing in flight, or drain_timeout passed: stop it"),

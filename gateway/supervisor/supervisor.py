@@ -227,6 +227,9 @@ class Supervisor:
         if self.lifecycle.state == "draining" and self._swap_unneeded():
             self._cancel_timer("drain")
             self._fire("resume", "the requests that needed the swap are gone")
+        if self.lifecycle.state == "starting" and self._start_unneeded():
+            log.info("start of %s cut short: nobody waits for it any more", self._target.key)  # type: ignore[union-attr]
+            self._effect.cancel()  # type: ignore[union-attr]
         self._apply(plan(self._waiting(), self._view(), self._selector()))
 
     def _apply(self, decision: Plan) -> None:
@@ -250,6 +253,12 @@ class Supervisor:
         for done in self._unloading:
             done.set_result(None)
         self._unloading.clear()
+
+    def _start_unneeded(self) -> bool:
+        """Starting an engine that no waiting request and no load wants any more."""
+        if self._target is None or self._effect is None or self._effect.done() or self._wanted is not None:
+            return False
+        return not any(p.model.name == self._target.model for p in self._queue)
 
     def _swap_unneeded(self) -> bool:
         """Draining for a swap, but nothing waiting needs another engine any more."""
