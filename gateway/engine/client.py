@@ -33,10 +33,17 @@ class EngineAnswered(EngineRequestError):
             return self.body[:500]
 
 
-def new_session() -> aiohttp.ClientSession:
-    """One session for all engines: no total timeout (generations are long), no pool cap."""
+def new_session(reuse: bool) -> aiohttp.ClientSession:
+    """A session for all engines: no total timeout (generations are long), no pool cap.
+
+    llama-server closes idle keep-alive connections after 5 s and after streamed answers
+    although it offers keep-alive, so a reused connection can be dead. Idempotent calls
+    reuse connections (kept for 2 s) and retry once; completions get a fresh connection.
+    """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+        connector=aiohttp.TCPConnector(
+            limit=0, enable_cleanup_closed=True, force_close=not reuse, keepalive_timeout=2 if reuse else None
+        ),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         auto_decompress=False,  # bodies pass through as the engine encoded them
         skip_auto_headers=("User-Agent",),
@@ -46,14 +53,15 @@ def new_session() -> aiohttp.ClientSession:
 class EngineClient:
     """Talks to one running engine at `base_url`."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
-        self._session = session
+    def __init__(self, pooled: aiohttp.ClientSession, fresh: aiohttp.ClientSession, base_url: str) -> None:
+        self._pooled = pooled  # for idempotent calls: health, tokenize, templates
+        self._fresh = fresh  # for completions: a new connection each
         self.base_url = base_url
 
     async def health(self, timeout: float) -> tuple[int, str]:
         """Status and body of GET /health; (0, reason) when nothing answered."""
         try:
-            async with self._session.get(
+            async with self._pooled.get(
                 self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 return resp.status, await resp.text()
@@ -80,25 +88,32 @@ class EngineClient:
                 raise EngineRequestError(f"{method} {path}: not JSON: {text[:200]}") from exc
 
     async def open(
-        self, method: str, path: str, data: bytes | None, headers: Mapping[str, str], retry: bool = True
+        self, method: str, path: str, data: bytes | None, headers: Mapping[str, str], idempotent: bool = True
     ) -> aiohttp.ClientResponse:
-        """Send a request and return the response with its body unread. With `retry`
-        (for calls that may run twice), a connection that failed is tried once more."""
+        """Send a request and return the response with its body unread. An idempotent
+        call whose pooled connection turned out dead is sent once more; any other gets
+        a connection of its own and is never re-sent here (the engine may have taken it)."""
+        session = self._pooled if idempotent else self._fresh
         try:
-            return await self._request(method, path, data, headers)
+            return await self._request(session, method, path, data, headers)
         except _RETRYABLE as exc:
-            if not retry:
+            if not idempotent:
                 raise EngineRequestError(f"{method} {path}: {exc}") from exc
         try:
-            return await self._request(method, path, data, headers)
-        except aiohttp.ClientError as exc:
+            return await self._request(session, method, path, data, headers)
+        except _RETRYABLE as exc:
             raise EngineRequestError(f"{method} {path}: {exc}") from exc
 
     async def _request(
-        self, method: str, path: str, data: bytes | None, headers: Mapping[str, str]
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        data: bytes | None,
+        headers: Mapping[str, str],
     ) -> aiohttp.ClientResponse:
         try:
-            return await self._session.request(
+            return await session.request(
                 method, self.base_url + path, data=data, headers=headers, allow_redirects=False
             )
         except _RETRYABLE:

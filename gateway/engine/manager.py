@@ -73,18 +73,17 @@ class EngineManager:
 
     def __init__(self) -> None:
         self.llamacpp = LlamaCppEngine()
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
         self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = new_session()
-        return self._session
+    def client(self, base_url: str) -> EngineClient:
+        if self._sessions is None:  # made on first use: a session needs the running loop
+            self._sessions = (new_session(reuse=True), new_session(reuse=False))
+        return EngineClient(*self._sessions, base_url)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions or ():
+            await session.close()
 
     def kill_all_now(self) -> None:
         """The last resort of a shutdown that ran out of time: no engine outlives us,
@@ -138,7 +137,7 @@ class EngineManager:
             await exited  # its output ended because it is exiting
         _raise_if_exited(process, exited)
         port = int(listening.result().group(1))
-        client = EngineClient(self.session, f"http://127.0.0.1:{port}")
+        client = self.client(f"http://127.0.0.1:{port}")
         while True:
             status, _ = await client.health(variant.timeouts.health_check)
             _raise_if_exited(process, exited)

@@ -101,7 +101,7 @@ async def forward(
     try:
         # Not retried here: a POST the engine may have taken is retried, if at all, by the
         # handler once it knows whether the engine died.
-        upstream = await instance.client.open("POST", request.path, data, headers, retry=False)
+        upstream = await instance.client.open("POST", request.path, data, headers, idempotent=False)
     except EngineRequestError as exc:
         raise NotSent(f"engine unreachable: {exc}") from None
     instance.open_responses.add(upstream)
