@@ -161,8 +161,7 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for target, measured, verdict, met in targets(r):
-        mark = "**met**" if met else "**missed**"
-        lines.append(f"| {target} | {measured} | {mark}: {verdict} |")
+        lines.append(f"| {target} | {measured} | **{verdict}** |")
     lines += [
         "",
         f"## 1. Proxy overhead ({GEN_TOKENS} generated tokens, temperature 0, engine ready, {t}, "
@@ -197,10 +196,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"The gateway's streamed total is its per-chunk CPU at work: {us:.0f} us x {GEN_TOKENS} chunks = "
         f"{us * GEN_TOKENS / 1000:.1f} ms of",
         "gateway CPU per stream (section 2), on 2 cores shared with the engine and the client.",
-        f"Gateway requeues during these requests: {po.get('gateway_requeued', 0)}. A requeue is the",
-        "gateway's retry after `engine unreachable: ... Server disconnected` (a pooled keep-alive",
-        "connection to llama-server that the engine had closed); before retrying it waits",
-        "`RETRY_SETTLE` = 0.5 s, so each requeue adds about 0.5 s to that request.",
+        f"Gateway requeues during these requests: {po.get('gateway_requeued', 0)} (a requeue is a",
+        "retry after the engine failed before answering; each waits up to 0.5 s to see the engine exit).",
     ]
     if r.get("router_error"):
         lines += ["", "Router mode could not be measured:", "", "```", r["router_error"], "```"]
@@ -326,7 +323,7 @@ def markdown(r: dict[str, Any]) -> str:
     requeues = ", ".join(f"{lv['clients']}: {lv['gateway']['gateway_requeued']}" for lv in cc["levels"])
     lines += [
         "",
-        f"Gateway requeues (0.5 s each, see section 1) by clients: {requeues}. With few clients the",
+        f"Gateway requeues (see section 1) by clients: {requeues}. With few clients the",
         "engine streams as fast as one slot decodes, so the gateway's own time per request and per",
         "chunk (its CPU per chunk above, on the same 2 cores) shows directly in tokens/s; from 64",
         "clients on the engine's queue dominates both sides and the ratio approaches 100%.",
