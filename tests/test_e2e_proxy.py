@@ -216,5 +216,5 @@ def test_client_disconnect_mid_stream_frees_the_engine_slot(gateway: Gateway) ->
     sock.close()
     closed = time.monotonic()
     wait_until(lambda: not slots_busy(url), timeout=5, interval=0.005)
-    assert time.monotonic() - closed < 0.5
+    assert time.monotonic() - closed < 0.1  # the engine stops generating within 100 ms
     assert gateway.state()["in_flight"] == 0
