@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -158,11 +160,50 @@ def start_gateway(tmp_path: Path, llama_server: str) -> Iterator[Callable[..., G
         return gw
 
     yield start
-    for gw in started:
-        if gw.process.poll() is not None:
-            continue  # the test ended it and checked how
+    problems = [problem for gw in started if (problem := _stop_and_check(gw))]
+    assert not problems, "\n".join(problems)
+
+
+def _stop_and_check(gw: Gateway) -> str | None:
+    """Stop a gateway the test left running (always); what went wrong, if anything."""
+    if gw.process.poll() is not None:
+        return None  # the test ended it and checked how
+    try:
         pid = gw.state().get("pid")  # None also when /gateway/state needs a key
-        code = gw.stop()
-        assert code == 0, f"gateway exit code {code}:\n{gw.log()[-3000:]}"
-        if pid:
-            wait_until(lambda pid=pid: not alive(pid), timeout=5)
+    except (OSError, ValueError):
+        pid = None
+    code = gw.stop()
+    if code != 0:
+        return f"gateway exit code {code}:\n{gw.log()[-3000:]}"
+    if pid:
+        try:
+            wait_until(lambda: not alive(pid), timeout=5)
+        except AssertionError:
+            return f"engine {pid} outlived its gateway"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_engine_outlives_the_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every engine the tests started runs a model under the suite's temp folder: none of
+    them may still run when the suite ends (they are killed, and the suite fails)."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+
+    def leftovers() -> list[int]:
+        return [pid for pid in engine_pids() if base in _cmdline(pid)]
+
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not leftovers(), timeout=5)
+    leaked = leftovers()
+    for pid in leaked:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"engines outlived the tests: {leaked}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
