@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -67,6 +68,9 @@ def test_swap_between_models_passes_draining_and_stopping(gateway: Gateway) -> N
     ]
     assert state["counters"]["starts"] == 2
     wait_until(lambda: not alive(first_pid), timeout=5)
+    assert re.search(
+        r"swap to tiny-b@2048 done in \d+ ms: drain \d+ ms, stop \d+ ms, start \d+ ms", gateway.log()
+    )
 
 
 def test_in_flight_stream_finishes_before_the_swap_stops_its_engine(gateway: Gateway) -> None:

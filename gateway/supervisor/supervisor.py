@@ -459,10 +459,30 @@ class Supervisor:
             instance.slot_context,
             startup_ms,
         )
+        self._log_swap_done(variant)
         if self._shutdown is not None:
             self._drain("shutdown")
         elif self._outdated(instance):
             self._drain(f"config reload changed {variant.key}")
+
+    def _log_swap_done(self, variant: Variant) -> None:
+        """One line for an operator: a swap that just ended, with its phases timed from
+        the machine's own history."""
+        steps = list(self.lifecycle.history)[-5:]
+        if [r.trigger for r in steps] != ["drain", "drained", "stopped", "start", "healthy"]:
+            return
+        if not steps[0].reason.startswith("swap"):
+            return
+        at = [r.monotonic * 1000 for r in steps]
+        log.info(
+            "swap to %s done in %.0f ms: drain %.0f ms, stop %.0f ms, start %.0f ms (%s)",
+            variant.key,
+            at[4] - at[0],
+            at[1] - at[0],
+            at[2] - at[1],
+            at[4] - at[2],
+            steps[0].reason,
+        )
 
     def _on_start_failed(self, variant: Variant, error: StartFailed) -> None:
         self.last_engine_lines = error.last_lines
