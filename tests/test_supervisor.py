@@ -25,7 +25,7 @@ from gateway.config.schema import (
 from gateway.engine.manager import StartFailed
 from gateway.errors import ContextLengthExceeded, EngineFailed, EngineTimeout, Unavailable
 from gateway.models import PromptShape, byte_bound
-from gateway.supervisor import supervisor as supervisor_module
+from gateway.supervisor import engine_steps
 from gateway.supervisor.requests import Grant, PendingRequest
 from gateway.supervisor.supervisor import Supervisor
 
@@ -279,7 +279,7 @@ async def harness(config: GatewayConfig) -> AsyncIterator[Harness]:
 
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(supervisor_module, "BACKOFF_BASE", 0.02)
+    monkeypatch.setattr(engine_steps, "BACKOFF_BASE", 0.02)
     return 0.02
 
 

@@ -9,80 +9,31 @@ whose results come back as events. One task, so no locks.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections import Counter
+from typing import Any
 
 from gateway.config.schema import GatewayConfig, Model, Variant
-from gateway.engine.manager import EngineInstance, StartFailed
 from gateway.errors import (
     ContextLengthExceeded,
-    EngineFailed,
-    EngineTimeout,
-    GatewayError,
     Unavailable,
 )
-from gateway.models import ModelSelector, Needs, PromptShape, RunningEngine, Selection, TokenEstimator
+from gateway.models import ModelSelector, Needs, PromptShape, RunningEngine, Selection
 from gateway.supervisor import events as ev
-from gateway.supervisor.machine import EngineLifecycle
+from gateway.supervisor.control_steps import ControlSteps
+from gateway.supervisor.engine_steps import EngineSteps
 from gateway.supervisor.policy import EngineView, Plan, Waiting, plan
 from gateway.supervisor.requests import Grant, PendingRequest
-from gateway.utils.metrics import Metrics
+from gateway.supervisor.state import Lease
 
 log = logging.getLogger("gateway.supervisor")
 
-RECENT_SELECTIONS = 20
 PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "embedding": "input"}
-BACKOFF_BASE = 0.25  # seconds before the first restart after a failure; doubles, bounded
-BACKOFF_MAX = 8.0
 
 
-class Effects(Protocol):
-    """What the supervisor does to the world: the EngineManager, or a fake in tests."""
-
-    def capacity(self, variant: Variant, model: Model) -> int: ...
-
-    async def start(self, model: Model, variant: Variant) -> EngineInstance: ...
-
-    async def stop(self, instance: EngineInstance) -> int: ...
-
-
-@dataclass
-class _Lease:
-    pending: PendingRequest
-    instance: EngineInstance
-    tokens: int  # context it reserves on its engine: its needs, exact once counted
-
-
-class Supervisor:
-    def __init__(self, config: GatewayConfig, effects: Effects, metrics: Metrics | None = None) -> None:
-        self.config = config
-        self._effects = effects
-        self.lifecycle = EngineLifecycle()
-        self.estimator = TokenEstimator()
-        self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
-        self._queue: list[PendingRequest] = []
-        self._leases: dict[int, _Lease] = {}
-        self._instance: EngineInstance | None = None  # the engine of starting..stopping
-        self._target: Variant | None = None  # what starting is starting
-        self._effect: asyncio.Task[None] | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._failures: Counter[str] = Counter()  # failed starts or crashes in a row, per model
-        self._retry_at: dict[str, float] = {}  # per model: no restart before (monotonic)
-        self._seq = itertools.count(1)
-        self._shutdown: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.selections: deque[dict[str, Any]] = deque(maxlen=RECENT_SELECTIONS)
-        self.counters: Counter[str] = Counter()
-        self.last_engine_lines: list[str] = []
-        self.metrics = metrics or Metrics()
-        self._wanted: tuple[Variant, asyncio.Future[None]] | None = None  # a load ahead of traffic
-        self._unloading: list[asyncio.Future[None]] = []  # unload callers waiting for idle
-        self._draining_for_swap = False  # a drain only the queue asked for can be called off
+class Supervisor(EngineSteps, ControlSteps):
+    """The one task that owns the queue, the leases and the engine's state."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -146,9 +97,6 @@ class Supervisor:
         done = asyncio.get_running_loop().create_future()
         self._post(ev.LoadRequested(variant, done))
         return done
-
-    def _post(self, event: ev.Event) -> None:
-        self._inbox.put_nowait(event)
 
     # --- the run loop ----------------------------------------------------------------------
 
@@ -349,7 +297,7 @@ class Supervisor:
         assert self._instance is not None and pending.future is not None
         self._cancel_timer("idle")
         grant = Grant(self._instance, selection)
-        self._leases[grant.lease] = _Lease(pending, self._instance, tokens)
+        self._leases[grant.lease] = Lease(pending, self._instance, tokens)
         self._queue.remove(pending)
         pending.future.set_result(grant)
         self.counters["granted"] += 1
@@ -402,335 +350,6 @@ class Supervisor:
         ).inc()
         log.info("select %s %s: %s", pending.request_id, pending.model.name, selection.describe())
 
-    # --- starting and stopping ------------------------------------------------------------------
-
-    def _start(
-        self, variant: Variant, why: str, pending: PendingRequest | None, selection: Selection | None
-    ) -> None:
-        model = pending.model if pending is not None else self._model(variant.model)
-        delay = self._retry_at.get(model.name, 0.0) - time.monotonic()
-        if delay > 0:
-            self._arm_timer("retry", delay, None)  # backoff after failures; reconcile again then
-            return
-        if pending is not None and selection is not None:
-            self._log_selection(pending, selection)
-        self._target = variant
-        self._fire("start", f"{why} needs {variant.key}")
-        self._count("starts", model.name)
-        self._run_effect(self._starting(model, variant))
-
-    async def _starting(self, model: Model, variant: Variant) -> None:
-        try:
-            instance = await self._effects.start(model, variant)
-        except StartFailed as exc:
-            self._post(ev.StartFinished(variant, None, exc))
-        except asyncio.CancelledError:
-            self._post(ev.StartFinished(variant, None, StartFailed("aborted", "start aborted")))
-            raise
-        except Exception as exc:  # an engine answering nonsense while starting
-            self._post(ev.StartFinished(variant, None, StartFailed("exited", str(exc))))
-        else:
-            self._post(ev.StartFinished(variant, instance, None))
-
-    def _start_finished(
-        self, variant: Variant, instance: EngineInstance | None, error: StartFailed | None
-    ) -> None:
-        self._effect = None
-        self._target = None
-        if instance is not None:
-            self._on_ready(instance)
-        elif error is not None and error.kind == "aborted":
-            self._fire("abort", "start aborted")
-            self._fire("stopped", "engine killed while starting")
-        elif error is not None:
-            self._on_start_failed(variant, error)
-
-    def _on_ready(self, instance: EngineInstance) -> None:
-        self._instance = instance
-        self._watch_exit(instance)
-        variant, pid, startup_ms = instance.variant, instance.process.pid, instance.startup_seconds * 1000
-        self.metrics.startup.labels(variant.model, str(variant.context)).observe(instance.startup_seconds)
-        self._fire("healthy", f"pid {pid} port {instance.port} in {startup_ms:.0f} ms")
-        log.info(
-            "engine ready %s pid=%s port=%d slot_context=%d startup=%.0fms",
-            variant.key,
-            pid,
-            instance.port,
-            instance.slot_context,
-            startup_ms,
-        )
-        self._log_swap_done(variant)
-        if self._shutdown is not None:
-            self._drain("shutdown")
-        elif self._outdated(instance):
-            self._drain(f"config reload changed {variant.key}")
-
-    def _log_swap_done(self, variant: Variant) -> None:
-        """One line for an operator: a swap that just ended, with its phases timed from
-        the machine's own history."""
-        steps = list(self.lifecycle.history)[-5:]
-        if [r.trigger for r in steps] != ["drain", "drained", "stopped", "start", "healthy"]:
-            return
-        if not steps[0].reason.startswith("swap"):
-            return
-        at = [r.monotonic * 1000 for r in steps]
-        log.info(
-            "swap to %s done in %.0f ms: drain %.0f ms, stop %.0f ms, start %.0f ms (%s)",
-            variant.key,
-            at[4] - at[0],
-            at[1] - at[0],
-            at[2] - at[1],
-            at[4] - at[2],
-            steps[0].reason,
-        )
-
-    def _on_start_failed(self, variant: Variant, error: StartFailed) -> None:
-        self.last_engine_lines = error.last_lines
-        self._count("start_failures", variant.model)
-        self._fire("fail", str(error))
-        log.error("engine start failed %s: %s", variant.key, error)
-        self._fail_model(variant.model, self._start_error(error))
-        self._count_failure(variant.model)
-
-    def _start_error(self, error: StartFailed) -> GatewayError:
-        tail = "\n".join(error.last_lines[-10:])
-        message = f"{error}" + (f"; last engine output:\n{tail}" if tail else "")
-        if error.kind == "timeout":
-            return EngineTimeout(message)
-        if error.kind == "spawn":
-            return Unavailable(message)
-        return EngineFailed(message)
-
-    def _fail_model(self, model_name: str, error: GatewayError) -> None:
-        """A start of this model failed: its waiters (and a load of it) get the error."""
-        if self._wanted is not None and self._wanted[0].model == model_name:
-            self._cancel_wanted(error)
-        self._fail_waiters(error, model_name)
-
-    def _fail_waiters(self, error: GatewayError, model_name: str | None = None) -> None:
-        """Answer the queued requests (of one model, or all) with `error`."""
-        for pending in [p for p in self._queue if model_name in (None, p.model.name)]:
-            self._queue.remove(pending)
-            assert pending.future is not None
-            pending.future.set_exception(error)
-
-    def _cancel_wanted(self, error: GatewayError) -> None:
-        if self._wanted is not None:
-            if not self._wanted[1].done():
-                self._wanted[1].set_exception(error)
-            self._wanted = None
-
-    def _count_failure(self, model_name: str) -> bool:
-        """One more failed start or crash in a row: back off; True when the limit is reached."""
-        failures = self._failures[model_name] = self._failures[model_name] + 1
-        delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX)
-        self._retry_at[model_name] = time.monotonic() + delay
-        if failures < self.config.server.max_start_failures:
-            return False
-        self._failures.pop(model_name)
-        self._fire("reset", f"{model_name}: {failures} failures in a row")
-        return True
-
-    def _drain(self, reason: str, for_swap: bool = False) -> None:
-        self._cancel_timer("idle")
-        self._draining_for_swap = for_swap
-        self._fire("drain", reason)
-        assert self._instance is not None
-        self._arm_timer("drain", self._instance.variant.timeouts.drain, self._instance)
-
-    def _finish_drain(self, reason: str) -> None:
-        self._fire("drained", reason)
-        self._launch_stop()
-
-    def _launch_stop(self) -> None:
-        self._cancel_timer("drain")
-        instance = self._instance
-        assert instance is not None
-
-        async def stopping() -> None:
-            code = await self._effects.stop(instance)
-            self._post(ev.StopFinished(instance, code))
-
-        self._run_effect(stopping())
-
-    def _stop_finished(self, instance: EngineInstance, code: int) -> None:
-        self._effect = None
-        self._forget(instance, "stopped", code)
-        self._fire("stopped", f"pid {instance.process.pid} exited with {code}")
-
-    def _forget(self, instance: EngineInstance, how: str, code: int) -> None:
-        """The engine is gone: keep its last words, log one line."""
-        self._instance = None
-        self._cancel_timer("drain")
-        self.last_engine_lines = instance.process.last_lines()
-        uptime = time.monotonic() - instance.process.started_monotonic
-        level = logging.ERROR if how == "crashed" else logging.INFO
-        log.log(
-            level,
-            "engine %s %s pid=%s exit=%s uptime=%.1fs in_flight=%d",
-            how,
-            instance.variant.key,
-            instance.process.pid,
-            code,
-            uptime,
-            self._count_leases(instance),
-        )
-
-    def _watch_exit(self, instance: EngineInstance) -> None:
-        def exited(task: asyncio.Task[int]) -> None:
-            if not task.cancelled():
-                self._post(ev.EngineExited(instance, task.result()))
-
-        instance.exited.add_done_callback(exited)
-
-    def _engine_exited(self, instance: EngineInstance, code: int) -> None:
-        if instance is not self._instance or self.lifecycle.state not in ("ready", "draining"):
-            return  # a stop we asked for; the stop effect reports it
-        self._forget(instance, "crashed", code)
-        self._count("crashes", instance.model.name)
-        self._fire("died", f"pid {instance.process.pid} exited with {code}")
-        if self._count_failure(instance.model.name):
-            tail = "\n".join(self.last_engine_lines[-10:])
-            self._fail_model(
-                instance.model.name,
-                Unavailable(
-                    f"the engine of {instance.model.name!r} keeps failing "
-                    f"({self.config.server.max_start_failures} times in a row); "
-                    f"last engine output:\n{tail}"
-                ),
-            )
-
-    def _run_effect(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._effect = asyncio.create_task(coro, name="supervisor-effect")
-
-    # --- timers -------------------------------------------------------------------------------
-
-    def _arm_timer(self, name: str, delay: float, instance: EngineInstance | None) -> None:
-        self._cancel_timer(name)
-        self._timers[name] = asyncio.get_running_loop().call_later(
-            delay, self._post, ev.TimerFired(name, instance)
-        )
-
-    def _cancel_timer(self, name: str) -> None:
-        timer = self._timers.pop(name, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _arm_idle_timer(self) -> None:
-        assert self._instance is not None
-        idle = self._instance.variant.timeouts.idle
-        if idle > 0 and not self._instance_leases() and "idle" not in self._timers:
-            self._arm_timer("idle", idle, self._instance)
-
-    def _timer_fired(self, name: str, instance: EngineInstance | None) -> None:
-        self._timers.pop(name, None)
-        if instance is not None and instance is not self._instance:
-            return  # armed for an engine that is gone
-        state = self.lifecycle.state
-        if name == "idle" and state == "ready" and not self._instance_leases() and not self._queue:
-            self._count("idle_unloads", instance.model.name)  # type: ignore[union-attr]
-            self._drain(f"idle for {instance.variant.timeouts.idle:g}s")  # type: ignore[union-attr]
-        elif name == "drain" and state == "draining":
-            assert instance is not None
-            cut = self._count_leases(instance)
-            instance.cut_off()  # their answers end now; the engine is free to stop
-            self._finish_drain(f"drain_timeout: {cut} request(s) still in flight are cut off")
-        # "retry": the backoff ended; the reconcile after this event starts the engine
-
-    # --- control: load, reload, unload and shutdown ---------------------------------------------
-
-    def _load(self, variant: Variant, done: asyncio.Future[None]) -> None:
-        if self._shutdown is not None:
-            done.set_exception(Unavailable("the gateway is shutting down"))
-            return
-        self._cancel_wanted(Unavailable(f"superseded by a load of {variant.key}"))
-        self._wanted = (variant, done)
-
-    def _reload(self, config: GatewayConfig) -> None:
-        """New requests see the new config now; the engine is swapped only if its own
-        model or variant changed (after its in-flight requests finish)."""
-        self.config = config
-        for pending in self._queue:
-            model = config.resolve(pending.model.name)
-            if model is not None and model.name == pending.model.name:
-                pending.model = model
-            # else: accepted under the old config, it is served under the old one; nothing
-            # queued is lost
-        if self._wanted is not None and self._current(self._wanted[0].model, self._wanted[0].context) is None:
-            self._cancel_wanted(Unavailable("the model or variant to load was removed by a reload"))
-        instance = self._instance
-        if instance is None:
-            return  # an engine still starting is checked when it is ready
-        if not self._outdated(instance):
-            current = self._current(instance.model.name, instance.variant.context)
-            if current is not None:
-                instance.model, instance.variant = current  # the same engine, new rules
-            return
-        log.info("config reload changed %s: it is replaced once idle", instance.variant.key)
-        self._wind_down(f"config reload changed {instance.variant.key}")
-
-    def _current(self, model_name: str, context: int) -> tuple[Model, Variant] | None:
-        """A variant as the config now defines it."""
-        model = self.config.resolve(model_name)
-        variant = model.variant_for(context) if model and model.name == model_name else None
-        return (model, variant) if model and variant else None
-
-    def _outdated(self, instance: EngineInstance) -> bool:
-        """The config now starts this model's variant differently. (An engine of a model
-        the reload removed keeps serving the requests accepted for it; a swap or the idle
-        timeout ends it.)"""
-        current = self._current(instance.model.name, instance.variant.context)
-        model = self.config.resolve(instance.model.name)
-        if current is None:
-            return model is not None and model.name == instance.model.name  # variant removed
-        return _engine_spec(*current) != _engine_spec(instance.model, instance.variant)
-
-    def _unload(self, done: asyncio.Future[None]) -> None:
-        """Stop the engine (after a drain); `done` resolves when none runs."""
-        self._cancel_wanted(Unavailable("cancelled by an unload"))
-        self._wind_down("unload requested")
-        self._unloading.append(done)
-
-    def _begin_shutdown(self, done: asyncio.Future[None]) -> None:
-        self._shutdown = done
-        self._cancel_wanted(Unavailable("the gateway is shutting down"))
-        self._fail_waiters(Unavailable("the gateway is shutting down"))
-        for name in ("idle", "retry"):
-            self._cancel_timer(name)
-        self._wind_down("shutdown")
-
-    def _wind_down(self, reason: str) -> None:
-        """Bring the engine down for good: drain it, keep a drain going, or cut a start."""
-        state = self.lifecycle.state
-        if state == "ready":
-            self._drain(reason)
-        elif state == "draining":
-            self._draining_for_swap = False  # no `resume` may undo this one
-        elif state == "starting" and self._effect is not None:
-            self._effect.cancel()
-
-    def _continue_shutdown(self) -> None:
-        state = self.lifecycle.state
-        if state == "draining" and not self._instance_leases():
-            self._finish_drain("shutdown: no request in flight")
-        elif state in ("idle", "crashed") and self._shutdown is not None and not self._shutdown.done():
-            self._shutdown.set_result(None)
-
-    # --- bookkeeping ----------------------------------------------------------------------------
-
-    def _count(self, name: str, model: str, amount: int = 1) -> None:
-        self.counters[name] += amount
-        self.metrics.count(name, model, amount)
-
-    def _fire(self, trigger: str, reason: str) -> None:
-        self.lifecycle.fire(trigger, reason)
-
-    def _instance_leases(self) -> int:
-        return self._count_leases(self._instance) if self._instance is not None else 0
-
-    def _count_leases(self, instance: EngineInstance) -> int:
-        return sum(1 for lease in self._leases.values() if lease.instance is instance)
-
     def snapshot(self) -> dict[str, Any]:
         """The state for /gateway/state (read between events; the loop is single-threaded)."""
         instance = self._instance
@@ -750,16 +369,3 @@ class Supervisor:
             "selections": list(self.selections),
             "engine_log": instance.process.last_lines() if instance else self.last_engine_lines,
         }
-
-
-def _engine_spec(model: Model, variant: Variant) -> tuple[Any, ...]:
-    """What starting an engine depends on; a reload that keeps it keeps the engine."""
-    return (
-        model.engine,
-        model.binary,
-        model.args,
-        sorted(model.env.items()),
-        variant.context,
-        variant.args,
-        variant.binary,
-    )
