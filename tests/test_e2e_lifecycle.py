@@ -255,7 +255,11 @@ def test_drain_timeout_cuts_off_requests_in_flight_at_once(start_gateway, tiny_m
         cut_after = time.monotonic() - started
     plain.join(30)
     swap.join(30)
+    swapped_after = time.monotonic() - started
     assert cut_after < 1.0  # 0.3 s of drain, not the rest of the generation
+    # Both were ended, so the engine stopped on SIGTERM, not after stop_timeout (5 s).
+    assert swapped_after < 2.5
+    assert "exit=0" in next(line for line in gateway.log().splitlines() if "engine stopped tiny@8192" in line)
     assert "drain_timeout" in rest and "data: [DONE]" not in rest
     assert plain_result[0].status == 502  # cut off, not run again
     assert "drain_timeout" in plain_result[0].json()["error"]["message"]

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -920,9 +920,10 @@ async def test_an_exact_count_updates_the_reservation(harness: Harness) -> None:
     await settle()
     grant = first.result()
     assert grant.count_first
-    sup.observe(grant, pending.shape, 480)  # counted: 490 of 512 reserved now
+    fits = sup.confirm(grant, pending.shape, 480)  # counted: 490 of 512 reserved now
     _, second = ask(sup, "a", tokens=30, reserve=10)
     await settle()
+    assert fits.result() is True
     assert not second.done()
     sup.release(grant, served=True)
     await settle()
@@ -961,3 +962,86 @@ async def test_a_start_still_wanted_by_another_request_goes_on(harness: Harness)
     fx.starts[0].succeed()
     await settle()
     assert second.done() and not second.exception()
+
+
+async def test_a_count_over_the_free_shared_cache_sends_the_request_back(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    ask(sup, "a", tokens=300, reserve=100)  # 400 of 512
+    await settle()
+    fx.starts[0].succeed(kv_budget=512)
+    await settle()
+    pending, second = ask(sup, "a", tokens=None, reserve=10, text_bytes=40)  # estimate: ~40
+    await settle()
+    grant = second.result()  # granted on its estimate
+    assert await sup.confirm(grant, pending.shape, 300) is False  # 400 + 310 > 512
+
+
+class RaisingStop(FakeEffects):
+    async def stop(self, instance: FakeInstance) -> int:
+        raise RuntimeError("the output reader broke")
+
+
+async def test_a_stop_that_raises_still_ends_in_idle() -> None:
+    fx = RaisingStop()
+    sup = Supervisor(make_config(), fx)
+    sup.start()
+    try:
+        _, task = ask(sup, "a")
+        await settle()
+        engine = fx.starts[0].succeed()
+        await settle()
+        sup.release(task.result(), served=True)
+        await sup.unload()
+        assert sup.lifecycle.state == "idle" and engine.process.killed
+    finally:
+        await sup.close()
+
+
+async def test_an_unload_that_races_the_end_of_a_start_is_honoured(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, task = ask(sup, "a")
+    await settle()
+    # The unload came in after the start's effect had finished but before its result was
+    # handled: too late to cancel the start, so the ready engine must honour it.
+    unloaded = asyncio.get_running_loop().create_future()
+    sup._unloading.append(unloaded)
+    fx.starts[0].succeed()
+    await settle()
+    history = [(r.trigger, r.reason) for r in sup.lifecycle.history]
+    assert history[1:4] == [
+        ("healthy", history[1][1]),
+        ("drain", "unload requested"),
+        ("drained", "no request in flight"),
+    ]
+    assert unloaded.done()  # answered once the engine stopped
+    assert not task.done()  # the waiting request then starts it again
+
+
+async def test_a_start_is_cancelled_only_once(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    _, task = ask(sup, "a")
+    await settle(3)
+    task.cancel()
+    for _ in range(5):  # more events while the start winds down
+        ask(sup, "b")[1].cancel()
+    await settle()
+    history = [r.trigger for r in sup.lifecycle.history]
+    assert history.count("abort") <= 1 and fx.starts[0].cancelled
+
+
+async def test_a_load_pending_across_a_reload_loads_the_new_config(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    old = sup.config
+    loading = sup.load(old.models[0].variants[0])
+    await settle()
+    changed = replace(old.models[0], args=("--seed", "7"))
+    variants = tuple(replace(v, args=v.args) for v in changed.variants)
+    sup.reload(GatewayConfig(old.source, old.server, (replace(changed, variants=variants), *old.models[1:])))
+    await settle()
+    fx.starts[0].succeed()  # the old variant's engine: outdated, replaced
+    await settle()
+    assert len(fx.starts) == 2
+    fx.starts[1].succeed()
+    await settle()
+    assert loading.done() and not loading.exception()
+    assert len(fx.starts) == 2  # and no loop of restarts

@@ -52,14 +52,18 @@ class EngineInstance:
     overhead: TemplateOverhead | None  # None when its chat template could not be measured
     startup_seconds: float
     exited: asyncio.Task[int] = field(repr=False)
-    # Answers being relayed from it, so that a drain timeout can end them at once.
+    # Requests in flight on it (awaiting their answer's headers, or being relayed), so
+    # that a drain timeout can end them at once.
+    open_requests: set[asyncio.Future[aiohttp.ClientResponse]] = field(default_factory=set, repr=False)
     open_responses: set[aiohttp.ClientResponse] = field(default_factory=set, repr=False)
     was_cut_off: bool = False
 
     def cut_off(self) -> None:
-        """drain_timeout passed: close what is still in flight (llama-server does not
-        stop on SIGTERM while a slot generates, and the client should know now)."""
+        """drain_timeout passed: end what is still in flight (llama-server does not stop
+        on SIGTERM while a slot generates, and the client should know now)."""
         self.was_cut_off = True
+        for opening in list(self.open_requests):
+            opening.cancel()
         for response in list(self.open_responses):
             response.close()
 
@@ -114,7 +118,7 @@ class EngineManager:
             async with asyncio.timeout(variant.timeouts.startup):
                 return await self._until_ready(model, variant, process, listening, exited)
         except TimeoutError:
-            await process.stop(variant.timeouts.stop)
+            await asyncio.shield(process.stop(variant.timeouts.stop))
             raise StartFailed(
                 "timeout",
                 f"{variant.key} was not healthy after {variant.timeouts.startup:g}s",

@@ -198,14 +198,16 @@ class _Call:
             raise EngineRejected(exc.status, exc.engine_message) from None
         except EngineRequestError as exc:
             return self._retry_or_fail(f"counting failed: {exc}")
-        self.supervisor.observe(grant, pending.shape, tokens)
+        fits_shared_cache = await asyncio.shield(self.supervisor.confirm(grant, pending.shape, tokens))
         pending.exact_tokens, pending.method = tokens, "exact"
-        if tokens + pending.reserve <= instance.slot_context:
-            return None
-        return (
-            f"counted {tokens} prompt tokens + {pending.reserve} reserve > "
-            f"context {instance.slot_context} of {instance.variant.key}: upgrade"
-        )
+        if tokens + pending.reserve > instance.slot_context:
+            return (
+                f"counted {tokens} prompt tokens + {pending.reserve} reserve > "
+                f"context {instance.slot_context} of {instance.variant.key}: upgrade"
+            )
+        if not fits_shared_cache:  # granted on a low estimate: wait for room, then go
+            return f"counted {tokens} prompt tokens: no room in the shared KV cache yet"
+        return None
 
     async def _after_not_sent(self, grant: Grant, exc: NotSent) -> str:
         """Why the request goes back to the queue, or the error that ends it."""

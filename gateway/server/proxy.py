@@ -6,6 +6,7 @@ change made to an answer is the `model` name, when the client asked by another n
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,12 +99,7 @@ async def forward(
 
     `started` is an SSE response already sent to the client (loading keep-alives).
     """
-    try:
-        # Not retried here: a POST the engine may have taken is retried, if at all, by the
-        # handler once it knows whether the engine died.
-        upstream = await instance.client.open("POST", request.path, data, headers, idempotent=False)
-    except EngineRequestError as exc:
-        raise NotSent(f"engine unreachable: {exc}") from None
+    upstream = await _open(instance, request.path, data, headers)
     instance.open_responses.add(upstream)
     try:
         first = await _first_chunk(upstream)
@@ -123,6 +119,28 @@ async def forward(
     finally:
         instance.open_responses.discard(upstream)
         upstream.close()  # also the way a cancelled request reaches the engine: it frees the slot
+
+
+async def _open(
+    instance: EngineInstance, path: str, data: bytes, headers: Mapping[str, str]
+) -> aiohttp.ClientResponse:
+    """Send the request; its answer's headers come back (for a non-streamed request,
+    only once the whole answer is ready). A drain timeout cancels the wait."""
+    # Not retried here: a POST the engine may have taken is retried, if at all, by the
+    # handler once it knows whether the engine died.
+    opening = asyncio.ensure_future(instance.client.open("POST", path, data, headers, idempotent=False))
+    instance.open_requests.add(opening)
+    try:
+        return await opening
+    except EngineRequestError as exc:
+        raise NotSent(f"engine unreachable: {exc}") from None
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if instance.was_cut_off and not (current and current.cancelling()):
+            raise NotSent("cut off by drain_timeout") from None
+        raise
+    finally:
+        instance.open_requests.discard(opening)
 
 
 async def _first_chunk(upstream: aiohttp.ClientResponse) -> bytes:

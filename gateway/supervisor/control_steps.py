@@ -35,8 +35,12 @@ class ControlSteps(SupervisorState):
                 pending.model = model
             # else: accepted under the old config, it is served under the old one; nothing
             # queued is lost
-        if self._wanted is not None and self._current(self._wanted[0].model, self._wanted[0].context) is None:
-            self._cancel_wanted(Unavailable("the model or variant to load was removed by a reload"))
+        if self._wanted is not None:
+            current = self._current(self._wanted[0].model, self._wanted[0].context)
+            if current is None:
+                self._cancel_wanted(Unavailable("the model or variant to load was removed by a reload"))
+            else:
+                self._wanted = (current[1], self._wanted[1])  # load it as the config now says
         instance = self._instance
         if instance is None:
             return  # an engine still starting is checked when it is ready
@@ -85,8 +89,8 @@ class ControlSteps(SupervisorState):
             self._drain(reason)
         elif state == "draining":
             self._draining_for_swap = False  # no `resume` may undo this one
-        elif state == "starting" and self._effect is not None:
-            self._effect.cancel()
+        elif state == "starting":
+            self._cancel_start()
 
     def _continue_shutdown(self) -> None:
         state = self.lifecycle.state

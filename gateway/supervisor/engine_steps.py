@@ -85,6 +85,8 @@ class EngineSteps(SupervisorState):
         self._log_swap_done(variant)
         if self._shutdown is not None:
             self._drain("shutdown")
+        elif self._unloading:  # asked for while it started
+            self._drain("unload requested")
         elif self._outdated(instance):
             self._drain(f"config reload changed {variant.key}")
 
@@ -158,7 +160,12 @@ class EngineSteps(SupervisorState):
         assert instance is not None
 
         async def stopping() -> None:
-            code = await self._effects.stop(instance)
+            try:
+                code = await self._effects.stop(instance)
+            except Exception:
+                log.exception("stopping %s failed: killing it", instance.variant.key)
+                instance.process.kill_now()
+                code = -9
             self._post(ev.StopFinished(instance, code))
 
         self._run_effect(stopping())

@@ -37,6 +37,7 @@ class TokensCounted:
     model: str
     shape: PromptShape
     tokens: int
+    fits: asyncio.Future[bool]
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,11 @@ class SupervisorState:
                 self._wanted[1].set_exception(error)
             self._wanted = None
 
+    def _cancel_start(self) -> None:
+        """Cut a start short, once: the start effect kills its engine before it ends."""
+        if self._effect is not None and not self._effect.done() and not self._effect.cancelling():
+            self._effect.cancel()
+
     def _count(self, name: str, model: str, amount: int = 1) -> None:
         self.counters[name] += amount
         self.metrics.count(name, model, amount)

@@ -79,10 +79,13 @@ class Supervisor(EngineSteps, ControlSteps):
         again for the same request, which keeps its place in the queue."""
         self._post(ev.LeaseReleased(grant.lease, requeue_reason, served))
 
-    def observe(self, grant: Grant, shape: PromptShape, tokens: int) -> None:
-        """An exact count on the granted engine: the lease's reservation, and the
-        model's tokens per byte to learn from."""
-        self._post(ev.TokensCounted(grant.lease, grant.instance.model.name, shape, tokens))
+    def confirm(self, grant: Grant, shape: PromptShape, tokens: int) -> asyncio.Future[bool]:
+        """An exact count on the granted engine: it becomes the lease's reservation (and
+        teaches the model's tokens per byte). Resolves to whether the requests in flight
+        still fit the engine's shared KV cache with it."""
+        fits = asyncio.get_running_loop().create_future()
+        self._post(ev.TokensCounted(grant.lease, grant.instance.model.name, shape, tokens, fits))
+        return fits
 
     def unload(self) -> asyncio.Future[None]:
         done = asyncio.get_running_loop().create_future()
@@ -119,11 +122,10 @@ class Supervisor(EngineSteps, ControlSteps):
                     self._count("cancelled_waiting", pending.model.name)
             case ev.LeaseReleased(lease, requeue, served):
                 self._release(lease, requeue, served)
-            case ev.TokensCounted(lease_id, model, shape, tokens):
+            case ev.TokensCounted(lease_id, model, shape, tokens, fits):
                 self.estimator.observe(model, shape, tokens)
                 self._count("tokens_counted", model, tokens)
-                if (lease := self._leases.get(lease_id)) is not None:
-                    lease.tokens = tokens + lease.pending.reserve
+                fits.set_result(self._recount(lease_id, tokens))
             case ev.StartFinished(variant, instance, error):
                 self._start_finished(variant, instance, error)
             case ev.StopFinished(instance, code):
@@ -177,7 +179,7 @@ class Supervisor(EngineSteps, ControlSteps):
             self._fire("resume", "the requests that needed the swap are gone")
         if self.lifecycle.state == "starting" and self._start_unneeded():
             log.info("start of %s cut short: nobody waits for it any more", self._target.key)  # type: ignore[union-attr]
-            self._effect.cancel()  # type: ignore[union-attr]
+            self._cancel_start()
         self._apply(plan(self._waiting(), self._view(), self._selector()))
 
     def _apply(self, decision: Plan) -> None:
@@ -327,6 +329,16 @@ class Supervisor(EngineSteps, ControlSteps):
         if requeue_reason is not None:
             self._count("requeued", lease.pending.model.name)
             log.info("request %s goes back to the queue: %s", lease.pending.request_id, requeue_reason)
+
+    def _recount(self, lease_id: int, tokens: int) -> bool:
+        """The lease now reserves its exact needs; do all on its engine still fit?"""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return True
+        lease.tokens = tokens + lease.pending.reserve
+        budget = lease.instance.kv_budget
+        used = sum(other.tokens for other in self._leases.values() if other.instance is lease.instance)
+        return budget is None or used <= budget
 
     def _log_selection(self, pending: PendingRequest, selection: Selection) -> None:
         """One line per decision: a start or grant that carries out a logged one is not new."""
