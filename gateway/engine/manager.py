@@ -79,6 +79,7 @@ class EngineManager:
         self.llamacpp = LlamaCppEngine()
         self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
         self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
+        self._capacities: dict[tuple[Variant, tuple[str, ...]], int] = {}
 
     def client(self, base_url: str) -> EngineClient:
         if self._sessions is None:  # made on first use: a session needs the running loop
@@ -96,7 +97,11 @@ class EngineManager:
             process.kill_now()
 
     def capacity(self, variant: Variant, model: Model) -> int:
-        return self.llamacpp.capacity(variant, model)
+        # Asked for every queued request after every event: parse each variant's args once.
+        key = (variant, model.args)
+        if key not in self._capacities:
+            self._capacities[key] = self.llamacpp.capacity(variant, model)
+        return self._capacities[key]
 
     async def start(self, model: Model, variant: Variant) -> EngineInstance:
         """Spawn the variant's engine and wait until it is healthy (or raise StartFailed)."""
