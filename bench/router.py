@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 # A child's log line as the router relays it: "[port] m.ss.mmm.uuu I srv ... listening on".
@@ -38,28 +34,6 @@ def spawn_router(
         argv, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
     )
     return process, log_path
-
-
-def wait_router(url: str, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama-server router mode exited with {process.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/v1/models", timeout=1) as resp:
-            if resp.status == 200:
-                return
-        time.sleep(0.02)
-    raise RuntimeError(f"llama-server router mode at {url} did not answer in {timeout:g}s")
-
-
-def stop_router(process: subprocess.Popen[bytes], timeout: float = 10) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
 
 
 def child_listening_ms(log_path: Path) -> list[float]:

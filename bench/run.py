@@ -28,9 +28,9 @@ from typing import Any
 
 import aiohttp
 from report import markdown, plots
-from router import child_listening_ms, spawn_router, stop_router, wait_router
+from router import child_listening_ms, spawn_router
 
-from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_gateway, wait_healthy
+from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_process, wait_healthy
 from gateway.demo.tinymodel import write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -541,7 +541,7 @@ async def run_all(
             results[name] = await step()
             print(f"{name}: {time.perf_counter() - t:.1f} s", flush=True)
             if name == "cpu_per_chunk":  # the asyncio gateway is done: stop it, free its engine
-                results["asyncio_gateway_exit_code"] = await asyncio.to_thread(stop_gateway, ASYNCIO_GW[0])
+                results["asyncio_gateway_exit_code"] = await asyncio.to_thread(stop_process, ASYNCIO_GW[0])
         return results
 
 
@@ -571,7 +571,7 @@ def main() -> int:
             router_proc, router_log = spawn_router(
                 folder, {"tiny": tiny, "tiny-b": tiny_b}, rport, 2048, THREADS
             )
-            wait_router(router_url, router_proc)
+            wait_healthy(router_url, router_proc, path="/v1/models")
         except Exception as exc:  # the peer is optional: say why it is missing
             router_error, router_url = f"{type(exc).__name__}: {exc}", None
             router_log = folder / "router.log"
@@ -594,9 +594,9 @@ def main() -> int:
             print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
             raise
         finally:
-            code = stop_gateway(process)
-            code2 = stop_gateway(process2)
-            router_code = stop_router(router_proc) if router_proc else None
+            code = stop_process(process)
+            code2 = stop_process(process2)
+            router_code = stop_process(router_proc, 10) if router_proc else None
             deadline = time.monotonic() + 10
             while engine_pids(folder) and time.monotonic() < deadline:
                 time.sleep(0.05)

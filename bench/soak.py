@@ -49,7 +49,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_gateway, wait_healthy
+from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_process, wait_healthy
 from gateway.demo.tinymodel import write_tiny_model
 from gateway.supervisor.machine import HISTORY_LENGTH, TRANSITIONS
 
@@ -826,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
 def stop_and_check(process: subprocess.Popen[bytes], timeout: float = 30) -> str:
     """SIGTERM, bounded; then no engine of the gateway may be left."""
     children = engine_children(process.pid)
-    code = stop_gateway(process, timeout)
+    code = stop_process(process, timeout)
     deadline = time.monotonic() + 5
     while any(live(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_gateway, wait_healthy
+from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_process, wait_healthy
 from gateway.demo.tinymodel import write_tiny_model
 from gateway.engine.binary import BinaryNotFound, find_llama_server
 
@@ -115,7 +115,7 @@ class Gateway:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if sig == signal.SIGTERM:
-            return stop_gateway(self.process, timeout)
+            return stop_process(self.process, timeout)
         self.process.send_signal(sig)
         return self.process.wait(timeout)
 

@@ -9,8 +9,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import Gateway, tiny_model_config, wait_until
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -138,11 +136,3 @@ def test_engine_context_error_is_retried_on_a_larger_variant(start_gateway, tiny
     assert resp.json()["choices"][0]["message"]["content"] == "ok"
     selections = gateway.state()["selections"]
     assert (selections[-1]["prompt_tokens"], selections[-1]["context"]) == (1500, 4096)
-
-
-@pytest.mark.parametrize("header", ["Connection", "Keep-Alive", "Transfer-Encoding", "Upgrade"])
-def test_hop_by_hop_headers_do_not_pass(start_gateway, tiny_models, header: str) -> None:
-    from gateway.server.proxy import upstream_headers
-
-    assert header not in upstream_headers({header: "x", "X-Custom": "y"})
-    assert upstream_headers({"X-Custom": "y"}) == {"X-Custom": "y"}

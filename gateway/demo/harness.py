@@ -58,19 +58,22 @@ def spawn_gateway(
     )
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+def wait_healthy(
+    url: str, process: subprocess.Popen[bytes], timeout: float = 20, path: str = "/health"
+) -> None:
+    """Until GET `path` answers 200; fails at once if the process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the gateway exited with {process.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=1) as resp:
+            raise RuntimeError(f"the server for {url} exited with {process.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + path, timeout=1) as resp:
             if resp.status == 200:
                 return
         time.sleep(0.02)
-    raise RuntimeError(f"the gateway at {url} did not become healthy in {timeout:g}s")
+    raise RuntimeError(f"{url}{path} did not answer 200 in {timeout:g}s")
 
 
-def stop_gateway(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
     """SIGTERM and wait; SIGKILL if it does not stop in `timeout`. The exit code."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
