@@ -269,7 +269,7 @@ def test_non_path_arguments_are_left_alone(tmp_path: Path) -> None:
             "-hf", "ggml-org/gemma-3-1b-it-GGUF",
             "--model-url", "https://example.com/x.gguf",
             "--chat-template", "{{ a / b }}",
-            "--seed", -1, "-c", 4096, "--temp", 0.5,
+            "--seed", -1, "-n", 4096, "--temp", 0.5,
             "--unknown-flag", "grammar.gbnf",
           },
           variants = { { context = 8 } },
@@ -287,7 +287,7 @@ def test_non_path_arguments_are_left_alone(tmp_path: Path) -> None:
         "{{ a / b }}",
         "--seed",
         "-1",
-        "-c",
+        "-n",
         "4096",
         "--temp",
         "0.5",
@@ -413,6 +413,94 @@ def test_config_may_compute_and_print(tmp_path: Path) -> None:
         """,
     )
     assert [m.name for m in config.models] == ["m4096", "m1024"]
+
+
+# What the engine's arguments say, parsed once at load --------------------------------------
+
+
+def test_engine_arguments_become_typed_fields(tmp_path: Path) -> None:
+    model = load(
+        tmp_path,
+        """
+        models = { {
+          name = "a",
+          args = { "-m", "models/x.gguf", "-np", 4, "-t", "1" },
+          variants = {
+            { context = 512 },
+            { context = 1024, args = { "--parallel", "2", "--kv-unified" } },
+            { context = 2048, args = { "-kvu", "--no_kv_unified", "--alias", "served", "--embeddings" } },
+            { context = 4096, args = { "--model", "/abs/y.gguf", "--rerank" } },
+          },
+        } }
+        """,
+    ).models[0]
+    v512, v1024, v2048, v4096 = model.variants
+    assert (v512.slots, v512.kv_unified, v512.alias, v512.served_name) == (4, False, None, "a")
+    assert isinstance(v512.slots, int)
+    assert v512.model_file == str(tmp_path / "models" / "x.gguf")
+    assert (v1024.slots, v1024.kv_unified) == (2, True)  # the variant's args come last and win
+    assert (v2048.kv_unified, v2048.alias, v2048.served_name) == (False, "served", "served")
+    assert (v2048.embeddings, v2048.reranking) == (True, False)
+    assert (v4096.model_file, v4096.reranking, v4096.embeddings) == ("/abs/y.gguf", True, False)
+
+
+def test_no_engine_arguments_leave_the_engine_defaults(tmp_path: Path) -> None:
+    (variant,) = load(tmp_path, f"models = {{ {MODEL} }}").models[0].variants
+    assert (variant.slots, variant.kv_unified, variant.alias, variant.model_file) == (None, False, None, None)
+    assert (variant.served_name, variant.embeddings, variant.reranking) == ("a", False, False)
+
+
+def test_engine_environment_counts_and_arguments_win(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LLAMA_ARG_N_PARALLEL", "3")  # the gateway's own: engines inherit it
+    model = load(
+        tmp_path,
+        """
+        models = { {
+          name = "a",
+          env = { LLAMA_ARG_KV_UNIFIED = "on", LLAMA_ARG_EMBEDDINGS = "off" },
+          variants = { { context = 8 }, { context = 9, args = { "-np", "5", "--no-kv-unified" } } },
+        } }
+        """,
+    ).models[0]
+    v8, v9 = model.variants
+    assert (v8.slots, v8.kv_unified, v8.embeddings) == (3, True, False)
+    assert (v9.slots, v9.kv_unified) == (5, False)
+
+
+def test_inherited_environment_is_checked_too(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LLAMA_API_KEY", "k")
+    path = write(tmp_path, f"models = {{ {MODEL} }}")
+    assert load_error(path).startswith(
+        f"{path}: environment variable LLAMA_API_KEY: LLAMA_API_KEY would make the engine answer"
+    )
+
+
+def test_a_name_with_a_comma_is_fine_when_it_never_reaches_alias(tmp_path: Path) -> None:
+    model = load(
+        tmp_path,
+        'models = { { name = "a,b", args = { "--alias", "ab" }, variants = { { context = 8 } } } }',
+    ).models[0]
+    assert model.variants[0].served_name == "ab"
+
+
+def test_request_rules_keep_integer_types(tmp_path: Path) -> None:
+    model = load(
+        tmp_path,
+        """
+        models = { { name = "a", request = { force = { max_tokens = 16.0, stream = false },
+                                             defaults = { n = 2 } },
+                     variants = { { context = 8 } } } }
+        """,
+    ).models[0]
+    assert model.request.force == {"max_tokens": 16, "stream": False}
+    assert isinstance(model.request.force["max_tokens"], int)
+    assert model.request.defaults == {"n": 2}
+
+
+def test_config_timeout(tmp_path: Path) -> None:
+    assert load(tmp_path, f"models = {{ {MODEL} }}").server.config_timeout == 10.0
+    config = load(tmp_path, f"server = {{ config_timeout = 2.5 }}\nmodels = {{ {MODEL} }}")
+    assert config.server.config_timeout == 2.5
 
 
 # Validation errors ---------------------------------------------------------------------------
@@ -603,6 +691,150 @@ ERRORS = {
     "--host= in variant args": (
         models_with('{ name = "a", variants = { { context = 8, args = { "--host=::" } } } }'),
         ["models[1].variants[1].args[1]: --host is set by the gateway"],
+    ),
+    # what the gateway reads in, or relies on about, llama-server's arguments
+    "-c in model args": (
+        models_with('{ name = "a", args = { "-m", "x.gguf", "-c", 4096 }, variants = { { context = 8 } } }'),
+        ["models[1].args[3]: -c sets the context size, which the variant's `context` does"],
+    ),
+    "--ctx_size in variant args": (
+        models_with('{ name = "a", variants = { { context = 8, args = { "--ctx_size", "8" } } } }'),
+        ["models[1].variants[1].args[1]: --ctx_size sets the context size"],
+    ),
+    "-np two": (
+        models_with(
+            '{ name = "a", args = { "-m", "x.gguf", "-np", "two" }, variants = { { context = 8 } } }'
+        ),
+        ['models[1].args[4]: -np must be a positive integer (got "two")'],
+    ),
+    "--parallel 0 in a variant": (
+        models_with(
+            '{ name = "a", variants = { { context = 8 }, { context = 9, args = { "--parallel", 0 } } } }'
+        ),
+        ['models[1].variants[2].args[2]: --parallel must be a positive integer (got "0")'],
+    ),
+    "-np value in the variant's args": (
+        models_with('{ name = "a", args = { "-np" }, variants = { { context = 8, args = { "2x" } } } }'),
+        ['models[1].variants[1].args[1]: -np must be a positive integer (got "2x")'],
+    ),
+    "-np without a value": (
+        models_with('{ name = "a", args = { "-t", "1", "-np" }, variants = { { context = 8 } } }'),
+        ["models[1].args[3]: -np needs a value"],
+    ),
+    "--parallel=2": (
+        models_with('{ name = "a", args = { "--parallel=2" }, variants = { { context = 8 } } }'),
+        ['models[1].args[1]: llama-server takes no --parallel=value form: write "--parallel" and its value'],
+    ),
+    "-np in env": (
+        models_with('{ name = "a", env = { LLAMA_ARG_N_PARALLEL = "two" }, variants = { { context = 8 } } }'),
+        ['models[1].env.LLAMA_ARG_N_PARALLEL: LLAMA_ARG_N_PARALLEL must be a positive integer (got "two")'],
+    ),
+    "kv-unified env not a boolean": (
+        models_with('{ name = "a", env = { LLAMA_ARG_KV_UNIFIED = "yes" }, variants = { { context = 8 } } }'),
+        ["models[1].env.LLAMA_ARG_KV_UNIFIED: must be on/off", '(got "yes")'],
+    ),
+    "--alias with a comma": (
+        models_with('{ name = "a", args = { "--alias", "foo,bar" }, variants = { { context = 8 } } }'),
+        ['models[1].args[2]: --alias "foo,bar" has a comma', "several names"],
+    ),
+    "-a with a trailing space": (
+        models_with('{ name = "a", variants = { { context = 8, args = { "-a", "foo " } } } }'),
+        ['models[1].variants[1].args[2]: -a "foo " starts or ends with a space'],
+    ),
+    "a name with a comma reaches --alias": (
+        models_with('{ name = "foo,bar", variants = { { context = 8 } } }'),
+        ['models[1].name: the name "foo,bar" has a comma', "--alias"],
+    ),
+    "a name with a comma in a variant without --alias": (
+        models_with(
+            '{ name = "foo,bar", variants = { { context = 8, args = { "--alias", "foo" } },'
+            " { context = 9 } } }"
+        ),
+        ['models[1].name: the name "foo,bar" has a comma'],
+    ),
+    "--api-key": (
+        models_with(
+            '{ name = "a", args = { "-m", "x.gguf", "--api-key", "k" }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].args[3]: --api-key would make the engine answer the gateway's own calls with 401"],
+    ),
+    "--api-key-file in a variant": (
+        models_with('{ name = "a", variants = { { context = 8, args = { "--api-key-file", "keys" } } } }'),
+        ["models[1].variants[1].args[1]: --api-key-file would make the engine answer", "401"],
+    ),
+    "LLAMA_API_KEY in env": (
+        models_with('{ name = "a", env = { LLAMA_API_KEY = "k" }, variants = { { context = 8 } } }'),
+        ["models[1].env.LLAMA_API_KEY: LLAMA_API_KEY would make the engine answer", "401"],
+    ),
+    "--api-prefix": (
+        models_with('{ name = "a", args = { "--api-prefix", "/v2" }, variants = { { context = 8 } } }'),
+        ["models[1].args[1]: --api-prefix moves the endpoints the gateway calls"],
+    ),
+    "--log-disable": (
+        models_with('{ name = "a", variants = { { context = 8, args = { "--log-disable" } } } }'),
+        ['models[1].variants[1].args[1]: --log-disable hides the "listening on" line the gateway waits for'],
+    ),
+    "-lv 2": (
+        models_with('{ name = "a", args = { "-lv", 2 }, variants = { { context = 8 } } }'),
+        ['models[1].args[2]: -lv 2 hides the "listening on" line', "use 3 or more"],
+    ),
+    "--log-verbosity not a number": (
+        models_with('{ name = "a", args = { "--log-verbosity", "info" }, variants = { { context = 8 } } }'),
+        ['models[1].args[2]: --log-verbosity must be an integer (got "info")'],
+    ),
+    # request rules that would break every request
+    "force max_tokens a string": (
+        models_with(
+            '{ name = "a", request = { force = { max_tokens = "16" } }, variants = { { context = 8 } } }'
+        ),
+        ['models[1].request.force.max_tokens: must be a positive integer (got "16")'],
+    ),
+    "default max_completion_tokens zero": (
+        models_with(
+            '{ name = "a", request = { defaults = { max_completion_tokens = 0 } },'
+            " variants = { { context = 8 } } }"
+        ),
+        ["models[1].request.defaults.max_completion_tokens: must be a positive integer (got 0)"],
+    ),
+    "force n_predict a fraction": (
+        models_with(
+            '{ name = "a", request = { force = { n_predict = 1.5 } }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].request.force.n_predict: must be a positive integer (got 1.5)"],
+    ),
+    "default n negative": (
+        models_with('{ name = "a", request = { defaults = { n = -1 } }, variants = { { context = 8 } } }'),
+        ["models[1].request.defaults.n: must be a positive integer (got -1)"],
+    ),
+    "force n_cmpl a table": (
+        models_with('{ name = "a", request = { force = { n_cmpl = {} } }, variants = { { context = 8 } } }'),
+        ["models[1].request.force.n_cmpl: must be a positive integer"],
+    ),
+    "force stream a string": (
+        models_with(
+            '{ name = "a", request = { force = { stream = "yes" } }, variants = { { context = 8 } } }'
+        ),
+        ['models[1].request.force.stream: must be a boolean (got string "yes")'],
+    ),
+    "strip messages": (
+        models_with(
+            '{ name = "a", request = { strip = { "seed", "messages" } }, variants = { { context = 8 } } }'
+        ),
+        ['models[1].request.strip[2]: the gateway reads "messages" from every request', "cannot be stripped"],
+    ),
+    "force model": (
+        models_with('{ name = "a", request = { force = { model = "b" } }, variants = { { context = 8 } } }'),
+        ["models[1].request.force.model: the gateway reads model from the client's request"],
+    ),
+    "default prompt": (
+        models_with(
+            '{ name = "a", request = { defaults = { prompt = "hi" } }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].request.defaults.prompt: the gateway reads prompt"],
+    ),
+    "config_timeout zero": (
+        server_with("config_timeout = 0"),
+        ["server.config_timeout: must be a positive number (got 0)"],
     ),
     # engine
     "unknown engine": (

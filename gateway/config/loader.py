@@ -236,21 +236,27 @@ def _resolve_binary(binary: str | None, base: Path) -> str | None:
     return os.path.normpath(base / Path(binary).expanduser())
 
 
+def _variant(name: str, v: dict[str, Any], base: Path) -> Variant:
+    engine = v["engine"]  # what the engine type's Lua file read in the arguments
+    model_file = engine.get("model_file")
+    return Variant(
+        model=name,
+        context=v["context"],
+        args=_resolve_paths(_as_list(v["args"]), base),
+        binary=_resolve_binary(v.get("binary"), base),
+        timeouts=_timeouts(v),
+        slots=engine.get("slots"),
+        kv_unified=engine["kv_unified"],
+        alias=engine.get("alias"),
+        model_file=_resolve_path(model_file, base, known=True) if model_file else None,
+        embeddings=engine["embeddings"],
+        reranking=engine["reranking"],
+    )
+
+
 def _build_model(m: dict[str, Any], base: Path) -> Model:
     rules = m["request"]
-    variants = sorted(
-        (
-            Variant(
-                model=m["name"],
-                context=v["context"],
-                args=_resolve_paths(_as_list(v["args"]), base),
-                binary=_resolve_binary(v.get("binary"), base),
-                timeouts=_timeouts(v),
-            )
-            for v in m["variants"]
-        ),
-        key=lambda v: v.context,
-    )
+    variants = sorted((_variant(m["name"], v, base) for v in m["variants"]), key=lambda v: v.context)
     return Model(
         name=m["name"],
         aliases=tuple(_as_list(m["aliases"])),
@@ -282,6 +288,7 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
             timeouts=_timeouts(server),
             api_keys=tuple(_as_list(server["api_keys"])),
             admin_key=server.get("admin_key"),
+            config_timeout=float(server["config_timeout"]),
             preload=(server["preload"]["model"], server["preload"]["context"])
             if server.get("preload")
             else None,

@@ -36,10 +36,24 @@ class Variant:
     args: tuple[str, ...]
     binary: str | None
     timeouts: Timeouts
+    # What the engine's arguments (the model's, then the variant's) and environment say,
+    # parsed and checked once at load by the engine type (gateway/engine/llamacpp.lua).
+    slots: int | None = None  # -np N; None: the engine's automatic default
+    kv_unified: bool = False  # --kv-unified (the last of it and --no-kv-unified wins)
+    alias: str | None = None  # --alias NAME; one name, no comma
+    model_file: str | None = None  # -m/--model, resolved against the config's folder
+    embeddings: bool = False  # --embeddings
+    reranking: bool = False  # --reranking
 
     @property
     def key(self) -> str:
         return f"{self.model}@{self.context}"
+
+    @property
+    def served_name(self) -> str:
+        """The `model` the engine writes into its responses: its --alias, which the
+        gateway sets to the model's name unless the args set one."""
+        return self.alias or self.model
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     admin_key: str | None = None  # when set, /gateway/* control endpoints need it
     preload: tuple[str, int] | None = None  # (model, context) started at start-up
+    config_timeout: float = 10.0  # seconds a reload may spend running the config file
 
 
 @dataclass(frozen=True)

@@ -166,22 +166,46 @@ end
 
 -- Engine arguments --------------------------------------------------------------
 
--- The gateway owns where an engine listens; a config must not set it.
-local reserved_args = set_of("--host", "--port")
-
+-- A list of strings (numbers become strings); what the flags mean is the engine type's
+-- business (see engine_parser).
 local function arg_list(path, v)
   local out = {}
   for i, a in ipairs(sequence(path, v)) do
     local p = string.format("%s[%d]", path, i)
     if type(a) == "number" then a = tostring(math.tointeger and math.tointeger(a) or a) end
-    check_type(p, a, "string")
-    local flag = a:match("^([^=]+)=") or a
-    if reserved_args[flag] then
-      fail(p, "%s is set by the gateway (every engine gets a free loopback port); remove it", flag)
-    end
-    out[i] = a
+    out[i] = check_type(p, a, "string")
   end
   return out
+end
+
+-- Each engine type has a Lua file next to its Python adapter (gateway/engine/) that checks
+-- a variant's arguments and returns the values the gateway reads from them.
+local engine_files = { ["llama.cpp"] = "llamacpp.lua" }
+local engine_dir = (loader.postexec:match("^(.*[/\\])") or "./") .. "../engine/"
+local engine_parsers = {}
+
+local function engine_parser(engine)
+  if engine_parsers[engine] == nil then
+    engine_parsers[engine] = dofile(engine_dir .. engine_files[engine])(fail, show)
+  end
+  return engine_parsers[engine]
+end
+
+-- The arguments a variant's engine gets (the model's, then the variant's), each with its key.
+local function variant_args(model_path, model_args, variant_path, args)
+  local out = {}
+  for i, a in ipairs(model_args) do out[#out + 1] = { path = string.format("%s.args[%d]", model_path, i), text = a } end
+  for i, a in ipairs(args) do out[#out + 1] = { path = string.format("%s.args[%d]", variant_path, i), text = a } end
+  return out
+end
+
+-- The environment a model's engines get: the model's env over the gateway's own.
+local function engine_env(model_path, env)
+  return function(name)
+    if env[name] ~= nil then return { name = name, path = model_path .. ".env." .. name, text = env[name] } end
+    local inherited = os.getenv(name)
+    if inherited ~= nil then return { name = name, path = "environment variable " .. name, text = inherited } end
+  end
 end
 
 local function string_map(path, v)
@@ -220,18 +244,45 @@ local function json_value(path, v, open)
   return v
 end
 
+-- Fields the gateway reads from the client's request to route and size it: a rule that
+-- set or removed them would break every request.
+local request_owned = set_of("model", "messages", "prompt", "input")
+-- Fields the gateway reads to size a request: a rule's value must pass the checks a
+-- client's value must, or every request would be refused as the client's fault.
+local request_checks = {
+  max_tokens = positive_integer,
+  max_completion_tokens = positive_integer,
+  max_output_tokens = positive_integer,
+  n_predict = positive_integer,
+  n = positive_integer,
+  n_cmpl = positive_integer,
+  stream = function(path, v) return check_type(path, v, "boolean") end,
+}
+
+local function rule_fields(path, fields)
+  json_value(path, check_type(path, fields, "table"))
+  for name, value in pairs(fields) do
+    local p = path .. "." .. tostring(name)
+    if request_owned[name] then fail(p, "the gateway reads %s from the client's request; a rule may not set it", name) end
+    if request_checks[name] then fields[name] = request_checks[name](p, value) end
+  end
+  return fields
+end
+
 -- Request rewriting rules: defaults and force are JSON-like tables, strip a list of names.
 local function request_rules(path, v)
   if v == nil then v = {} end
   check_type(path, v, "table")
   only_keys(path, v, set_of("defaults", "force", "strip"))
-  local out = { defaults = v.defaults, force = v.force, strip = {} }
-  if out.defaults == nil then out.defaults = {} end
-  if out.force == nil then out.force = {} end
-  json_value(path .. ".defaults", check_type(path .. ".defaults", out.defaults, "table"))
-  json_value(path .. ".force", check_type(path .. ".force", out.force, "table"))
+  local out = {
+    defaults = rule_fields(path .. ".defaults", v.defaults or {}),
+    force = rule_fields(path .. ".force", v.force or {}),
+    strip = {},
+  }
   for i, name in ipairs(sequence(path .. ".strip", v.strip)) do
-    out.strip[i] = non_empty_string(string.format("%s.strip[%d]", path, i), name)
+    local p = string.format("%s.strip[%d]", path, i)
+    out.strip[i] = non_empty_string(p, name)
+    if request_owned[name] then fail(p, "the gateway reads %s from every request; it cannot be stripped", show(name)) end
   end
   return out
 end
@@ -269,6 +320,7 @@ local server_defaults = {
   max_body_bytes = 8 * 1024 * 1024,
   max_start_failures = 3,
   loading_keepalive = true,
+  config_timeout = 10,
 }
 
 -- API keys: a list, or the path of a file with one key a line (# comments).
@@ -301,7 +353,7 @@ local function validate_server(s)
   only_keys("server", s, set_of(
     "listen_v4", "listen_v6", "queue_limit", "max_body_bytes", "max_start_failures",
     "loading_keepalive", "health_check_timeout", "engine_startup_timeout",
-    "engine_idle_timeout", "drain_timeout", "stop_timeout", "api_keys", "admin_key", "preload"))
+    "engine_idle_timeout", "drain_timeout", "stop_timeout", "api_keys", "admin_key", "preload", "config_timeout"))
   local out = resolve_timeouts("server", s, server_defaults)
   out.listen_v4 = listen_list("server.listen_v4", s.listen_v4, "127.0.0.1:7777", valid_v4, "\"127.0.0.1:7777\"")
   out.listen_v6 = listen_list("server.listen_v6", s.listen_v6, "none", valid_v6, "\"[::1]:7777\"")
@@ -316,6 +368,7 @@ local function validate_server(s)
   if s.loading_keepalive ~= nil then
     out.loading_keepalive = check_type("server.loading_keepalive", s.loading_keepalive, "boolean")
   end
+  out.config_timeout = positive_number("server.config_timeout", s.config_timeout or server_defaults.config_timeout)
   out.api_keys = api_keys("server.api_keys", s.api_keys)
   if s.admin_key ~= nil then out.admin_key = non_empty_string("server.admin_key", s.admin_key) end
   out.preload = s.preload
@@ -351,7 +404,6 @@ end
 
 -- models ------------------------------------------------------------------------
 
-local known_engines = set_of("llama.cpp")
 local model_keys = set_of("name", "aliases", "engine", "binary", "args", "env", "default_max_tokens",
   "variants", "request", "health_check_timeout", "engine_startup_timeout", "drain_timeout",
   "stop_timeout", "engine_idle_timeout")
@@ -387,7 +439,7 @@ local function validate_model(path, m, server_out, names)
   end
   out.engine = m.engine or "llama.cpp"
   check_type(path .. ".engine", out.engine, "string")
-  if not known_engines[out.engine] then
+  if not engine_files[out.engine] then
     fail(path .. ".engine", "unknown engine type %s (known: \"llama.cpp\")", show(out.engine))
   end
   if m.binary ~= nil then out.binary = non_empty_string(path .. ".binary", m.binary) end
@@ -399,6 +451,7 @@ local function validate_model(path, m, server_out, names)
   if #variants == 0 then fail(path .. ".variants", "is empty: a model needs at least one variant { context = N }") end
   out.variants = {}
   local contexts = {}
+  local parse = engine_parser(out.engine)
   for i, v in ipairs(variants) do
     local vp = string.format("%s.variants[%d]", path, i)
     local vo = validate_variant(vp, v, out)
@@ -406,6 +459,7 @@ local function validate_model(path, m, server_out, names)
       fail(vp .. ".context", "%d is already the context of %s", vo.context, contexts[vo.context])
     end
     contexts[vo.context] = vp
+    vo.engine = parse(variant_args(path, out.args, vp, vo.args), engine_env(path, out.env), out.name, path .. ".name")
     out.variants[i] = vo
   end
   return out

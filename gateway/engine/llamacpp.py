@@ -7,7 +7,6 @@ it says a prompt did not fit.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,31 +14,6 @@ from gateway.config.schema import Model, Variant
 from gateway.engine.client import EngineClient, EngineRequestError
 
 LISTENING_PATTERN = r"listening on http://127\.0\.0\.1:(\d+)"
-_CONTEXT_FLAGS = ("-c", "--ctx-size")
-_PARALLEL_FLAGS = ("-np", "--parallel")
-_UNIFIED_FLAGS = ("-kvu", "--kv-unified")
-_ALIAS_FLAGS = ("-a", "--alias")
-_EMBEDDING_FLAGS = ("--embedding", "--embeddings")
-_RERANK_FLAGS = ("--rerank", "--reranking")
-
-
-def _args(model: Model, variant: Variant) -> list[str]:
-    """A variant's engine arguments: the model's, then the variant's own."""
-    return [*model.args, *variant.args]
-
-
-def _flag_value(args: Sequence[str], flags: Sequence[str]) -> str | None:
-    """The value of the last occurrence of any of `flags` (`-f v` or `--flag=v`)."""
-    value = None
-    for i, arg in enumerate(args):
-        name, eq, inline = arg.partition("=")
-        if name in flags:
-            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
-    return value
-
-
-def _has_flag(args: Sequence[str], flags: Sequence[str]) -> bool:
-    return any(arg.partition("=")[0] in flags for arg in args)
 
 
 @dataclass(frozen=True)
@@ -61,31 +35,28 @@ class LlamaCppEngine:
     name = "llama.cpp"
     listening_pattern = LISTENING_PATTERN
 
+    # What the arguments say was parsed and checked at load (gateway/engine/llamacpp.lua):
+    # these read the variant's typed fields, never the argument strings.
+
     def argv(self, binary: str, model: Model, variant: Variant) -> list[str]:
-        args = _args(model, variant)
-        if not _has_flag(args, _CONTEXT_FLAGS):
-            args += ["--ctx-size", str(variant.context)]
-        if not _has_flag(args, _ALIAS_FLAGS):
-            args += ["--alias", model.name]
+        # The config refuses -c, --host and --port in args: the gateway sets them, and
+        # --alias unless the args name one.
+        alias = [] if variant.alias else ["--alias", model.name]
         # Port 0: the engine binds a free port itself and logs it; no race with others.
-        return [binary, *args, "--host", "127.0.0.1", "--port", "0"]
+        where = ["--host", "127.0.0.1", "--port", "0"]
+        return [binary, *model.args, *variant.args, "--ctx-size", str(variant.context), *alias, *where]
 
     def served_name(self, model: Model, variant: Variant) -> str:
-        """The `model` the engine writes into its responses (its first alias)."""
-        alias = _flag_value(_args(model, variant), _ALIAS_FLAGS)
-        return alias.split(",")[0] if alias else model.name
+        """The `model` the engine writes into its responses."""
+        return variant.served_name
 
     def capacity(self, variant: Variant, model: Model) -> int:
         """Context one request gets, predicted from the arguments before a start.
 
         An explicit `-np N` without a unified KV cache splits the context per slot.
         """
-        args = _args(model, variant)
-        context = int(_flag_value(args, _CONTEXT_FLAGS) or variant.context)
-        slots = _flag_value(args, _PARALLEL_FLAGS)
-        if slots and int(slots) > 1 and not _has_flag(args, _UNIFIED_FLAGS):
-            return context // int(slots)
-        return context
+        slots = self._split_slots(variant)
+        return variant.context // slots if slots else variant.context
 
     def shared_kv_budget(self, variant: Variant, model: Model, slot_context: int) -> int | None:
         """Tokens all slots share, or None when each slot has a cache of its own.
@@ -95,18 +66,21 @@ class LlamaCppEngine:
         "Context size has been exceeded". An explicit `-np N` without `--kv-unified`
         gives each slot its own n_ctx / N instead.
         """
-        args = _args(model, variant)
-        slots = _flag_value(args, _PARALLEL_FLAGS)
-        if slots and int(slots) > 1 and not _has_flag(args, _UNIFIED_FLAGS):
-            return None
-        return slot_context
+        return None if self._split_slots(variant) else slot_context
+
+    @staticmethod
+    def _split_slots(variant: Variant) -> int | None:
+        """N when the context is split into N per-slot caches (`-np N`, N > 1, without
+        `--kv-unified`), else None."""
+        if variant.slots is not None and variant.slots > 1 and not variant.kv_unified:
+            return variant.slots
+        return None
 
     def serves(self, model: Model, variant: Variant, kind: str) -> str | None:
         """Why this engine cannot serve a request kind, or None when it can."""
-        args = _args(model, variant)
-        if kind == "embedding" and not _has_flag(args, _EMBEDDING_FLAGS):
+        if kind == "embedding" and not variant.embeddings:
             return f"model {model.name!r} is not started with --embeddings, so it serves no embeddings"
-        if kind == "rerank" and not _has_flag(args, _RERANK_FLAGS):
+        if kind == "rerank" and not variant.reranking:
             return f"model {model.name!r} is not started with --reranking, so it serves no rerank"
         return None
 
