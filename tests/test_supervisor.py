@@ -7,8 +7,11 @@ fails); a fake engine's `exited` future is completed to simulate a crash.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
+import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -24,7 +27,7 @@ from gateway.config.schema import (
 )
 from gateway.engine.manager import StartFailed
 from gateway.errors import ContextLengthExceeded, EngineFailed, EngineTimeout, Unavailable
-from gateway.models import PromptShape, byte_bound
+from gateway.models import PromptShape, Room, byte_bound
 from gateway.supervisor import engine_steps
 from gateway.supervisor.requests import Grant, PendingRequest
 from gateway.supervisor.supervisor import Supervisor
@@ -89,6 +92,11 @@ class FakeInstance:
     kv_budget: int | None = None
     overhead: None = None
     startup_seconds: float = 0.01
+    slots: int = 1
+
+    @property
+    def room(self) -> Room:
+        return Room(self.slot_context, self.kv_budget, self.slots)
 
     def crash(self, code: int = -11) -> None:
         self.exited.set_result(code)
@@ -110,6 +118,10 @@ class StartCall:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     cancelled: bool = False
+    cancels: int = 0  # how many times the start effect was cancelled
+    killed: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )  # (SlowKill) its engine is gone once cut short
 
     def succeed(self, slot_context: int | None = None, kv_budget: int | None = None) -> FakeInstance:
         loop = asyncio.get_running_loop()
@@ -135,8 +147,8 @@ class FakeEffects:
         self.starts: list[StartCall] = []
         self.stops: list[FakeInstance] = []
 
-    def capacity(self, variant: Variant, model: Model) -> int:
-        return self._capacity_of(variant)
+    def capacity(self, variant: Variant, model: Model) -> Room:
+        return Room(self._capacity_of(variant))
 
     async def start(self, model: Model, variant: Variant) -> FakeInstance:
         call = StartCall(model, variant)
@@ -145,6 +157,7 @@ class FakeEffects:
             return await call.future
         except asyncio.CancelledError:
             call.cancelled = True
+            call.cancels += 1
             raise
 
     async def stop(self, instance: FakeInstance) -> int:
@@ -160,20 +173,47 @@ class FakeEffects:
 
 
 # --- helpers ----------------------------------------------------------------------------
+#
+# The tests never count event-loop turns: they wait for the state they then assert
+# (`until`), or for the supervisor to have handled what was posted to it (`handled`).
 
 
-async def settle(rounds: int = 30) -> None:
-    """Turn the event loop enough times for the supervisor and its effects to go quiet."""
-    for _ in range(rounds):
-        await asyncio.sleep(0)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 1.0) -> None:
-    """For the tests that wait for a (tiny) timer to fire."""
+async def until(condition: Callable[[], object], timeout: float = 2.0) -> None:
+    """Yield to the event loop until `condition()` holds; fail, naming it, after `timeout`."""
     deadline = time.monotonic() + timeout
+    turns = 0
     while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {timeout:g}s: {_source(condition)}")
+        turns += 1
+        await asyncio.sleep(0 if turns < 100 else 0.001)
+
+
+def _source(condition: Callable[[], object]) -> str:
+    try:
+        return inspect.getsource(condition).strip()
+    except (OSError, TypeError):
+        return repr(condition)
+
+
+_asked: weakref.WeakKeyDictionary[asyncio.Task[Grant], PendingRequest] = weakref.WeakKeyDictionary()
+
+
+def _arrival_posted(task: asyncio.Task[Grant]) -> bool:
+    """The request's `acquire` has posted its arrival to the supervisor; once the task is
+    cancelled, its cancellation (it has ended)."""
+    if task.done():
+        return True
+    pending = _asked[task]
+    return not task.cancelling() and pending.future is not None and not pending.future.done()
+
+
+async def handled(sup: Supervisor, *tasks: asyncio.Task[Grant]) -> None:
+    """Until the supervisor has handled every event posted so far, the arrivals (or
+    cancellations) of `tasks` included. (It takes an event from its inbox and handles it
+    in the same step, so an empty inbox means all are handled.) What an effect posts later
+    (a start's or a stop's result, an exit, a timer) is not waited for: wait for its state."""
+    await until(lambda: all(_arrival_posted(t) for t in tasks) and sup._inbox.empty())
 
 
 _request_ids = itertools.count(1)
@@ -197,7 +237,9 @@ def pending_for(
 
 
 def acquire(sup: Supervisor, pending: PendingRequest) -> asyncio.Task[Grant]:
-    return asyncio.ensure_future(sup.acquire(pending))
+    task = asyncio.ensure_future(sup.acquire(pending))
+    _asked[task] = pending
+    return task
 
 
 def ask(sup: Supervisor, model: str, **kwargs) -> tuple[PendingRequest, asyncio.Task[Grant]]:
@@ -207,6 +249,10 @@ def ask(sup: Supervisor, model: str, **kwargs) -> tuple[PendingRequest, asyncio.
 
 def transitions(sup: Supervisor) -> list[str]:
     return [f"{r.source}->{r.dest}" for r in sup.lifecycle.history]
+
+
+def triggers(sup: Supervisor) -> list[str]:
+    return [r.trigger for r in sup.lifecycle.history]
 
 
 def states(sup: Supervisor) -> list[str]:
@@ -234,11 +280,11 @@ class Harness:
 
     async def ready(self, model: str = "a", tokens: int = 100) -> tuple[FakeInstance, Grant]:
         """Start an engine for one request and return the engine and that request's grant."""
+        started = len(self.fx.starts)
         _, task = ask(self.sup, model, tokens=tokens)
-        await settle()
+        await until(lambda: len(self.fx.starts) > started)
         instance = self.fx.starts[-1].succeed()
-        await settle()
-        assert task.done()
+        await until(task.done)
         return instance, task.result()
 
 
@@ -289,14 +335,14 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> float:
 async def test_first_request_starts_smallest_fitting_variant(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, task = ask(sup, "a", tokens=600, reserve=100)
-    await settle()
+    await until(lambda: len(fx.starts) == 1)
     assert fx.started_keys == ["a@2048"]
     assert sup.lifecycle.state == "starting"
     assert not task.done()
     assert sup.snapshot()["variant"] == {"context": 2048, "key": "a@2048"}
 
     instance = fx.starts[0].succeed()
-    await settle()
+    await until(task.done)
     grant = task.result()
     assert grant.instance is instance
     assert grant.selection.variant is not None and grant.selection.variant.context == 2048
@@ -308,14 +354,14 @@ async def test_first_request_starts_smallest_fitting_variant(harness: Harness) -
 async def test_queued_requests_for_the_starting_engine_are_all_granted(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     tasks = [ask(sup, "a", tokens=100 * (i + 1))[1] for i in range(4)]
-    await settle()
+    await handled(sup, *tasks)
+    await until(lambda: len(fx.starts) == 1)
     assert fx.started_keys == ["a@512"]
     assert not any(t.done() for t in tasks)
     assert sup.snapshot()["queued"] == {"count": 4, "models": {"a": 4}}
 
     instance = fx.starts[0].succeed()
-    await settle()
-    assert all(t.done() for t in tasks)
+    await until(lambda: all(t.done() for t in tasks))
     grants = [t.result() for t in tasks]
     assert all(g.instance is instance for g in grants)
     assert len({g.lease for g in grants}) == 4
@@ -328,19 +374,19 @@ async def test_swap_waits_for_the_lease_then_drains_and_stops(harness: Harness) 
     sup, fx = harness.sup, harness.fx
     a_engine, a_grant = await harness.ready("a")
     _, b_task = ask(sup, "b")
-    await settle()
+    await handled(sup, b_task)
     assert sup.lifecycle.state == "draining"
     assert not b_task.done()
     assert fx.stops == [] and fx.started_keys == ["a@512"]
 
     sup.release(a_grant, served=True)
-    await settle()
+    await until(lambda: len(fx.starts) == 2)
     assert fx.stops == [a_engine]
     assert sup.lifecycle.state == "starting"
     assert fx.started_keys == ["a@512", "b@4096"]
 
     b_engine = fx.starts[1].succeed()
-    await settle()
+    await until(b_task.done)
     assert b_task.result().instance is b_engine
     assert states(sup) == ["idle", "starting", *SWAP]
     assert_every_swap_drains_and_stops(sup)
@@ -352,17 +398,19 @@ async def test_swap_with_nothing_in_flight_does_not_wait_for_drain_timeout(
     sup, fx = harness.sup, harness.fx
     a_engine, a_grant = await harness.ready("a")
     sup.release(a_grant, served=True)
-    await settle()
+    await handled(sup)
     assert sup.lifecycle.state == "ready"
+    assert sup.snapshot()["in_flight"] == 0
 
     _, b_task = ask(sup, "b")
-    await settle()
-    # The drain timeout is LONG: nothing in flight means stop at once.
+    await handled(sup, b_task)
+    # The drain timeout is LONG: nothing in flight means drained and stopping at once.
+    assert sup.lifecycle.state == "stopping"
+    await until(lambda: len(fx.starts) == 2)
     assert fx.stops == [a_engine]
     assert fx.started_keys == ["a@512", "b@4096"]
     fx.starts[1].succeed()
-    await settle()
-    assert b_task.done()
+    await until(b_task.done)
     assert states(sup) == ["idle", "starting", *SWAP]
 
 
@@ -370,30 +418,32 @@ async def test_abab_arrivals_during_a_start_cause_one_swap(harness: Harness) -> 
     sup, fx = harness.sup, harness.fx
     order = ["a", "b", "a", "b"]
     tasks = [ask(sup, m)[1] for m in order]
-    await settle()
+    await handled(sup, *tasks)
+    await until(lambda: len(fx.starts) == 1)
     assert fx.started_keys == ["a@512"]
 
     a_engine = fx.starts[0].succeed()
-    await settle()
-    assert tasks[0].done() and tasks[2].done()
+    await until(lambda: tasks[0].done() and tasks[2].done())
     assert not tasks[1].done() and not tasks[3].done()
     assert sup.lifecycle.state == "draining"  # b is next; the two a's are in flight
 
     sup.release(tasks[0].result(), served=True)
-    await settle()
+    await handled(sup)
     assert sup.lifecycle.state == "draining"
+    assert sup.snapshot()["in_flight"] == 1
     sup.release(tasks[2].result(), served=True)
-    await settle()
+    await until(lambda: len(fx.starts) == 2)
     assert fx.stops == [a_engine]
     b_engine = fx.starts[1].succeed()
-    await settle()
+    await until(lambda: tasks[1].done() and tasks[3].done())
     assert tasks[1].result().instance is b_engine
     assert tasks[3].result().instance is b_engine
     for task in (tasks[1], tasks[3]):
         sup.release(task.result(), served=True)
-    await settle()
+    await handled(sup)
     assert fx.started_keys == ["a@512", "b@4096"]
     assert sup.lifecycle.state == "ready"
+    assert sup.snapshot()["in_flight"] == 0
     assert sup.counters["starts"] == 2
 
 
@@ -401,49 +451,48 @@ async def test_arrivals_during_a_drain_wait_for_the_head_of_the_queue(harness: H
     sup, fx = harness.sup, harness.fx
     _, a_grant = await harness.ready("a")
     b1 = ask(sup, "b")[1]
-    await settle()
+    await handled(sup, b1)
     a2 = ask(sup, "a")[1]  # a still runs, but b came first: a2 must not jump ahead
     b2 = ask(sup, "b")[1]
-    await settle()
+    await handled(sup, a2, b2)
     assert sup.lifecycle.state == "draining"
     assert not a2.done()
 
     sup.release(a_grant, served=True)
-    await settle()
+    await until(lambda: len(fx.starts) == 2)
     fx.starts[1].succeed()
-    await settle()
-    assert b1.done() and b2.done() and not a2.done()
+    await until(lambda: b1.done() and b2.done())
+    assert not a2.done()
     assert sup.lifecycle.state == "draining"  # now a2 is the head
     for task in (b1, b2):
         sup.release(task.result(), served=True)
-    await settle()
+    await until(lambda: len(fx.starts) == 3)
     fx.starts[2].succeed()
-    await settle()
-    assert a2.done()
+    await until(a2.done)
     assert fx.started_keys == ["a@512", "b@4096", "a@512"]
     assert_every_swap_drains_and_stops(sup)
 
 
-@pytest.mark.parametrize("config", [make_config(drain=TICK)])
+@pytest.mark.parametrize("config", [make_config(drain=4 * TICK)])
 async def test_drain_timeout_cuts_off_a_leasestuck(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     a_engine, stuck = await harness.ready("a")
     _, b_task = ask(sup, "b")
-    await settle()
+    await handled(sup, b_task)
     assert sup.lifecycle.state == "draining"
     assert fx.stops == []
 
-    await wait_until(lambda: sup.lifecycle.state == "starting")
+    await until(lambda: len(fx.starts) == 2)
+    assert sup.lifecycle.state == "starting"
     assert a_engine.was_cut_off  # its answers in flight are ended, not awaited
     assert fx.stops == [a_engine]
     drained = [r for r in sup.lifecycle.history if r.trigger == "drained"]
     assert len(drained) == 1 and "drain_timeout" in drained[0].reason
     fx.starts[1].succeed()
-    await settle()
-    assert b_task.done()
+    await until(b_task.done)
     # The late release of the cut-off lease is harmless.
     sup.release(stuck)
-    await settle()
+    await handled(sup)
     assert sup.lifecycle.state == "ready"
     assert sup.snapshot()["in_flight"] == 1
 
@@ -454,41 +503,39 @@ async def test_crash_moves_ready_to_crashed_and_next_request_restarts_after_back
     sup, fx = harness.sup, harness.fx
     a_engine, a_grant = await harness.ready("a")
     a_engine.crash(-9)
-    await settle()
-    assert sup.lifecycle.state == "crashed"
+    await until(lambda: sup.lifecycle.state == "crashed")
     assert transitions(sup)[-1] == "ready->crashed"
     assert sup.counters["crashes"] == 1
     assert sup.snapshot()["engine_log"] == a_engine.process.last_lines()
 
     _, task = ask(sup, "a")
-    await settle()
-    assert fx.started_keys == ["a@512"]  # backing off: not at once
-    started_at = time.monotonic()
-    await wait_until(lambda: len(fx.starts) == 2)
-    assert time.monotonic() - started_at >= fast_backoff / 2
+    await handled(sup, task)
+    assert sup.lifecycle.state == "crashed"  # backing off: not at once
+    await until(lambda: len(fx.starts) == 2)
+    died, start = [r for r in sup.lifecycle.history if r.trigger in ("died", "start")][-2:]
+    assert (died.trigger, start.trigger) == ("died", "start")
+    assert start.monotonic - died.monotonic >= fast_backoff
     fx.starts[1].succeed()
-    await settle()
-    assert task.done()
+    await until(task.done)
     assert states(sup)[-3:] == ["crashed", "starting", "ready"]
     sup.release(a_grant)  # the dead engine's lease ends late: no effect
-    await settle()
+    await handled(sup)
     assert sup.lifecycle.state == "ready"
+    assert sup.snapshot()["in_flight"] == 1
 
 
-async def test_crash_of_a_draining_engine_still_serves_the_swap_target(
-    harness: Harness, fast_backoff: float
-) -> None:
+async def test_crash_of_a_draining_engine_still_serves_the_swap_target(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     a_engine, _ = await harness.ready("a")
     _, b_task = ask(sup, "b")
-    await settle()
+    await handled(sup, b_task)
     assert sup.lifecycle.state == "draining"
     a_engine.crash()
-    await settle()
-    assert "draining->crashed" in transitions(sup)
-    fx.starts[1].succeed()  # b is another model: no backoff for it
-    await settle()
-    assert b_task.done()
+    await until(lambda: "draining->crashed" in transitions(sup))
+    assert sup.lifecycle.state == "starting"  # b is another model: no backoff for it
+    await until(lambda: len(fx.starts) == 2)
+    fx.starts[1].succeed()
+    await until(b_task.done)
     assert fx.stops == []  # a crashed engine is not stopped again
 
 
@@ -499,9 +546,10 @@ async def test_start_failures_fail_the_waiters_and_reset_after_the_limit(
     sup, fx = harness.sup, harness.fx
     tasks = [ask(sup, "a")[1] for _ in range(2)]
     _, b_task = ask(sup, "b")
-    await settle()
+    await handled(sup, *tasks, b_task)
+    await until(lambda: len(fx.starts) == 1)
     fx.starts[0].fail("exited", "exited with 1 while starting")
-    await settle()
+    await until(lambda: all(t.done() for t in tasks))
     for task in tasks:
         with pytest.raises(EngineFailed) as info:
             task.result()
@@ -510,17 +558,17 @@ async def test_start_failures_fail_the_waiters_and_reset_after_the_limit(
     assert transitions(sup)[:2] == ["idle->starting", "starting->crashed"]
     # The other model's waiter is not failed with a's error: it gets its own start.
     assert not b_task.done()
+    await until(lambda: len(fx.starts) == 2)
     assert fx.started_keys == ["a@512", "b@4096"]
     fx.starts[1].succeed()
-    await settle()
+    await until(b_task.done)
     sup.release(b_task.result(), served=True)
-    await settle()
+    await handled(sup)
 
     _, again = ask(sup, "a")
-    await settle()
-    await wait_until(lambda: len(fx.starts) == 3)
+    await until(lambda: len(fx.starts) == 3)
     fx.starts[2].fail("timeout", "not healthy in time")
-    await settle()
+    await until(again.done)
     with pytest.raises(EngineTimeout):
         again.result()
     assert sup.counters["start_failures"] == 2
@@ -532,9 +580,9 @@ async def test_start_failures_fail_the_waiters_and_reset_after_the_limit(
 async def test_spawn_failure_is_unavailable(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, task = ask(sup, "a")
-    await settle()
+    await until(lambda: len(fx.starts) == 1)
     fx.starts[0].fail("spawn", "no llama-server")
-    await settle()
+    await until(task.done)
     with pytest.raises(Unavailable):
         task.result()
     assert sup.lifecycle.state == "crashed"
@@ -545,19 +593,20 @@ async def test_queue_limit_gives_unavailable_with_retry_after(harness: Harness) 
     sup, fx = harness.sup, harness.fx
     first = [ask(sup, "a")[1] for _ in range(2)]
     _, third = ask(sup, "a")
-    await settle()
+    await handled(sup, *first, third)
     assert third.done()
     with pytest.raises(Unavailable) as info:
         third.result()
     assert info.value.headers.get("Retry-After")
     assert info.value.status == 503
     assert sup.counters["rejected_queue_full"] == 1
+    await until(lambda: len(fx.starts) == 1)
     fx.starts[0].succeed()
-    await settle()
-    assert all(t.done() and not t.exception() for t in first)
+    await until(lambda: all(t.done() for t in first))
+    assert all(not t.exception() for t in first)
     # Space again once the queue emptied.
     _, fourth = ask(sup, "a")
-    await settle()
+    await handled(sup, fourth)
     assert fourth.done() and not fourth.exception()
 
 
@@ -566,20 +615,20 @@ async def test_cancelled_waiting_request_is_removed_and_triggers_no_start(
 ) -> None:
     sup, fx = harness.sup, harness.fx
     _, a_task = ask(sup, "a")
-    await settle()
+    await until(lambda: len(fx.starts) == 1)
     _, b_task = ask(sup, "b")
-    await settle()
+    await handled(sup, b_task)
     assert sup.snapshot()["queued"]["models"] == {"a": 1, "b": 1}
     b_task.cancel()
-    await settle()
+    await handled(sup, b_task)
     assert b_task.cancelled()
     assert sup.snapshot()["queued"]["models"] == {"a": 1}
     assert sup.counters["cancelled_waiting"] == 1
 
     fx.starts[0].succeed()
-    await settle()
+    await until(a_task.done)
     sup.release(a_task.result(), served=True)
-    await settle()
+    await handled(sup)
     assert sup.lifecycle.state == "ready"  # no swap for the cancelled b
     assert fx.started_keys == ["a@512"]
 
@@ -588,18 +637,18 @@ async def test_a_swap_whose_requests_left_is_called_off(harness: Harness) -> Non
     sup, fx = harness.sup, harness.fx
     a_engine, grant = await harness.ready("a")
     _, b_task = ask(sup, "b")
-    await settle()
+    await handled(sup, b_task)
     assert sup.lifecycle.state == "draining"  # b needs a swap; a's lease holds it
     b_task.cancel()
-    await settle()
+    await handled(sup, b_task)
     assert sup.lifecycle.state == "ready"  # nobody needs b any more: a stays
-    assert [r.trigger for r in sup.lifecycle.history][-2:] == ["drain", "resume"]
+    assert triggers(sup)[-2:] == ["drain", "resume"]
     _, a_again = ask(sup, "a")
-    await settle()
+    await handled(sup, a_again)
     assert a_again.done() and not a_again.exception()  # granted on the same engine
     sup.release(grant, served=True)
     sup.release(a_again.result(), served=True)
-    await settle()
+    await handled(sup)
     assert fx.stops == [] and fx.started_keys == ["a@512"]
     assert sup.snapshot()["pid"] == a_engine.process.pid
 
@@ -608,11 +657,11 @@ async def test_an_idle_unload_drain_is_not_called_off(harness: Harness) -> None:
     sup = harness.sup
     _, grant = await harness.ready("a")
     unloaded = sup.unload()
-    await settle()
+    await handled(sup)
     assert sup.lifecycle.state == "draining"
     sup.release(grant, served=True)
-    await settle()
-    assert unloaded.done() and sup.lifecycle.state == "idle"
+    await until(unloaded.done)
+    assert sup.lifecycle.state == "idle"
 
 
 async def _cancelled_before_seen(config: GatewayConfig) -> tuple[Supervisor, FakeEffects]:
@@ -620,12 +669,12 @@ async def _cancelled_before_seen(config: GatewayConfig) -> tuple[Supervisor, Fak
     fx = FakeEffects()
     sup = Supervisor(config, fx)
     _, task = ask(sup, "a")
-    await settle()  # the arrival is posted; nobody reads the inbox yet
+    await until(lambda: sup._inbox.qsize() == 1)  # the arrival is posted; nobody reads the inbox yet
     task.cancel()
-    await settle()
-    assert task.cancelled()
+    await until(task.cancelled)
+    assert sup._inbox.qsize() == 2  # and the cancellation
     sup.start()
-    await settle()
+    await handled(sup)
     return sup, fx
 
 
@@ -651,7 +700,7 @@ async def test_cancel_racing_a_queue_full_refusal_keeps_the_supervisor_working()
     try:
         # The supervisor still decides: the next request is refused, not left hanging.
         _, other = ask(sup, "a")
-        await settle()
+        await handled(sup, other)
         assert isinstance(other.exception(), Unavailable)
         assert sup.counters["rejected_queue_full"] == 1
     finally:
@@ -662,15 +711,18 @@ async def test_cancel_racing_shutdown_is_handled_quietly() -> None:
     fx = FakeEffects()
     sup = Supervisor(make_config(), fx)
     closing = asyncio.ensure_future(sup.shutdown())
-    await settle()
+    await until(lambda: sup._inbox.qsize() == 1)  # the shutdown request waits in the inbox
     _, task = ask(sup, "a")  # arrives after the shutdown request, cancelled before it is seen
-    await settle()
+    await until(lambda: sup._inbox.qsize() == 2)
     task.cancel()
-    await settle()
+    await until(task.cancelled)
     sup.start()
     await asyncio.wait_for(closing, 1.0)
+    await handled(sup)
     assert task.cancelled()
     assert fx.starts == []
+    assert sup.lifecycle.state == "idle"
+    await sup.close()
     # (the autouse check below fails the test if handling the arrival raised)
 
 
@@ -682,9 +734,9 @@ async def test_idle_timeout_unloads(harness: Harness) -> None:
     assert sup.lifecycle.state == "ready"  # in flight: never idle
 
     sup.release(grant, served=True)
-    await settle()
+    await handled(sup)
     assert sup.lifecycle.state == "ready"
-    await wait_until(lambda: sup.lifecycle.state == "idle")
+    await until(lambda: sup.lifecycle.state == "idle")
     assert fx.stops == [a_engine]
     assert sup.counters["idle_unloads"] == 1
     assert states(sup)[-4:] == ["ready", "draining", "stopping", "idle"]
@@ -695,26 +747,26 @@ async def test_shutdown_waits_for_the_lease_then_stops_the_engine(harness: Harne
     sup, fx = harness.sup, harness.fx
     a_engine, grant = await harness.ready("a")
     _, queued_b = ask(sup, "b")
-    await settle()
+    await handled(sup, queued_b)
     closing = asyncio.ensure_future(sup.shutdown())
-    await settle()
+    await until(queued_b.done)
+    await handled(sup)
     assert not closing.done()
     assert isinstance(queued_b.exception(), Unavailable)
     assert sup.lifecycle.state == "draining"
     assert fx.stops == []
 
     _, late = ask(sup, "a")
-    await settle()
+    await handled(sup, late)
     assert isinstance(late.exception(), Unavailable)
 
     sup.release(grant, served=True)
-    await settle()
-    assert fx.stops == [a_engine]
     await asyncio.wait_for(closing, 1.0)
+    assert fx.stops == [a_engine]
     assert sup.lifecycle.state == "idle"
     assert fx.started_keys == ["a@512"]  # the queued b never started
     _, after = ask(sup, "a")  # the task lives on, so a late arrival is answered
-    await settle()
+    await handled(sup, after)
     assert isinstance(after.exception(), Unavailable)
     await sup.close()
     assert sup._task is not None and sup._task.done()
@@ -723,10 +775,9 @@ async def test_shutdown_waits_for_the_lease_then_stops_the_engine(harness: Harne
 async def test_shutdown_during_a_start_aborts_it(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, task = ask(sup, "a")
-    await settle()
+    await until(lambda: len(fx.starts) == 1)
     closing = asyncio.ensure_future(sup.shutdown())
-    await settle()
-    assert fx.starts[0].cancelled
+    await until(lambda: fx.starts[0].cancelled)
     await asyncio.wait_for(closing, 1.0)
     assert isinstance(task.exception(), Unavailable)
     assert transitions(sup) == ["idle->starting", "starting->stopping", "stopping->idle"]
@@ -739,7 +790,7 @@ async def test_estimate_over_running_variant_counts_first_then_upgrades(
     a_engine, first = await harness.ready("a", tokens=100)
     # ~2000 estimated tokens: over the running 512, but it runs: count there first.
     pending, task = ask(sup, "a", tokens=None, text_bytes=4000)
-    await settle()
+    await handled(sup, task)
     grant = task.result()
     assert grant.instance is a_engine
     assert grant.count_first
@@ -749,17 +800,17 @@ async def test_estimate_over_running_variant_counts_first_then_upgrades(
     pending.exact_tokens, pending.method = 1500, "exact"
     sup.release(grant, requeue_reason="counted 1500 + 100 > 512: upgrade")
     again = acquire(sup, pending)
-    await settle()
+    await handled(sup, again)
     assert sup.counters["requeued"] == 1
     assert sup.lifecycle.state == "draining"  # the first request is still in flight
     assert not again.done()
 
     sup.release(first, served=True)
-    await settle()
+    await until(lambda: len(fx.starts) == 2)
     assert fx.stops == [a_engine]
     assert fx.started_keys == ["a@512", "a@2048"]
     bigger = fx.starts[1].succeed()
-    await settle()
+    await until(again.done)
     upgraded = again.result()
     assert upgraded.instance is bigger
     assert not upgraded.count_first
@@ -776,27 +827,27 @@ async def test_a_requeued_request_keeps_its_place_even_when_the_queue_is_full(
     sup, fx = harness.sup, harness.fx
     _, first = await harness.ready("a", tokens=100)
     pending, task = ask(sup, "a", tokens=None, text_bytes=4000)
-    await settle()
+    await handled(sup, task)
     grant = task.result()
     _, b_task = ask(sup, "b")  # fills the queue
-    await settle()
+    await handled(sup, b_task)
     assert not b_task.done()
 
     pending.exact_tokens, pending.method = 1500, "exact"
     sup.release(grant, requeue_reason="too big")
     again = acquire(sup, pending)
-    await settle()
+    await handled(sup, again)
     assert not again.done(), again  # waiting, not refused: it was accepted before
     assert sup._queue[0] is pending  # it came first, before b
     sup.release(first, served=True)
-    await settle()
+    await until(lambda: len(fx.starts) == 2)
     assert fx.started_keys[-1] == "a@2048"  # the head (the requeued a) decides
 
 
 async def test_context_too_large_is_rejected_without_a_start(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, task = ask(sup, "a", tokens=8100, reserve=100)
-    await settle()
+    await handled(sup, task)
     with pytest.raises(ContextLengthExceeded) as info:
         task.result()
     assert "8200" in info.value.message and "8192" in info.value.message
@@ -810,7 +861,7 @@ async def test_rejection_while_another_engine_runs_leaves_it_alone(harness: Harn
     sup, fx = harness.sup, harness.fx
     await harness.ready("a")
     _, task = ask(sup, "b", tokens=5000)
-    await settle()
+    await handled(sup, task)
     assert isinstance(task.exception(), ContextLengthExceeded)
     assert sup.lifecycle.state == "ready"
     assert fx.stops == [] and len(fx.starts) == 1
@@ -822,13 +873,12 @@ async def test_capacity_from_effects_decides_the_variant() -> None:
     sup.start()
     try:
         _, task = ask(sup, "a", tokens=300, reserve=100)
-        await settle()
+        await until(lambda: len(fx.starts) == 1)
         assert fx.started_keys == ["a@2048"]  # 400 > 512 / 2
         fx.starts[0].succeed(slot_context=1024)
-        await settle()
-        assert task.done()
+        await until(task.done)
         _, too_big = ask(sup, "a", tokens=4000, reserve=100)
-        await settle()
+        await handled(sup, too_big)
         assert isinstance(too_big.exception(), ContextLengthExceeded)
         assert "4096" in too_big.exception().message
     finally:
@@ -839,21 +889,21 @@ async def test_reload_removing_a_waiting_requests_model_does_not_wedge(harness: 
     sup, fx = harness.sup, harness.fx
     _, a_task = ask(sup, "a")
     _, b_task = ask(sup, "b")
-    await settle()
+    await handled(sup, a_task, b_task)
+    await until(lambda: len(fx.starts) == 1)
     old = sup.config
     sup.reload(GatewayConfig(old.source, old.server, (old.models[0],)))  # "b" is gone
-    await settle()
+    await handled(sup)
     assert sup.config.resolve("b") is None
     fx.starts[0].succeed()
-    await settle()
-    assert a_task.done()  # the queue still moves
+    await until(a_task.done)  # the queue still moves
     sup.release(a_task.result(), served=True)
-    await settle()
     # b was accepted under the old config: it is served, not left waiting forever.
+    await until(lambda: len(fx.starts) == 2)
     assert fx.started_keys == ["a@512", "b@4096"]
     fx.starts[1].succeed()
-    await settle()
-    assert b_task.done() and not b_task.exception()
+    await until(b_task.done)
+    assert not b_task.exception()
 
 
 @pytest.mark.parametrize("config", [make_config(max_start_failures=1)])
@@ -861,34 +911,35 @@ async def test_crashes_up_to_the_limit_fail_the_models_waiters(harness: Harness)
     sup, fx = harness.sup, harness.fx
     a_engine, _ = await harness.ready("a")
     _, b_task = ask(sup, "b")
-    await settle()
+    await handled(sup, b_task)
     _, a_waiting = ask(sup, "a")  # behind b: waits for the engine after b's
-    await settle()
+    await handled(sup, a_waiting)
     assert sup.lifecycle.state == "draining"
+    assert not a_waiting.done()
     a_engine.crash(-6)
-    await settle()
+    await until(a_waiting.done)
     with pytest.raises(Unavailable) as info:
         a_waiting.result()
     assert "keeps failing" in info.value.message
     assert "last words" in info.value.message
     assert transitions(sup)[-3:] == ["draining->crashed", "crashed->idle", "idle->starting"]
+    await until(lambda: len(fx.starts) == 2)
     assert fx.started_keys[-1] == "b@4096"
     fx.starts[-1].succeed()
-    await settle()
-    assert b_task.done() and not b_task.exception()
+    await until(b_task.done)
+    assert not b_task.exception()
 
 
 async def test_unload_drains_after_the_lease_and_stops(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     a_engine, grant = await harness.ready("a")
     unloaded = sup.unload()
-    await settle()
+    await handled(sup)
     assert sup.lifecycle.state == "draining"
     assert fx.stops == []
     assert not unloaded.done()  # it answers once no engine runs
     sup.release(grant, served=True)
-    await settle()
-    assert unloaded.done()
+    await until(unloaded.done)
     assert fx.stops == [a_engine]
     assert sup.lifecycle.state == "idle"
     assert sup.snapshot()["pid"] is None
@@ -897,83 +948,99 @@ async def test_unload_drains_after_the_lease_and_stops(harness: Harness) -> None
 async def test_a_shared_kv_cache_admits_only_what_fits(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, first = ask(sup, "a", tokens=400, reserve=100)  # needs 500 of a 512 cache
-    await settle()
+    await until(lambda: len(fx.starts) == 1)
     fx.starts[0].succeed(kv_budget=512)
-    await settle()
-    assert first.done()
+    await until(first.done)
     _, second = ask(sup, "a", tokens=50, reserve=10)  # 60 more: 560 > 512
     _, third = ask(sup, "a", tokens=1, reserve=1)  # would fit, but waits its turn
-    await settle()
+    await handled(sup, second, third)
     assert not second.done() and not third.done()
     assert sup.snapshot()["queued"]["count"] == 2 and sup.lifecycle.state == "ready"
     sup.release(first.result(), served=True)
-    await settle()
-    assert second.done() and third.done()  # both fit once the first ended
+    await until(lambda: second.done() and third.done())  # both fit once the first ended
     assert fx.started_keys == ["a@512"]  # waiting for room is not a swap
 
 
 async def test_an_exact_count_updates_the_reservation(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     pending, first = ask(sup, "a", tokens=None, reserve=10)  # estimated: counted on the engine
-    await settle()
+    await until(lambda: len(fx.starts) == 1)
     fx.starts[0].succeed(kv_budget=512)
-    await settle()
+    await until(first.done)
     grant = first.result()
     assert grant.count_first
     fits = sup.confirm(grant, pending.shape, 480)  # counted: 490 of 512 reserved now
     _, second = ask(sup, "a", tokens=30, reserve=10)
-    await settle()
+    await handled(sup, second)
     assert fits.result() is True
     assert not second.done()
     sup.release(grant, served=True)
-    await settle()
-    assert second.done()
+    await until(second.done)
 
 
 async def test_an_idle_engine_takes_a_request_whatever_its_estimate(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, task = ask(sup, "a", tokens=None, reserve=10, text_bytes=4000)  # estimate far over 512
-    await settle()
+    await until(lambda: len(fx.starts) == 1)
     fx.starts[0].succeed(kv_budget=512)
-    await settle()
-    assert task.done() and task.result().count_first  # granted to be counted, not stuck
+    await until(task.done)  # granted to be counted, not stuck
+    assert task.result().count_first
 
 
 async def test_a_start_nobody_waits_for_is_cut_short(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, task = ask(sup, "a")
-    await settle()
+    await until(lambda: len(fx.starts) == 1)
     assert sup.lifecycle.state == "starting"
     task.cancel()
-    await settle()
+    await until(lambda: sup.lifecycle.state == "idle")
     assert fx.starts[0].cancelled  # the effect was cancelled: the engine is killed
-    assert [r.trigger for r in sup.lifecycle.history] == ["start", "abort", "stopped"]
-    assert sup.lifecycle.state == "idle"
+    assert triggers(sup) == ["start", "abort", "stopped"]
 
 
 async def test_a_start_still_wanted_by_another_request_goes_on(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, first = ask(sup, "a")
     _, second = ask(sup, "a")
-    await settle()
+    await handled(sup, first, second)
+    await until(lambda: len(fx.starts) == 1)
     first.cancel()
-    await settle()
+    await handled(sup, first)
+    assert sup.counters["cancelled_waiting"] == 1
     assert sup.lifecycle.state == "starting" and not fx.starts[0].cancelled
+    assert sup._effect is not None and not sup._effect.cancelling()
     fx.starts[0].succeed()
-    await settle()
-    assert second.done() and not second.exception()
+    await until(second.done)
+    assert not second.exception()
 
 
 async def test_a_count_over_the_free_shared_cache_sends_the_request_back(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
-    ask(sup, "a", tokens=300, reserve=100)  # 400 of 512
-    await settle()
-    fx.starts[0].succeed(kv_budget=512)
-    await settle()
+    _, first = ask(sup, "a", tokens=300, reserve=100)  # 400 of 512
+    await until(lambda: len(fx.starts) == 1)
+    engine = fx.starts[0].succeed(kv_budget=512)
+    await until(first.done)
     pending, second = ask(sup, "a", tokens=None, reserve=10, text_bytes=40)  # estimate: ~40
-    await settle()
-    grant = second.result()  # granted on its estimate
-    assert await sup.confirm(grant, pending.shape, 300) is False  # 400 + 310 > 512
+    await handled(sup, second)
+    grant = second.result()  # granted on its estimate, beside the first
+    assert grant.instance is engine and grant.count_first
+
+    # Counted exactly on the engine: 400 + 310 > 512. The handler sends it back to wait.
+    assert await sup.confirm(grant, pending.shape, 300) is False
+    pending.exact_tokens, pending.method = 300, "exact"
+    sup.release(grant, requeue_reason="counted 300 prompt tokens: no room in the shared KV cache yet")
+    again = acquire(sup, pending)
+    await handled(sup, again)
+    assert not again.done()  # it waits for room ...
+    assert sup.snapshot()["queued"]["count"] == 1 and sup.counters["requeued"] == 1
+    assert sup.lifecycle.state == "ready"  # ... on the same engine: waiting for room is no swap
+
+    sup.release(first.result(), served=True)
+    await until(again.done)  # room once the first ended
+    regrant = again.result()
+    assert regrant.instance is engine and not regrant.count_first
+    assert await sup.confirm(regrant, pending.shape, 300) is True  # alone, 310 fits 512
+    assert fx.started_keys == ["a@512"] and fx.stops == []
 
 
 class RaisingStop(FakeEffects):
@@ -987,9 +1054,9 @@ async def test_a_stop_that_raises_still_ends_in_idle() -> None:
     sup.start()
     try:
         _, task = ask(sup, "a")
-        await settle()
+        await until(lambda: len(fx.starts) == 1)
         engine = fx.starts[0].succeed()
-        await settle()
+        await until(task.done)
         sup.release(task.result(), served=True)
         await sup.unload()
         assert sup.lifecycle.state == "idle" and engine.process.killed
@@ -997,51 +1064,122 @@ async def test_a_stop_that_raises_still_ends_in_idle() -> None:
         await sup.close()
 
 
-async def test_an_unload_that_races_the_end_of_a_start_is_honoured(harness: Harness) -> None:
-    sup, fx = harness.sup, harness.fx
-    _, task = ask(sup, "a")
-    await settle()
-    # The unload came in after the start's effect had finished but before its result was
-    # handled: too late to cancel the start, so the ready engine must honour it.
-    unloaded = asyncio.get_running_loop().create_future()
-    sup._unloading.append(unloaded)
-    fx.starts[0].succeed()
-    await settle()
-    history = [(r.trigger, r.reason) for r in sup.lifecycle.history]
-    assert history[1:4] == [
-        ("healthy", history[1][1]),
-        ("drain", "unload requested"),
-        ("drained", "no request in flight"),
-    ]
-    assert unloaded.done()  # answered once the engine stopped
-    assert not task.done()  # the waiting request then starts it again
+class UnloadAsTheStartEnds(FakeEffects):
+    """The first start posts an unload just before it returns: the supervisor sees the
+    unload while still `starting`, with the start's effect over and its result next."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sup: Supervisor | None = None
+        self.unloaded: asyncio.Future[None] | None = None
+
+    async def start(self, model: Model, variant: Variant) -> FakeInstance:
+        instance = await super().start(model, variant)
+        if self.unloaded is None:
+            assert self.sup is not None
+            self.unloaded = self.sup.unload()
+        return instance
 
 
-async def test_a_start_is_cancelled_only_once(harness: Harness) -> None:
-    sup, fx = harness.sup, harness.fx
-    _, task = ask(sup, "a")
-    await settle(3)
-    task.cancel()
-    for _ in range(5):  # more events while the start winds down
-        ask(sup, "b")[1].cancel()
-    await settle()
-    history = [r.trigger for r in sup.lifecycle.history]
-    assert history.count("abort") <= 1 and fx.starts[0].cancelled
+async def test_an_unload_that_races_the_end_of_a_start_is_honoured() -> None:
+    fx = UnloadAsTheStartEnds()
+    sup = Supervisor(make_config(), fx)
+    fx.sup = sup
+    sup.start()
+    try:
+        _, task = ask(sup, "a")
+        await until(lambda: len(fx.starts) == 1)
+        engine = fx.starts[0].succeed()
+        # Too late to cancel the start (its effect is over), so the ready engine must
+        # honour the unload: drained and stopped, and the unload answered.
+        await until(lambda: fx.unloaded is not None and fx.unloaded.done())
+        assert fx.unloaded is not None and fx.unloaded.result() is None
+        history = [(r.trigger, r.reason) for r in sup.lifecycle.history]
+        assert [trigger for trigger, _ in history[:5]] == ["start", "healthy", "drain", "drained", "stopped"]
+        assert re.fullmatch(r"pid \d+ port \d+ in \d+ ms", history[1][1]), history[1]
+        assert history[2][1] == "unload requested"
+        assert history[3][1] == "no request in flight"
+        assert fx.stops == [engine] and not fx.starts[0].cancelled
+        assert not task.done()  # the waiting request then starts it again
+        await until(lambda: len(fx.starts) == 2)
+    finally:
+        await sup.close()
+
+
+class SlowKill(FakeEffects):
+    """Like the real start: once cancelled, it kills its engine (shielded, it takes a while:
+    until the test completes `killed`) and only then ends. A second cancellation would cut
+    that short and leave the engine still exiting while the next one spawns."""
+
+    async def start(self, model: Model, variant: Variant) -> FakeInstance:
+        call = StartCall(model, variant)
+        self.starts.append(call)
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            call.cancelled = True
+            call.cancels += 1
+            try:
+                await asyncio.shield(call.killed)
+            except asyncio.CancelledError:
+                call.cancels += 1
+                raise
+            raise
+
+
+async def test_a_start_is_cancelled_only_once() -> None:
+    fx = SlowKill()
+    sup = Supervisor(make_config(), fx)
+    sup.start()
+    try:
+        _, task = ask(sup, "a")
+        await until(lambda: len(fx.starts) == 1)
+        call = fx.starts[0]
+        task.cancel()
+        await until(lambda: call.cancels == 1)  # cut short: its engine is being killed
+        others = [ask(sup, "b")[1] for _ in range(5)]  # more events while the start winds down
+        await handled(sup, *others)
+        for other in others:
+            other.cancel()
+        await handled(sup, *others)
+        assert sup.snapshot()["queued"]["count"] == 0
+        assert triggers(sup) == ["start"]  # still starting: its engine is not gone yet
+
+        call.killed.set_result(None)
+        await until(lambda: sup.lifecycle.state == "idle")
+        assert call.cancels == 1
+        assert triggers(sup) == ["start", "abort", "stopped"]
+    finally:
+        for started in fx.starts:  # (a failed test: let every kill end, so close() returns)
+            if not started.killed.done():
+                started.killed.set_result(None)
+        await sup.close()
 
 
 async def test_a_load_pending_across_a_reload_loads_the_new_config(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     old = sup.config
     loading = sup.load(old.models[0].variants[0])
-    await settle()
-    changed = replace(old.models[0], args=("--seed", "7"))
-    variants = tuple(replace(v, args=v.args) for v in changed.variants)
-    sup.reload(GatewayConfig(old.source, old.server, (replace(changed, variants=variants), *old.models[1:])))
-    await settle()
-    fx.starts[0].succeed()  # the old variant's engine: outdated, replaced
-    await settle()
-    assert len(fx.starts) == 2
-    fx.starts[1].succeed()
-    await settle()
-    assert loading.done() and not loading.exception()
+    await until(lambda: len(fx.starts) == 1)
+    a = old.models[0]
+    variants = tuple(replace(v, args=("--temp", "0")) for v in a.variants)
+    new_a = replace(a, args=("--seed", "7"), variants=variants)
+    sup.reload(GatewayConfig(old.source, old.server, (new_a, *old.models[1:])))
+    await handled(sup)
+    outdated = fx.starts[0].succeed()  # the old config's engine: ready, but outdated
+    await until(lambda: len(fx.starts) == 2)
+    assert fx.stops == [outdated]
+    assert [r.reason for r in sup.lifecycle.history if r.trigger == "drain"] == [
+        "config reload changed a@512"
+    ]
+    assert not loading.done()  # the load waits for the engine the new config defines
+    restarted = fx.starts[1]
+    assert restarted.model.args == ("--seed", "7")
+    assert restarted.variant.args == ("--temp", "0")
+    assert restarted.variant is variants[0]
+    engine = restarted.succeed()
+    await until(loading.done)
+    assert loading.result() is None
+    await handled(sup)
+    assert sup.lifecycle.state == "ready" and sup.snapshot()["pid"] == engine.process.pid
     assert len(fx.starts) == 2  # and no loop of restarts
