@@ -7,6 +7,7 @@ import logging
 import time
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import __version__
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -146,7 +147,8 @@ class GatewayServer:
         return web.json_response({"status": "ok"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8")
+        # The format version in the type must be the one generate_latest writes.
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _models(self, request: web.Request) -> web.Response:
         created = int(self.started_at)
