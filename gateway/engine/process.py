@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 LOG_LINES_KEPT = 200
 _PR_SET_PDEATHSIG = 1
@@ -24,11 +24,20 @@ _PR_SET_PDEATHSIG = 1
 log = logging.getLogger("gateway.engine")
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+# Resolved once here: the child must not load libraries or look up symbols after fork,
+# where another thread of the gateway may have held the loader's locks.
+_PRCTL = _load_prctl()
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec. The signal follows the parent *thread*,
     # so engines must be spawned from the event loop's thread, never from a worker.
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class EngineProcess:
