@@ -7,11 +7,15 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, GatewayConfig, Timeouts, load_config
+from gateway.config import ConfigError, ConfigRun, GatewayConfig, Timeouts, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO_ROOT / "example.cfg.lua"
@@ -413,6 +417,77 @@ def test_config_may_compute_and_print(tmp_path: Path) -> None:
         """,
     )
     assert [m.name for m in config.models] == ["m4096", "m1024"]
+
+
+# A config is code: its run has a time limit and can be stopped ------------------------------
+
+
+def processes_with(text: str) -> list[int]:
+    """Processes whose command line contains `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and text in cmdline and int(proc.name) != os.getpid():
+            found.append(int(proc.name))
+    return found
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+    return result
+
+
+def test_a_config_that_never_ends_is_killed_at_its_time_limit(tmp_path: Path) -> None:
+    path = write(tmp_path, f"models = {{ {MODEL} }}\nwhile true do end\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(path, timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert str(info.value) == (
+        f"{path}: did not finish running within 0.5s (server.config_timeout), so it was stopped"
+    )
+    assert processes_with(str(path)) == []  # no Lua process left spinning
+
+
+def test_what_a_config_started_is_killed_with_it(tmp_path: Path) -> None:
+    path = write(tmp_path, 'os.execute("sleep 31.4159")\n')
+    with pytest.raises(ConfigError, match=re.escape("did not finish running within 0.3s")):
+        load_config(path, timeout=0.3)
+    assert processes_with("sleep 31.4159") == []
+
+
+def test_a_run_can_be_stopped_from_another_thread(tmp_path: Path) -> None:
+    path = write(tmp_path, f"models = {{ {MODEL} }}\nwhile true do end\n")
+    run = ConfigRun(path, timeout=60)
+    errors: list[ConfigError] = []
+
+    def load() -> None:
+        try:
+            run.load()
+        except ConfigError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    wait_for(lambda: processes_with(str(path)))
+    run.stop()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert [str(e) for e in errors] == [f"{path}: loading was stopped"]
+    assert processes_with(str(path)) == []
+
+
+def test_a_stopped_run_does_not_start(tmp_path: Path) -> None:
+    run = ConfigRun(write(tmp_path, f"models = {{ {MODEL} }}"), timeout=5)
+    run.stop()
+    with pytest.raises(ConfigError, match="loading was stopped"):
+        run.load()
 
 
 # What the engine's arguments say, parsed once at load --------------------------------------

@@ -1,6 +1,6 @@
 """Configuration: the Lua file, its validation, and the typed result."""
 
-from gateway.config.loader import ConfigError, load_config
+from gateway.config.loader import DEFAULT_CONFIG_TIMEOUT, ConfigError, ConfigRun, load_config
 from gateway.config.schema import (
     GatewayConfig,
     Model,
@@ -11,7 +11,9 @@ from gateway.config.schema import (
 )
 
 __all__ = [
+    "DEFAULT_CONFIG_TIMEOUT",
     "ConfigError",
+    "ConfigRun",
     "GatewayConfig",
     "Model",
     "RequestRules",

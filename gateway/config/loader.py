@@ -7,14 +7,16 @@ module turns the flattened export into nested Python values, then into `GatewayC
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
+import signal
+import subprocess
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from python_lua_helper import PyLuaHelper
+from python_lua_helper import PyLuaHelper, py_lua_helper
 
 from gateway.config.schema import (
     GatewayConfig,
@@ -26,43 +28,131 @@ from gateway.config.schema import (
 )
 
 _POST_SCRIPT = "validate.lua"
+_LOADER = Path(py_lua_helper.__file__).with_name("loader.lua")  # python-lua-helper's Lua side
 # The standalone interpreter prefixes its error with its argv[0], which python-lua-helper
 # makes an absolute path ("/usr/bin/lua5.4: "); a traceback follows the message.
 _LUA_PREFIX = re.compile(r"^(?:.*?[/\\])?lua[\w.]*(?:\.exe)?: ")
 _TRACEBACK = "stack traceback:"
 
 
+DEFAULT_CONFIG_TIMEOUT = 10.0  # seconds; a config's own server.config_timeout governs its reloads
+
+
 class ConfigError(Exception):
     """The config could not be loaded; the message is for the user as it stands."""
 
 
-def load_config(path: str | Path) -> GatewayConfig:
+def load_config(path: str | Path, timeout: float = DEFAULT_CONFIG_TIMEOUT) -> GatewayConfig:
     """Run the user's Lua file, validate it in Lua, and return the typed config."""
-    config_path = Path(path).resolve()
-    if not config_path.is_file():
-        raise ConfigError(f"config file not found: {config_path}")
-    helper = _run_lua(config_path)
-    tree = {name: _unflatten(helper, name) for name in ("server", "models")}
-    return _build(config_path, tree)
+    return ConfigRun(path, timeout).load()
 
 
-def _run_lua(config_path: Path) -> PyLuaHelper:
-    post_script = resources.files("gateway.config").joinpath(_POST_SCRIPT)
-    # python-lua-helper prints Lua's output and raises a bare RuntimeError; keep the text.
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured), resources.as_file(post_script) as post:
-            return PyLuaHelper(
-                str(config_path),
-                export_vars=["server", "models"],
-                post_script=str(post),
-                min_lua_version="5.3.0",
+class ConfigRun:
+    """One run of a config file in its own Lua process, given `timeout` seconds.
+
+    The file is code: it may loop forever or wait on something. A run that takes too
+    long is killed (with anything it started) and refused, and another thread may stop
+    a run at any time (the gateway shutting down during a reload).
+    """
+
+    def __init__(self, path: str | Path, timeout: float) -> None:
+        self.path = Path(path).resolve()
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopped = False
+
+    def load(self) -> GatewayConfig:
+        """Blocks until the config is loaded; raises ConfigError."""
+        if not self.path.is_file():
+            raise ConfigError(f"config file not found: {self.path}")
+        post_script = resources.files("gateway.config").joinpath(_POST_SCRIPT)
+        try:
+            with resources.as_file(post_script) as post:
+                helper = _LuaHelper(self, str(self.path), ["server", "models"], post_script=str(post))
+        except _LuaFailed as exc:
+            message = _lua_message(exc.output)
+            raise ConfigError(_full_path(message, self.path) or f"{self.path}: {exc}") from None
+        except (OSError, ValueError) as exc:  # e.g. output or values that are not UTF-8
+            raise ConfigError(f"{self.path}: cannot read the config's values: {exc}") from None
+        tree = {name: _unflatten(helper, name) for name in ("server", "models")}
+        return _build(self.path, tree)
+
+    def stop(self) -> None:
+        """End the run now, from any thread; `load` then raises ConfigError."""
+        with self._lock:
+            self._stopped = True
+            if self._process is not None and self._process.returncode is None:
+                _kill_group(self._process)
+
+    def run_lua(self, command: list[str]) -> None:
+        """Run python-lua-helper's loader to its end; _LuaFailed with its output if Lua failed."""
+        process = self._spawn(command)
+        try:
+            out, err = process.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            _kill(process)
+            raise ConfigError(
+                f"{self.path}: did not finish running within {self.timeout:g}s "
+                "(server.config_timeout), so it was stopped"
+            ) from None
+        except BaseException:
+            _kill(process)
+            raise
+        finally:
+            with self._lock:
+                self._process = None
+        if self._stopped:
+            raise ConfigError(f"{self.path}: loading was stopped")
+        if process.returncode != 0:
+            raise _LuaFailed((out + err).decode("utf-8", "replace"))
+
+    def _spawn(self, command: list[str]) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._stopped:
+                raise ConfigError(f"{self.path}: loading was stopped")
+            # A process group of its own: a kill also reaches what the config started.
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
-    except RuntimeError as exc:
-        message = _lua_message(captured.getvalue())
-        raise ConfigError(_full_path(message, config_path) or f"{config_path}: {exc}") from None
-    except (OSError, ValueError) as exc:  # e.g. output or values that are not UTF-8
-        raise ConfigError(f"{config_path}: cannot read the config's values: {exc}") from None
+            return self._process
+
+
+class _LuaFailed(Exception):
+    def __init__(self, output: str) -> None:
+        super().__init__("the Lua loader failed")
+        self.output = output  # what Lua printed: the config's output, then the error
+
+
+class _LuaHelper(PyLuaHelper):
+    """PyLuaHelper whose Lua process a ConfigRun runs. PyLuaHelper 1.4 runs it itself with
+    subprocess.run and a fixed 180 s timeout, which nothing can cut short."""
+
+    def __init__(self, run: ConfigRun, config: str, export: list[str], post_script: str) -> None:
+        self._config_run = run
+        super().__init__(config, export_vars=export, post_script=post_script, min_lua_version="5.3.0")
+
+    def _run_lua_loader(self) -> None:
+        # The command python-lua-helper 1.4's own _run_lua_loader builds for these options.
+        lua = [self._lua_binary, str(_LOADER), "-ver", *(str(n) for n in self._lua_actual_version)]
+        exports = [arg for name in self._export_vars for arg in ("-e", name)]
+        scripts = ["-c", self._lua_config_script, "-post", self._post_script]
+        dirs = ["-w", self._work_dir, "-t", self._temp_dir]
+        self._config_run.run_lua([*lua, *scripts, *exports, *dirs, "--"])
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    _kill_group(process)
+    process.communicate()  # reaps it; its pipes close once the whole group is gone
 
 
 def _lua_message(output: str) -> str:

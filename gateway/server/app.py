@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import __version__
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, ConfigRun, GatewayConfig
 from gateway.engine.manager import EngineManager
 from gateway.server.auth import auth_middleware
 from gateway.server.control import ControlHandler
@@ -40,6 +40,8 @@ class GatewayServer:
         self.started_at = time.time()
         self._runner: web.AppRunner | None = None
         self._sites: list[web.TCPSite] = []
+        self._reloads: asyncio.Task[None] | None = None  # runs reloads one after another
+        self._next_reload: asyncio.Future[GatewayConfig] | None = None  # asked for, not started
 
     def build_app(self) -> web.Application:
         app = web.Application(
@@ -62,12 +64,47 @@ class GatewayServer:
         return app
 
     async def reload(self) -> GatewayConfig:
-        """Load the config file again; a bad one is refused and the old one kept."""
+        """Load the config file again; a bad one is refused and the old one kept.
+
+        Reloads run one at a time, and the file's latest content wins: a reload asked
+        for while one runs waits for it, then one more run reads the file for every
+        request that came meanwhile.
+        """
+        running = self._reloads is not None and not self._reloads.done()
+        if running:
+            log.info("config reload asked for while one runs: the file is read again after it")
+        if self._next_reload is None:
+            self._next_reload = asyncio.get_running_loop().create_future()
+            # Marks a refusal as seen even when no caller is left to await it.
+            self._next_reload.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if not running:
+            self._reloads = asyncio.create_task(self._run_reloads(), name="config-reloads")
+        # A caller that leaves (a client hanging up) does not cancel the others' reload.
+        return await asyncio.shield(self._next_reload)
+
+    async def _run_reloads(self) -> None:
+        while self._next_reload is not None:
+            done, self._next_reload = self._next_reload, None
+            try:
+                done.set_result(await self._reload_once())
+            except asyncio.CancelledError:  # shutting down
+                for future in (done, self._next_reload):
+                    if future is not None:
+                        future.cancel()
+                self._next_reload = None
+                raise
+            except Exception as exc:  # ConfigError, or a bug: the callers hear of it
+                done.set_exception(exc)
+
+    async def _reload_once(self) -> GatewayConfig:
+        run = ConfigRun(self.config.source, self.config.server.config_timeout)
         try:
-            config = await asyncio.to_thread(load_config, self.config.source)
+            config = await asyncio.to_thread(run.load)
         except ConfigError as exc:
             log.error("config reload rejected, keeping the old config: %s", exc)
             raise
+        finally:
+            run.stop()  # kills the Lua process of a reload cancelled by a shutdown
         if config.server.listen != self.config.server.listen:
             log.warning("listen addresses change only with a restart")
         self.config = config
@@ -115,6 +152,9 @@ class GatewayServer:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), stop the engine."""
         log.info("shutting down: no new connections; draining")
+        if self._reloads is not None:
+            self._reloads.cancel()  # a config still running would hold up the exit
+            await asyncio.wait([self._reloads])  # its Lua process is killed by then
         for site in self._sites:
             await site.stop()
         self.control.close()
