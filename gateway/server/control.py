@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 
@@ -67,15 +67,14 @@ class ControlHandler:
         return web.json_response({"models": models, "state": state["state"]})
 
     async def logs(self, request: web.Request) -> web.Response:
-        lines = list(self._logs.lines) if self._logs else []
-        count = _int_query(request, "lines", DEFAULT_LOG_LINES)
-        return web.Response(text="\n".join(lines[-count:]) + "\n", content_type="text/plain")
+        lines = _last(self._logs.lines if self._logs else [], _int_query(request, "lines", DEFAULT_LOG_LINES))
+        return web.Response(text="".join(f"{line}\n" for line in lines), content_type="text/plain")
 
     async def logs_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: the recent lines, then every new one as it is logged."""
         if self._logs is None:
             raise InvalidRequest("logging to memory is off")
-        backlog = list(self._logs.lines)[-_int_query(request, "lines", 20) :]
+        backlog = _last(self._logs.lines, _int_query(request, "lines", 20))
         queue = self._logs.follow()
         response = web.StreamResponse(headers=SSE_HEADERS)
         try:
@@ -130,6 +129,12 @@ def _int_query(request: web.Request, name: str, default: int) -> int:
     value = request.query.get(name)
     if value is None:
         return default
-    if not value.isdigit():
+    # isdigit() alone also passes digits such as '²' that int() refuses.
+    if not (value.isascii() and value.isdigit()):
         raise InvalidRequest(f"'{name}' must be a non-negative integer", param=name)
     return int(value)
+
+
+def _last(lines: Iterable[str], count: int) -> list[str]:
+    """The last `count` lines; none for 0 (where `lines[-0:]` would give them all)."""
+    return list(lines)[-count:] if count else []
