@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import Gateway, tiny_model_config, wait_until
 
 CHAT = [{"role": "user", "content": "Say something."}]
+GOOD_CHAT = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 2}).encode()
 
 
 @pytest.fixture
@@ -120,6 +121,15 @@ def test_request_id_and_context_headers(gateway: Gateway) -> None:
         (b"{not json", 400, "invalid_request", None),
         (b"[1, 2]", 400, "invalid_request", None),
         (b"\xff\xfe{}", 400, "invalid_request", None),
+        # JSON that Python reads but llama-server refuses: the gateway's own 400.
+        (GOOD_CHAT[:-1] + b', "temperature": NaN}', 400, "invalid_request", None),
+        (GOOD_CHAT[:-1] + b', "temperature": Infinity}', 400, "invalid_request", None),
+        (GOOD_CHAT[:-1] + b', "temperature": -Infinity}', 400, "invalid_request", None),
+        (GOOD_CHAT[:-1] + b', "temperature": 1e400}', 400, "invalid_request", None),
+        (GOOD_CHAT.decode().encode("utf-16"), 400, "invalid_request", None),
+        (GOOD_CHAT.decode().encode("utf-16-le"), 400, "invalid_request", None),
+        (GOOD_CHAT.replace(b"Say", b"\\ud800Say"), 400, "invalid_request", None),
+        (GOOD_CHAT.replace(b'"model"', b'"\\udfff": 1, "model"'), 400, "invalid_request", None),
         ({"messages": CHAT}, 400, "invalid_request", "model"),
         ({"model": 5, "messages": CHAT}, 400, "invalid_request", "model"),
         ({"model": "tiny"}, 400, "invalid_request", "messages"),
@@ -156,6 +166,11 @@ def test_bad_chat_requests(gateway: Gateway, body, status, code, param) -> None:
     assert (error["code"], error["param"]) == (code, param)
     assert "Traceback" not in error["message"]
     assert gateway.state()["history"] == []  # nothing bad reaches the supervisor
+
+
+def test_a_byte_order_mark_is_read_as_the_engine_reads_it(gateway: Gateway) -> None:
+    resp = gateway.request("POST", "/v1/chat/completions", raw=b"\xef\xbb\xbf" + GOOD_CHAT)
+    assert resp.status == 200 and resp.json()["usage"]["completion_tokens"] == 2
 
 
 def test_unknown_model_lists_the_available_ones(gateway: Gateway) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -99,16 +101,48 @@ def model_engine_refusal(model: Model, kind: str) -> str | None:
 
 
 async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]:
+    """The body as JSON, held to what the engine reads too: strict JSON in UTF-8 (a
+    byte order mark is allowed).
+
+    Python's json also takes NaN and Infinity, numbers beyond a double (1e400 becomes
+    inf), UTF-16 and UTF-32, and lone surrogates (`"\\ud800"`); the engine refuses them,
+    so the gateway does it first, in its own words.
+    """
     raw = await request.read()  # over client_max_size: aiohttp raises 413
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant, parse_float=_finite)
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        raise InvalidRequest("the request body is not valid Unicode: it escapes a lone surrogate")
     return body, raw
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # cheap; only then is the body checked
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _has_lone_surrogate(body: dict[str, Any]) -> bool:
+    """Whether a string holds half a surrogate pair (a whole pair is decoded to one character)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _apply_rules(body: dict[str, Any], model: Model) -> dict[str, Any]:
