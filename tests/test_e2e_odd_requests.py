@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import urllib.parse
 import urllib.request
+import zlib
 from typing import Any
 
 import pytest
 
 from tests.conftest import Gateway, Response, tiny_model_config
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def chat(max_tokens: int = 5, model: str = "tiny", **extra: Any) -> bytes:
+    return json.dumps({"model": model, "messages": CHAT, "max_tokens": max_tokens, **extra}).encode()
 
 
 def assert_openai_error(resp: Response) -> dict[str, Any]:
@@ -47,3 +56,50 @@ def test_the_live_log_with_no_backlog_starts_with_the_next_line(gateway: Gateway
         log_marker(gateway, "marker-0042")  # headers arrived: the stream follows the log now
         first = next(line for line in stream if line.startswith(b"data: "))
     assert b"marker-0042" in first
+
+
+def sse_events(body: bytes) -> list[str]:
+    return [e[6:] for e in body.decode().split("\n\n") if e.startswith("data: ")]
+
+
+@pytest.mark.parametrize(("encoding", "compress"), [("gzip", gzip.compress), ("deflate", zlib.compress)])
+def test_a_compressed_request_body_is_served(gateway: Gateway, encoding: str, compress) -> None:
+    resp = gateway.request(
+        "POST", "/v1/chat/completions", raw=compress(chat()), headers={"Content-Encoding": encoding}
+    )
+    assert resp.status == 200, resp.body
+    assert resp.json()["usage"]["completion_tokens"] == 5
+
+
+def test_a_json_body_under_another_content_type_is_served(gateway: Gateway) -> None:
+    for content_type in (
+        "multipart/form-data; boundary=x",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+    ):
+        resp = gateway.request(
+            "POST", "/v1/chat/completions", raw=chat(), headers={"Content-Type": content_type}
+        )
+        assert resp.status == 200, (content_type, resp.body)
+        assert resp.json()["usage"]["completion_tokens"] == 5
+
+
+def set_names(gateway: Gateway, names: dict[str, str]) -> None:
+    """Rename models in the running gateway's config (the test harness writes ASCII only)."""
+    text = gateway.config_path.read_text()
+    for old, new in names.items():
+        text = text.replace(json.dumps(old), f'"{new}"')
+    gateway.config_path.write_text(text, encoding="utf-8")
+    assert gateway.post("/gateway/reload", {}).status == 200
+
+
+def test_a_non_ascii_alias_is_given_back_as_asked(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(tiny_model_config(tiny_models, name="NAME", aliases=["ALIAS"]))
+    set_names(gateway, {"NAME": "tïny", "ALIAS": "alias-日本"})
+    for asked in ("alias-日本", "tïny"):
+        plain = gateway.request("POST", "/v1/chat/completions", raw=chat(model=asked))
+        assert plain.status == 200, plain.body
+        assert plain.json()["model"] == asked
+        streamed = gateway.request("POST", "/v1/chat/completions", raw=chat(model=asked, stream=True))
+        chunks = [json.loads(e) for e in sse_events(streamed.body) if e != "[DONE]"]
+        assert chunks and {c["model"] for c in chunks} == {asked}

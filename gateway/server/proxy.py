@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -54,21 +55,22 @@ class NotSent(Exception):
 class Renamer:
     """Rewrites the engine's model name to the one the client used."""
 
-    served: bytes
+    served: re.Pattern[bytes]
     requested: bytes
 
     @classmethod
     def between(cls, served: str, requested: str) -> Renamer | None:
         if served == requested:
             return None
-        return cls(_model_field(served), _model_field(requested))
+        # llama-server writes names in UTF-8 (`"model":"tïny"`); JSON also allows them
+        # escaped (`"t\u00efny"`) and spaces around the colon.
+        names = {json.dumps(served, ensure_ascii=False).encode(), json.dumps(served).encode()}
+        either = b"|".join(re.escape(name) for name in names)
+        field = b'"model":' + json.dumps(requested, ensure_ascii=False).encode()
+        return cls(re.compile(rb'"model"\s*:\s*(?:' + either + b")"), field)
 
     def __call__(self, data: bytes) -> bytes:
-        return data.replace(self.served, self.requested)
-
-
-def _model_field(name: str) -> bytes:
-    return b'"model":' + json.dumps(name).encode()
+        return self.served.sub(lambda _: self.requested, data)  # a function: no escapes in it
 
 
 def upstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -78,11 +80,16 @@ def upstream_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def engine_request_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """What of the client's headers the engine sees. Answers come uncompressed: the
-    model name is renamed and context errors are read in them."""
-    passed = {k: v for k, v in upstream_headers(headers).items() if k.lower() not in CREDENTIALS}
-    passed = {k: v for k, v in passed.items() if k.lower() != "accept-encoding"}
-    return {**passed, "Accept-Encoding": "identity"}
+    """What of the client's headers the engine sees. The body sent is the gateway's own
+    JSON (aiohttp decoded any Content-Encoding, rules may have rewritten it), so the
+    gateway describes it. Answers come uncompressed: the model name is renamed and
+    context errors are read in them."""
+    passed = {k: v for k, v in upstream_headers(headers).items() if _to_engine(k.lower())}
+    return {**passed, "Accept-Encoding": "identity", "Content-Type": "application/json"}
+
+
+def _to_engine(name: str) -> bool:
+    return name not in CREDENTIALS and name != "accept-encoding" and not name.startswith("content-")
 
 
 async def forward(
