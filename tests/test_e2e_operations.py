@@ -72,24 +72,29 @@ def test_metrics_after_a_swap_a_crash_and_a_rejection(gateway: Gateway) -> None:
 
 
 def test_logs_and_the_live_log_stream(gateway: Gateway) -> None:
-    lines: list[str] = []
+    # Subscribed once the answer's headers are in: every line logged from then on is live.
+    stream = urllib.request.urlopen(gateway.url + "/gateway/logs/stream?lines=1", timeout=20)
+    events: list[str] = []
     seen_swap = threading.Event()
 
     def follow() -> None:
-        with urllib.request.urlopen(gateway.url + "/gateway/logs/stream?lines=0", timeout=20) as resp:
-            for raw in resp:
-                lines.append(raw.decode())
-                if "engine ready tiny-b@2048" in raw.decode():
-                    seen_swap.set()
-                    return
+        for raw in stream:
+            events.append(raw.decode())
+            if "engine ready tiny-b@2048" in events[-1]:
+                seen_swap.set()
+                return
 
-    follower = threading.Thread(target=follow, daemon=True)
-    follower.start()
-    wait_until(lambda: True)
-    ask(gateway)
-    ask(gateway, "tiny-b")
-    assert seen_swap.wait(10), lines
-    assert any("engine ready tiny@512" in line for line in lines)
+    with stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        assert "engine ready" not in gateway.log()  # so the lines below are logged after subscribing
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        ask(gateway)
+        ask(gateway, "tiny-b")
+        assert seen_swap.wait(10), events
+    ready = [line for line in events if "engine ready" in line]
+    assert [line.startswith("data: ") for line in ready] == [True, True], events
+    assert "engine ready tiny@512" in ready[0] and "engine ready tiny-b@2048" in ready[1]
     recent = gateway.request("GET", "/gateway/logs?lines=500").body.decode()
     assert "select" in recent and "[tiny@512 pid=" in recent  # engine output, prefixed
 
