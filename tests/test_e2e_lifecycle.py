@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.supervisor.engine_steps import BACKOFF_BASE
 from tests.conftest import Gateway, alive, tiny_model_config, wait_until
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -73,18 +74,45 @@ def test_swap_between_models_passes_draining_and_stopping(gateway: Gateway) -> N
     )
 
 
-def test_in_flight_stream_finishes_before_the_swap_stops_its_engine(gateway: Gateway) -> None:
+def test_in_flight_stream_finishes_before_the_swap_stops_its_engine(start_gateway, tiny_models) -> None:
+    # A drain_timeout no stream here takes (3000 tokens took 5-6 s on a busy 2-core machine).
+    gateway = start_gateway(tiny_model_config(tiny_models), drain_timeout=120)
     warm(gateway, 3000)
-    long, result = in_thread(ask, gateway, "tiny", max_tokens=3000)
-    wait_until(lambda: gateway.state()["in_flight"] == 1, interval=0.002)
-    other = ask(gateway, "tiny-b")  # waits for the drain
-    long.join(30)
-    answer = result[0]
-    assert answer.status == 200
-    assert answer.json()["usage"]["completion_tokens"] == 3000  # not cut off
-    assert other.status == 200
+    wait_until(lambda: gateway.state()["in_flight"] == 0)  # warm's own request has ended
+    pid = gateway.state()["pid"]
+    body = {
+        "model": "tiny",
+        "messages": CHAT,
+        "max_tokens": 3000,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    req = urllib.request.Request(
+        gateway.url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.readline().startswith(b"data: ")  # the stream is under way
+        other, answered = in_thread(lambda: (ask(gateway, "tiny-b"), time.monotonic()))
+        wait_until(lambda: gateway.state()["queued"]["count"] == 1, interval=0.002)
+        state = gateway.state()
+        assert (state["state"], state["in_flight"], state["pid"]) == ("draining", 1, pid)  # the swap waits
+        rest = resp.read().decode()
+        ended = time.monotonic()
+    other.join(30)
+    events = [e for e in rest.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", rest[-500:]  # not cut off
+    usage = [u for e in events[:-1] if (u := json.loads(e[6:]).get("usage"))]
+    assert usage[-1]["completion_tokens"] == 3000
+    assert '"finish_reason":"length"' in rest.replace(" ", "")
+    (swapped, swapped_at) = answered[0]
+    assert swapped.status == 200 and swapped_at > ended  # served only after the stream ended
     history = gateway.state()["history"]
+    drain = next(h for h in history if h["trigger"] == "drain")
     drained = next(h for h in history if h["trigger"] == "drained")
+    assert drain["reason"].startswith("swap to tiny-b@2048")
     assert drained["reason"] == "no request in flight"
 
 
@@ -217,15 +245,28 @@ def test_missing_binary_is_a_clear_503(start_gateway, tiny_models) -> None:
 
 
 def test_crash_loop_backs_off_then_gives_503_while_others_work(start_gateway, tiny_models) -> None:
-    gateway = start_gateway(
-        [fake_model("crash-on-request"), *tiny_model_config(tiny_models)], max_start_failures=2
-    )
-    first = ask(gateway, "fake-crash-on-request")
-    assert first.status == 502  # crashed twice under the same request: no third try
-    second = ask(gateway, "fake-crash-on-request")
-    assert second.status in (502, 503)
+    crashing = fake_model("crash-on-request", variants=[{"context": 1024}, {"context": 4096}])
+    gateway = start_gateway([crashing, *tiny_model_config(tiny_models)], max_start_failures=2)
+    first, first_answer = in_thread(ask, gateway, "fake-crash-on-request")
+    wait_until(lambda: gateway.state()["counters"].get("starts") == 1, interval=0.002)
+    # Needs the 4096 variant: it waits behind `first` (which keeps the 1024 one busy and
+    # comes back after each crash) until max_start_failures crashes in a row fail it.
+    waiting, waiting_answer = in_thread(ask, gateway, "fake-crash-on-request", max_tokens=2000)
+    first.join(30)
+    waiting.join(30)
+    assert first_answer[0].status == 502  # crashed twice under the same request: no third try
+    refused = waiting_answer[0]
+    assert refused.status == 503, refused.body[:500]
+    message = refused.json()["error"]["message"]
+    assert "keeps failing (2 times in a row)" in message and "crashing on request" in message
+
+    steps = [h for h in gateway.state()["history"] if h["trigger"] in ("start", "died", "reset")]
+    assert [h["trigger"] for h in steps] == ["start", "died", "start", "died", "reset"]
+    died, restart = steps[1], steps[2]
+    assert restart["monotonic"] - died["monotonic"] >= BACKOFF_BASE > 0  # backed off
+    assert steps[-1]["reason"] == "fake-crash-on-request: 2 failures in a row"
     state = gateway.state()
-    assert state["counters"]["crashes"] >= 2
+    assert state["counters"]["crashes"] == 2
     assert "crashing on request" in "\n".join(state["engine_log"])
     assert ask(gateway, "tiny").status == 200
 
