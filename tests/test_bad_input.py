@@ -3,9 +3,10 @@ and the gateway stays healthy.
 
 The table covers bodies that are not UTF-8 or not JSON, JSON nested 100000 deep, numbers
 no integer holds, a wrong type for every field the gateway reads, model names with path
-characters, empty and `null` bodies, bodies and headers over the limits. Separate tests
-hold a slow-loris body open while other requests must go on, and check the gateway
-afterwards.
+characters, empty and `null` bodies, bodies and headers over the limits. A module fixture
+sends the whole table once; each case's test checks its answer, and the checks of the
+gateway after the table depend on that fixture, so they hold also when run alone.
+Separate tests hold a slow-loris body open while other requests must go on.
 """
 
 from __future__ import annotations
@@ -224,13 +225,43 @@ def error_of(body: bytes) -> dict[str, Any]:
     return error
 
 
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    seconds: float
+    gateway_alive: bool  # after this case
+
+
+@pytest.fixture(scope="module")
+def table(gateway: Gateway) -> dict[str, Answer | Exception]:
+    """Every case of the table sent once, in order, to the module's gateway; the answer
+    or the error of each. The checks after the table use this fixture, so the table has
+    run before them also when they run alone."""
+    answers: dict[str, Answer | Exception] = {}
+    for param in TABLE:
+        (case,) = param.values
+        assert isinstance(case, Case) and case.id not in answers, f"two cases named {case.id}"
+        started = time.monotonic()
+        try:
+            status, body = exchange(gateway, case)
+        except Exception as exc:  # reported by the case's own test
+            answers[case.id] = exc
+        else:
+            alive = gateway.process.poll() is None
+            answers[case.id] = Answer(status, body, time.monotonic() - started, alive)
+    return answers
+
+
 @pytest.mark.parametrize("case", TABLE)
-def test_hostile_request_gets_a_quick_4xx(gateway: Gateway, case: Case) -> None:
-    started = time.monotonic()
-    status, body = exchange(gateway, case)
-    elapsed = time.monotonic() - started
+def test_hostile_request_gets_a_quick_4xx(table: dict[str, Answer | Exception], case: Case) -> None:
+    answer = table[case.id]
+    if isinstance(answer, Exception):
+        raise AssertionError(f"{case.id}: no answer: {answer!r}") from answer
+    status, body = answer.status, answer.body
+    assert answer.gateway_alive, f"the gateway died on {case.id}"
     assert status in case.expect, f"{case.id}: HTTP {status} (expected {sorted(case.expect)}): {body[:500]!r}"
-    assert elapsed < QUICK, f"{case.id}: took {elapsed:.2f}s"
+    assert answer.seconds < QUICK, f"{case.id}: took {answer.seconds:.2f}s"
     if case.id.startswith("header-"):
         return  # refused by the HTTP parser, before any handler: plain text is fine
     error = error_of(body)
@@ -240,7 +271,6 @@ def test_hostile_request_gets_a_quick_4xx(gateway: Gateway, case: Case) -> None:
         assert error["type"] == "invalid_request_error", error
     if 404 in case.expect:
         assert error["code"] == "model_not_found", error
-    assert gateway.process.poll() is None, f"the gateway died on {case.id}"
 
 
 def test_ten_megabytes_chunked_are_refused_with_413(gateway: Gateway) -> None:
@@ -320,6 +350,7 @@ def test_null_content_is_counted_with_its_template(gateway: Gateway) -> None:
     assert usage["completion_tokens"] == 505, (answer.headers.get("X-Gateway-Context"), usage)
 
 
+@pytest.mark.usefixtures("table")
 def test_the_gateway_is_healthy_after_the_table(gateway: Gateway) -> None:
     assert gateway.process.poll() is None
     assert gateway.request("GET", "/health", timeout=QUICK).status == 200
@@ -335,6 +366,7 @@ def test_the_gateway_is_healthy_after_the_table(gateway: Gateway) -> None:
     assert state["in_flight"] == 0 and state["queued"]["count"] == 0
 
 
+@pytest.mark.usefixtures("table")
 def test_no_tracebacks_in_the_log_after_the_table(gateway: Gateway) -> None:
     """Hostile clients are refused, not logged as the gateway's own errors."""
     log = gateway.log()
