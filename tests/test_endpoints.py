@@ -6,7 +6,7 @@ import pytest
 
 from gateway.errors import InvalidRequest
 from gateway.models import PromptShape
-from gateway.server.endpoints import ENDPOINTS, check_common, reserve
+from gateway.server.endpoints import ENDPOINTS, check_common, copies, limit_answer, reserve
 
 CHAT = ENDPOINTS["/v1/chat/completions"]
 COMPLETION = ENDPOINTS["/v1/completions"]
@@ -21,7 +21,15 @@ def test_chat_shape_counts_utf8_bytes_of_every_text() -> None:
             {"role": "assistant", "content": None},
         ]
     }
-    assert CHAT.shape(body, b"") == PromptShape(text_bytes=25, messages=3, bounded=True)
+    roles = len("system") + len("user") + len("assistant")  # the template renders them too
+    assert CHAT.shape(body, b"") == PromptShape(text_bytes=25 + roles, messages=3, bounded=True)
+
+
+def test_a_long_role_counts_in_the_byte_bound() -> None:
+    # A 600-byte role rendered by the template: the bound must cover it, or a request
+    # granted on the bound overflows the engine's shared cache.
+    shape = CHAT.shape({"messages": [{"role": "r" * 600, "content": "hi"}]}, b"")
+    assert shape.bounded and shape.text_bytes == 602
 
 
 def test_tools_images_and_tool_calls_count_but_lose_the_byte_bound() -> None:
@@ -48,6 +56,8 @@ def test_tools_images_and_tool_calls_count_but_lose_the_byte_bound() -> None:
 def test_completion_prompt_shapes(prompt, text_bytes: int, token_ids: int) -> None:
     shape = COMPLETION.shape({"prompt": prompt}, b"")
     assert (shape.text_bytes, shape.token_ids) == (text_bytes, token_ids)
+    several = isinstance(prompt, list) and not all(isinstance(t, int) for t in prompt)
+    assert shape.prompts == (len(prompt) if several else 1)
     assert EMBEDDING.shape({"input": prompt}, b"") == shape
 
 
@@ -75,15 +85,38 @@ def test_invalid_prompts(prompt) -> None:
         COMPLETION.validate({"prompt": prompt})
 
 
-def test_reserve_takes_the_first_limit_given_else_the_default() -> None:
+def test_reserve_takes_the_largest_limit_given_else_the_default() -> None:
     assert reserve(CHAT, {}, 256) == 256
     assert reserve(CHAT, {"max_tokens": 10}, 256) == 10
     assert reserve(CHAT, {"max_completion_tokens": 20, "max_tokens": 10}, 256) == 20
+    assert reserve(CHAT, {"max_completion_tokens": 5, "max_tokens": 10}, 256) == 10
+    # llama.cpp's own n_predict sets the answer's length too, whatever max_tokens says.
+    assert reserve(CHAT, {"max_tokens": 1, "n_predict": 1000}, 256) == 1000
+    assert reserve(COMPLETION, {"max_tokens": 1, "n_predict": 700}, 256) == 700
     assert reserve(CHAT, {"max_tokens": None}, 256) == 256
     assert reserve(EMBEDDING, {"max_tokens": 10}, 256) == 0  # no answer to reserve
-    for bad in (0, -1, 1.5, "10", True, 1e30):
+    for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+        for bad in (0, -1, 1.5, "10", True, 1e30):
+            with pytest.raises(InvalidRequest) as info:
+                reserve(CHAT, {name: bad}, 256)
+            assert info.value.param == name
+
+
+def test_a_request_without_a_limit_gets_its_reserve_as_the_limit() -> None:
+    assert limit_answer(CHAT, {"messages": []}, 64) == {"messages": [], "max_tokens": 64}
+    assert limit_answer(COMPLETION, {"prompt": "x"}, 64) == {"prompt": "x", "max_tokens": 64}
+    given = {"prompt": "x", "n_predict": 5}
+    assert limit_answer(COMPLETION, given, 64) is given
+    assert limit_answer(EMBEDDING, {"input": "x"}, 0) == {"input": "x"}
+
+
+def test_copies_reads_n_and_n_cmpl() -> None:
+    assert copies({}) == 1
+    assert copies({"n": 3}) == 3
+    assert copies({"n_cmpl": 4, "n": 2}) == 4
+    for bad in ({"n_cmpl": 0}, {"n_cmpl": "2"}, {"n": 1.0}):
         with pytest.raises(InvalidRequest):
-            reserve(CHAT, {"max_tokens": bad}, 256)
+            copies(bad)
 
 
 @pytest.mark.parametrize("body", [{"stream": "yes"}, {"stream": 1}, {"n": 0}, {"n": "2"}, {"n": True}])

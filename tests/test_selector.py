@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config.schema import Model, RequestRules, Timeouts, Variant
-from gateway.models import ModelSelector, Needs, RunningEngine
+from gateway.models import ModelSelector, Needs, Room, RunningEngine
 from gateway.models.selector import Outcome
 
 TIMEOUTS = Timeouts(health_check=0.05, startup=0.05, drain=0.05, stop=0.05, idle=0)
@@ -110,7 +110,7 @@ def test_running_engine_of_the_model_counts_an_estimate_first() -> None:
 
 
 def test_capacity_function_halving_like_two_slots() -> None:
-    selector = ModelSelector(lambda v: v.context // 2)
+    selector = ModelSelector(lambda v: Room(v.context // 2))
     assert selector.select(exact(256), BIG, None).variant == BIG.variant_for(512)
     assert selector.select(exact(257), BIG, None).variant == BIG.variant_for(2048)
     assert selector.select(exact(1025), BIG, None).variant == BIG.variant_for(8192)
@@ -136,3 +136,32 @@ def test_describe_names_the_decision() -> None:
     assert "needs=600" in text and "context=2048" in text and "started" in text
     rejected = ModelSelector().select(exact(9000), BIG, None).describe()
     assert "variant=none" in rejected and "rejected" in rejected
+
+
+def test_several_sequences_need_the_room_of_all_on_a_unified_cache() -> None:
+    # n=2 answers of "hi" + 200 tokens each: on a unified cache both sequences hold their
+    # tokens at once, so 2 x 210 does not fit a 256 context although one does.
+    small = make_model("small", 256, 1024)
+    unified = ModelSelector(lambda v: Room(v.context, shared=v.context, slots=4))
+    two = Needs(10, 200, "exact", sequences=2)
+    assert unified.select(two, small, None).variant == small.variant_for(1024)
+    assert unified.select(Needs(10, 200, "exact"), small, None).variant == small.variant_for(256)
+    # Per-slot caches: each sequence gets a slot of its own, the largest one must fit.
+    per_slot = ModelSelector(lambda v: Room(v.context))
+    assert per_slot.select(two, small, None).variant == small.variant_for(256)
+
+
+def test_sequences_beyond_the_slots_wait_inside_the_engine() -> None:
+    # Eight answers on an engine with two slots: two run at once, two hold the cache.
+    room = Room(1024, shared=1024, slots=2)
+    eight = Needs(100, 300, "exact", sequences=8)
+    assert room.reservation(eight) == 800 and room.fits(eight)
+    assert not Room(1024, shared=1024, slots=3).fits(eight)
+
+
+def test_a_running_engine_too_small_for_all_sequences_is_upgraded() -> None:
+    engine = RunningEngine(BIG.variant_for(512), 512, shared=512, slots=4)  # type: ignore[arg-type]
+    selection = ModelSelector(lambda v: Room(v.context, v.context, 4)).select(
+        Needs(50, 200, "exact", sequences=3), BIG, engine
+    )
+    assert selection.outcome is Outcome.UPGRADED and selection.variant == BIG.variant_for(2048)

@@ -92,7 +92,8 @@ class FakeInstance:
     kv_budget: int | None = None
     overhead: None = None
     startup_seconds: float = 0.01
-    slots: int = 1
+    slots: int = 4  # llama-server's automatic count
+    frozen: str | None = None  # what a health probe reports
 
     @property
     def room(self) -> Room:
@@ -146,6 +147,7 @@ class FakeEffects:
         self._capacity_of = capacity
         self.starts: list[StartCall] = []
         self.stops: list[FakeInstance] = []
+        self.probes: list[FakeInstance] = []
 
     def capacity(self, variant: Variant, model: Model) -> Room:
         return Room(self._capacity_of(variant))
@@ -166,6 +168,10 @@ class FakeEffects:
             instance.exited.set_result(0)  # like a real engine: it exits, then stop returns
         await asyncio.sleep(0)
         return 0
+
+    async def probe(self, instance: FakeInstance) -> str | None:
+        self.probes.append(instance)
+        return instance.frozen
 
     @property
     def started_keys(self) -> list[str]:
@@ -295,7 +301,7 @@ def no_supervisor_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     errors = [
         r.getMessage()
         for r in (*caplog.get_records("setup"), *caplog.get_records("call"))
-        if r.name == "gateway.supervisor" and r.getMessage().startswith("supervisor: error")
+        if r.name == "gateway.supervisor" and r.getMessage().startswith("supervisor fault")
     ]
     assert errors == []
 

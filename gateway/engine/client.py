@@ -58,10 +58,10 @@ class EngineClient:
         self._fresh = fresh  # for completions: a new connection each
         self.base_url = base_url
 
-    async def health(self, timeout: float) -> tuple[int, str]:
+    async def health(self, timeout: float, fresh: bool = False) -> tuple[int, str]:
         """Status and body of GET /health; (0, reason) when nothing answered."""
         try:
-            async with self._pooled.get(
+            async with (self._fresh if fresh else self._pooled).get(
                 self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 return resp.status, await resp.text()

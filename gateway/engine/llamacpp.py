@@ -12,7 +12,10 @@ from typing import Any
 
 from gateway.config.schema import Model, Variant
 from gateway.engine.client import EngineClient, EngineRequestError
+from gateway.models import Room
 
+# Slots llama-server runs when `-np` is not given (b11434: "auto" is 4, on one unified cache).
+AUTO_SLOTS = 4
 LISTENING_PATTERN = r"listening on http://127\.0\.0\.1:(\d+)"
 
 
@@ -50,13 +53,15 @@ class LlamaCppEngine:
         """The `model` the engine writes into its responses."""
         return variant.served_name
 
-    def capacity(self, variant: Variant, model: Model) -> int:
-        """Context one request gets, predicted from the arguments before a start.
+    def capacity(self, variant: Variant, model: Model) -> Room:
+        """The room a variant gives requests, predicted from its arguments before a start.
 
         An explicit `-np N` without a unified KV cache splits the context per slot.
         """
-        slots = self._split_slots(variant)
-        return variant.context // slots if slots else variant.context
+        split = self._split_slots(variant)
+        if split:
+            return Room(variant.context // split, None, split)
+        return Room(variant.context, variant.context, variant.slots or AUTO_SLOTS)
 
     def shared_kv_budget(self, variant: Variant, model: Model, slot_context: int) -> int | None:
         """Tokens all slots share, or None when each slot has a cache of its own.
@@ -84,16 +89,22 @@ class LlamaCppEngine:
             return f"model {model.name!r} is not started with --reranking, so it serves no rerank"
         return None
 
-    async def slot_context(self, client: EngineClient) -> int:
-        """The context one request really gets, as the running engine reports it."""
+    async def slots(self, client: EngineClient) -> tuple[int, int]:
+        """The context one request really gets and the number of slots, as the running
+        engine reports them."""
         try:
             slots = await client.get_json("/slots")
             if isinstance(slots, list) and slots:
-                return min(int(slot["n_ctx"]) for slot in slots)
+                return min(int(slot["n_ctx"]) for slot in slots), len(slots)
         except (EngineRequestError, KeyError, TypeError, ValueError):
             pass  # /slots can be disabled (--no-slots); /props always answers
         props = await client.get_json("/props")
-        return int(props["default_generation_settings"]["n_ctx"])
+        return int(props["default_generation_settings"]["n_ctx"]), int(props["total_slots"])
+
+    async def busy_tasks(self, client: EngineClient) -> frozenset[int]:
+        """The ids of the tasks its slots are processing now."""
+        slots = await client.get_json("/slots")
+        return frozenset(int(slot["id_task"]) for slot in slots if slot.get("is_processing"))
 
     async def template_overhead(self, client: EngineClient) -> TemplateOverhead:
         """Measure the chat template's own tokens with empty messages.

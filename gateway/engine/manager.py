@@ -20,7 +20,7 @@ from gateway.engine.binary import BinaryNotFound, find_llama_server
 from gateway.engine.client import EngineClient, EngineRequestError, new_session
 from gateway.engine.llamacpp import LlamaCppEngine, TemplateOverhead
 from gateway.engine.process import EngineProcess
-from gateway.models import PromptShape, byte_bound
+from gateway.models import PromptShape, Room, byte_bound
 
 log = logging.getLogger("gateway.engine")
 
@@ -49,6 +49,7 @@ class EngineInstance:
     served_name: str
     slot_context: int
     kv_budget: int | None  # tokens concurrent requests share; None: each slot has its own
+    slots: int  # sequences it runs at once
     overhead: TemplateOverhead | None  # None when its chat template could not be measured
     startup_seconds: float
     exited: asyncio.Task[int] = field(repr=False)
@@ -67,6 +68,10 @@ class EngineInstance:
         for response in list(self.open_responses):
             response.close()
 
+    @property
+    def room(self) -> Room:
+        return Room(self.slot_context, self.kv_budget, self.slots)
+
     def upper_bound(self, kind: str, shape: PromptShape) -> int | None:
         """A proven upper bound of a prompt's tokens on this engine, if there is one."""
         return byte_bound(kind, shape, self.overhead.upper_bound if self.overhead else None)
@@ -79,7 +84,6 @@ class EngineManager:
         self.llamacpp = LlamaCppEngine()
         self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
         self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
-        self._capacities: dict[tuple[Variant, tuple[str, ...]], int] = {}
 
     def client(self, base_url: str) -> EngineClient:
         if self._sessions is None:  # made on first use: a session needs the running loop
@@ -96,12 +100,8 @@ class EngineManager:
         for process in list(self._processes):
             process.kill_now()
 
-    def capacity(self, variant: Variant, model: Model) -> int:
-        # Asked for every queued request after every event: parse each variant's args once.
-        key = (variant, model.args)
-        if key not in self._capacities:
-            self._capacities[key] = self.llamacpp.capacity(variant, model)
-        return self._capacities[key]
+    def capacity(self, variant: Variant, model: Model) -> Room:
+        return self.llamacpp.capacity(variant, model)
 
     async def start(self, model: Model, variant: Variant) -> EngineInstance:
         """Spawn the variant's engine and wait until it is healthy (or raise StartFailed)."""
@@ -153,7 +153,7 @@ class EngineManager:
             if status == 200:
                 break
             await asyncio.sleep(HEALTH_POLL_INTERVAL)
-        slot_context = await self.llamacpp.slot_context(client)
+        slot_context, slots = await self.llamacpp.slots(client)
         overhead = None
         with contextlib.suppress(EngineRequestError, KeyError, TypeError):
             overhead = await self.llamacpp.template_overhead(client)
@@ -166,6 +166,7 @@ class EngineManager:
             port=port,
             served_name=self.llamacpp.served_name(model, variant),
             slot_context=slot_context,
+            slots=slots,
             kv_budget=self.llamacpp.shared_kv_budget(variant, model, slot_context),
             overhead=overhead,
             startup_seconds=time.monotonic() - process.started_monotonic,
@@ -175,6 +176,20 @@ class EngineManager:
     async def stop(self, instance: EngineInstance) -> int:
         """SIGTERM, then SIGKILL after the stop timeout; the exit code."""
         return await instance.process.stop(instance.variant.timeouts.stop)
+
+    async def busy_tasks(self, instance: EngineInstance) -> frozenset[int]:
+        """The ids of the tasks the engine's slots are processing now."""
+        return await self.llamacpp.busy_tasks(instance.client)
+
+    async def probe(self, instance: EngineInstance) -> str | None:
+        """None when the engine answers /health within its health_check timeout, else why.
+
+        A connection of its own: a pooled one the engine closed would look like a fault."""
+        timeout = instance.variant.timeouts.health_check
+        status, detail = await instance.client.health(timeout, fresh=True)
+        if status == 0:
+            return f"no answer to /health within {timeout:g}s ({detail})"
+        return None
 
 
 def _raise_if_exited(process: EngineProcess, exited: asyncio.Task[int]) -> None:

@@ -1,7 +1,7 @@
 """Pure decisions about models: what a request needs and which variant serves it."""
 
 from gateway.models.estimator import TokenEstimator
-from gateway.models.needs import BOUND_SLACK, Needs, PromptShape, byte_bound
+from gateway.models.needs import BOUND_SLACK, Needs, PromptShape, Room, byte_bound
 from gateway.models.selector import ModelSelector, RunningEngine, Selection
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "ModelSelector",
     "Needs",
     "PromptShape",
+    "Room",
     "RunningEngine",
     "Selection",
     "TokenEstimator",

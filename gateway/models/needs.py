@@ -19,6 +19,7 @@ class PromptShape:
     messages: int = 0
     token_ids: int = 0
     bounded: bool = True  # False when the prompt has parts no byte bound covers (tools, images)
+    prompts: int = 1  # prompts that run as separate sequences (a list of prompts); the largest is sized
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,52 @@ class Needs:
     # "exact": counted by the model's tokenizer; "bound": a proven upper bound;
     # "estimate": a guess, to be counted exactly on an engine of the model before use.
     method: str = "exact"
+    # Sequences the engine runs for it (`n` answers, several prompts): each holds its
+    # prompt (the largest one's tokens stand for all) and its answer's reserve.
+    sequences: int = 1
 
     @property
     def total(self) -> int:
+        """Context one sequence needs: what one slot must hold."""
         return self.prompt_tokens + self.reserve
+
+    def shared_total(self, slots: int) -> int:
+        """Context its sequences hold together on a unified KV cache; the engine runs at
+        most `slots` of them at once."""
+        return self.total * min(self.sequences, max(slots, 1))
 
     @property
     def exact(self) -> bool:
         """Good enough to decide on: counted, or bounded from above."""
         return self.method != "estimate"
+
+
+@dataclass(frozen=True)
+class Room:
+    """The context an engine gives requests: per sequence, and in all.
+
+    llama-server's default unified KV cache lets every slot use the whole context, but
+    all sequences in flight share it; an explicit `-np N` without `--kv-unified` gives
+    each of the N slots a cache of its own instead.
+    """
+
+    slot_context: int  # what one sequence may use
+    shared: int | None = None  # the unified cache all slots share; None: each slot has its own
+    slots: int = 1  # sequences the engine runs at once
+
+    def fits(self, needs: Needs) -> bool:
+        """Whether the request, alone on the engine, fits it."""
+        if needs.total > self.slot_context:
+            return False
+        return self.shared is None or needs.shared_total(self.slots) <= self.shared
+
+    def reservation(self, needs: Needs) -> int:
+        """What it takes of the shared cache while it runs."""
+        return needs.shared_total(self.slots)
+
+    def slot_use(self, needs: Needs) -> int:
+        """The engine slots its sequences take at once."""
+        return min(needs.sequences, max(self.slots, 1))
 
 
 # Tokens a tokenizer may add beyond one per byte of text: BOS, EOS, a leading space marker.

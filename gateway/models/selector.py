@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.config.schema import Model, Variant
-from gateway.models.needs import Needs
+from gateway.models.needs import Needs, Room
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,12 @@ class RunningEngine:
 
     variant: Variant
     slot_context: int  # what one request may use: n_ctx, or n_ctx / slots without a unified cache
+    shared: int | None = None  # its unified KV cache; None: each slot has its own
+    slots: int = 1
+
+    @property
+    def room(self) -> Room:
+        return Room(self.slot_context, self.shared, self.slots)
 
 
 class Outcome(StrEnum):
@@ -39,25 +45,25 @@ class Selection:
         )
 
 
-# How much context a variant gives one request when started (before it is measured).
-Capacity = Callable[[Variant], int]
+# The context a variant gives requests when started (predicted before it is measured).
+Capacity = Callable[[Variant], Room]
 
 
 class ModelSelector:
     """Smallest sufficient variant; a running one that fits is never swapped for a smaller one."""
 
     def __init__(self, capacity: Capacity | None = None) -> None:
-        self._capacity = capacity or (lambda v: v.context)
+        self._capacity = capacity or (lambda v: Room(v.context))
 
     def select(self, needs: Needs, model: Model, running: RunningEngine | None) -> Selection:
         same_model = running is not None and running.variant.model == model.name
         # A running engine of this model counts an estimated request exactly before serving it.
-        if same_model and (not needs.exact or needs.total <= running.slot_context):
+        if same_model and (not needs.exact or running.room.fits(needs)):
             return Selection(Outcome.REUSED, running.variant, needs)
         outcome = Outcome.UPGRADED if same_model else Outcome.STARTED
         candidates = [v for v in model.variants if not (same_model and v == running.variant)]
         for variant in candidates:
-            if needs.total <= self._capacity(variant):
+            if self._capacity(variant).fits(needs):
                 return Selection(outcome, variant, needs)
         if not needs.exact and candidates:
             # An estimate never rejects: the largest variant counts exactly, then decides.
@@ -65,4 +71,5 @@ class ModelSelector:
         return Selection(Outcome.REJECTED, None, needs)
 
     def largest_capacity(self, model: Model) -> int:
-        return max(self._capacity(v) for v in model.variants)
+        """The most context one sequence of this model can get."""
+        return max(self._capacity(v).slot_context for v in model.variants)

@@ -17,7 +17,9 @@ Body = dict[str, Any]
 class Endpoint:
     path: str
     kind: str  # chat, completion, embedding, rerank, other
-    reserve_fields: tuple[str, ...]  # the answer's length, first present wins; () = no answer
+    # The answer's length (llama.cpp reads its own `n_predict` too): the largest present is
+    # reserved; the first is the one the gateway sets when none is. () = no answer.
+    reserve_fields: tuple[str, ...]
     validate: Callable[[Body], None]
     shape: Callable[[Body, bytes], PromptShape]
 
@@ -106,6 +108,7 @@ def _utf8_len(text: str) -> int:
 def _chat_shape(body: Body, raw: bytes) -> PromptShape:
     text, bounded = 0, True
     for message in body["messages"]:
+        text += _utf8_len(message["role"])  # the template renders it, whatever its length
         content = message.get("content")
         if isinstance(content, str):
             text += _utf8_len(content)
@@ -133,7 +136,9 @@ def _prompt_shape(field: str) -> Callable[[Body, bytes], PromptShape]:
         # Several prompts run as separate sequences: the largest one must fit.
         texts = [_utf8_len(p) for p in prompts if isinstance(p, str)]
         ids = [len(p) for p in prompts if isinstance(p, list)]
-        return PromptShape(text_bytes=max(texts, default=0), token_ids=max(ids, default=0))
+        return PromptShape(
+            text_bytes=max(texts, default=0), token_ids=max(ids, default=0), prompts=len(prompts)
+        )
 
     return shape
 
@@ -146,14 +151,14 @@ def _raw_shape(body: Body, raw: bytes) -> PromptShape:
 _chat = Endpoint(
     "/v1/chat/completions",
     "chat",
-    ("max_completion_tokens", "max_tokens"),
+    ("max_tokens", "max_completion_tokens", "n_predict"),
     _validate_messages,
     _chat_shape,
 )
 _completion = Endpoint(
     "/v1/completions",
     "completion",
-    ("max_tokens",),
+    ("max_tokens", "n_predict"),
     _validate_field("prompt"),
     _prompt_shape("prompt"),
 )
@@ -165,8 +170,8 @@ ENDPOINTS: dict[str, Endpoint] = {
         _chat,
         _completion,
         _embedding,
-        Endpoint("/v1/responses", "other", ("max_output_tokens",), _no_validation, _raw_shape),
-        Endpoint("/v1/messages", "other", ("max_tokens",), _validate_messages, _raw_shape),
+        Endpoint("/v1/responses", "other", ("max_output_tokens", "n_predict"), _no_validation, _raw_shape),
+        Endpoint("/v1/messages", "other", ("max_tokens", "n_predict"), _validate_messages, _raw_shape),
         Endpoint("/v1/messages/count_tokens", "other", (), _validate_messages, _raw_shape),
         Endpoint("/v1/rerank", "rerank", (), _no_validation, _raw_shape),
         Endpoint("/v1/reranking", "rerank", (), _no_validation, _raw_shape),
@@ -178,17 +183,30 @@ UNSUPPORTED_PREFIXES = ("/v1/images", "/v1/audio", "/v1/files", "/v1/fine_tuning
 
 
 def reserve(endpoint: Endpoint, body: Body, default: int) -> int:
-    """The answer's tokens: the request's limit, else the model's default."""
-    if not endpoint.reserve_fields:
-        return 0
-    for name in endpoint.reserve_fields:
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_int(value) or value <= 0:
-            raise InvalidRequest(f"'{name}' must be a positive integer", param=name)
-        return value
-    return default
+    """The answer's tokens: the largest limit the request sets, else the model's default."""
+    limits = [_positive(body, name) for name in endpoint.reserve_fields if body.get(name) is not None]
+    return max(limits, default=default if endpoint.reserve_fields else 0)
+
+
+def limit_answer(endpoint: Endpoint, body: Body, reserve: int) -> Body:
+    """The body with the answer's length set to its reserve when the client set none, so
+    that the engine never generates past what the gateway reserved for it."""
+    fields = endpoint.reserve_fields
+    if not fields or any(body.get(name) is not None for name in fields):
+        return body
+    return {**body, fields[0]: reserve}
+
+
+def copies(body: Body) -> int:
+    """Answers asked for each prompt: OpenAI's `n`, llama.cpp's `n_cmpl`."""
+    return max((_positive(body, name) for name in ("n", "n_cmpl") if body.get(name) is not None), default=1)
+
+
+def _positive(body: Body, name: str) -> int:
+    value = body[name]
+    if not _is_int(value) or value <= 0:
+        raise InvalidRequest(f"'{name}' must be a positive integer", param=name)
+    return int(value)
 
 
 def check_common(body: Body) -> None:
@@ -196,6 +214,4 @@ def check_common(body: Body) -> None:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean", param="stream")
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n <= 0):
-        raise InvalidRequest("'n' must be a positive integer", param="n")
+    copies(body)

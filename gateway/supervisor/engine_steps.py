@@ -18,12 +18,17 @@ from gateway.errors import EngineFailed, EngineTimeout, GatewayError, Unavailabl
 from gateway.models import Selection
 from gateway.supervisor import events as ev
 from gateway.supervisor.requests import PendingRequest
-from gateway.supervisor.state import SupervisorState
+from gateway.supervisor.state import Ghost, Lease, SupervisorState
 
 log = logging.getLogger("gateway.supervisor")
 
 BACKOFF_BASE = 0.25  # seconds before the first restart after a failure; doubles, bounded
 BACKOFF_MAX = 8.0
+# Seconds between health probes of an engine with requests in flight: one that stops
+# answering (SIGSTOP, a driver fault, swapping) would otherwise hold them forever.
+PROBE_INTERVAL = 1.0
+# Seconds between looks at an engine's /slots while abandoned requests may still run.
+SLOTS_LOOK_INTERVAL = 0.02
 
 
 class EngineSteps(SupervisorState):
@@ -31,7 +36,7 @@ class EngineSteps(SupervisorState):
         self, variant: Variant, why: str, pending: PendingRequest | None, selection: Selection | None
     ) -> None:
         model = pending.model if pending is not None else self._model(variant.model)
-        delay = self._retry_at.get(model.name, 0.0) - time.monotonic()
+        delay = self._retry_at.get(variant.key, 0.0) - time.monotonic()
         if delay > 0:
             self._arm_timer("retry", delay, None)  # backoff after failures; reconcile again then
             return
@@ -114,8 +119,8 @@ class EngineSteps(SupervisorState):
         self._count("start_failures", variant.model)
         self._fire("fail", str(error))
         log.error("engine start failed %s: %s", variant.key, error)
-        self._fail_model(variant.model, self._start_error(error))
-        self._count_failure(variant.model)
+        self._fail_variant(variant, self._start_error(error))
+        self._count_failure(variant)
 
     def _start_error(self, error: StartFailed) -> GatewayError:
         tail = "\n".join(error.last_lines[-10:])
@@ -126,21 +131,32 @@ class EngineSteps(SupervisorState):
             return Unavailable(message)
         return EngineFailed(message)
 
-    def _fail_model(self, model_name: str, error: GatewayError) -> None:
-        """A start of this model failed: its waiters (and a load of it) get the error."""
-        if self._wanted is not None and self._wanted[0].model == model_name:
+    def _fail_variant(self, variant: Variant, error: GatewayError) -> None:
+        """A start of this variant failed: the waiters it was for (and a load of it) get
+        the error; those another variant of the model serves keep waiting for theirs."""
+        if self._wanted is not None and self._wanted[0] == variant:
             self._cancel_wanted(error)
-        self._fail_waiters(error, model_name)
+        selector = self._selector()
 
-    def _count_failure(self, model_name: str) -> bool:
-        """One more failed start or crash in a row: back off; True when the limit is reached."""
-        failures = self._failures[model_name] = self._failures[model_name] + 1
+        def needs_it(pending: PendingRequest) -> bool:
+            model = pending.model
+            return (
+                model.name == variant.model
+                and selector.select(self._needs(pending), model, None).variant == variant
+            )
+
+        self._fail_waiters(error, needs_it)
+
+    def _count_failure(self, variant: Variant) -> bool:
+        """One more failed start or crash in a row of this variant: back off; True when
+        the limit is reached."""
+        failures = self._failures[variant.key] = self._failures[variant.key] + 1
         delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX)
-        self._retry_at[model_name] = time.monotonic() + delay
+        self._retry_at[variant.key] = time.monotonic() + delay
         if failures < self.config.server.max_start_failures:
             return False
-        self._failures.pop(model_name)
-        self._fire("reset", f"{model_name}: {failures} failures in a row")
+        self._failures.pop(variant.key)
+        self._fire("reset", f"{variant.key}: {failures} failures in a row")
         return True
 
     def _drain(self, reason: str, for_swap: bool = False) -> None:
@@ -175,13 +191,15 @@ class EngineSteps(SupervisorState):
         self._forget(instance, "stopped", code)
         self._fire("stopped", f"pid {instance.process.pid} exited with {code}")
 
-    def _forget(self, instance: EngineInstance, how: str, code: int) -> None:
+    def _forget(self, instance: EngineInstance, how: str, code: int | None) -> None:
         """The engine is gone: keep its last words, log one line."""
         self._instance = None
-        self._cancel_timer("drain")
+        self._ghosts.clear()  # gone with their engine
+        for name in ("drain", "probe", "slots"):
+            self._cancel_timer(name)
         self.last_engine_lines = instance.process.last_lines()
         uptime = time.monotonic() - instance.process.started_monotonic
-        level = logging.ERROR if how == "crashed" else logging.INFO
+        level = logging.INFO if how == "stopped" else logging.ERROR
         log.log(
             level,
             "engine %s %s pid=%s exit=%s uptime=%.1fs in_flight=%d",
@@ -202,20 +220,85 @@ class EngineSteps(SupervisorState):
 
     def _engine_exited(self, instance: EngineInstance, code: int) -> None:
         if instance is not self._instance or self.lifecycle.state not in ("ready", "draining"):
-            return  # a stop we asked for; the stop effect reports it
+            return  # a stop we asked for (the stop effect reports it), or killed as frozen
         self._forget(instance, "crashed", code)
+        self._crashed(instance, f"pid {instance.process.pid} exited with {code}")
+
+    def _watch_health(self) -> None:
+        """Probe the engine while requests are in flight on it (armed at every grant)."""
+        if "probe" not in self._timers and self._probe is None:
+            self._arm_timer("probe", PROBE_INTERVAL, self._instance)
+
+    def _probe_now(self, instance: EngineInstance) -> None:
+        async def probing() -> None:
+            self._post(ev.EngineProbed(instance, await self._effects.probe(instance)))
+
+        self._probe = asyncio.create_task(probing(), name="supervisor-probe")
+
+    def _engine_probed(self, instance: EngineInstance, problem: str | None) -> None:
+        self._probe = None
+        if instance is not self._instance or self.lifecycle.state not in ("ready", "draining"):
+            return
+        if problem is None:
+            if self._instance_leases():
+                self._watch_health()
+            return
+        # Frozen: its requests would wait forever. Killed, its connections break: those
+        # that got no byte are retried once, streams end with an error event.
+        instance.process.kill_now()
+        self._forget(instance, "frozen", None)
+        self._count("frozen", instance.model.name)
+        self._crashed(instance, f"pid {instance.process.pid} frozen, killed: {problem}")
+
+    def _crashed(self, instance: EngineInstance, reason: str) -> None:
         self._count("crashes", instance.model.name)
-        self._fire("died", f"pid {instance.process.pid} exited with {code}")
-        if self._count_failure(instance.model.name):
+        self._fire("died", reason)
+        if self._count_failure(instance.variant):
             tail = "\n".join(self.last_engine_lines[-10:])
-            self._fail_model(
-                instance.model.name,
+            self._fail_variant(
+                instance.variant,
                 Unavailable(
-                    f"the engine of {instance.model.name!r} keeps failing "
+                    f"the engine {instance.variant.key} keeps failing "
                     f"({self.config.server.max_start_failures} times in a row); "
                     f"last engine output:\n{tail}"
                 ),
             )
+
+    # --- ghosts: abandoned requests the engine may still be working on ----------------------
+
+    def _haunt(self, lease: Lease) -> None:
+        self._ghosts.append(Ghost(lease, look=self._looks + 1))
+        self._look_at_slots()
+
+    def _look_at_slots(self) -> None:
+        """Ask the engine which tasks it runs (one look at a time)."""
+        if self._looking_at_slots is not None or not self._ghosts or self._instance is None:
+            return
+        instance = self._instance
+        self._looks += 1
+        look = self._looks
+
+        async def looking() -> None:
+            try:
+                busy: frozenset[int] | None = await self._effects.busy_tasks(instance)
+            except Exception:  # looked again later; a dead engine's ghosts go with it
+                busy = None
+            self._post(ev.SlotsSeen(instance, busy, look))
+
+        self._looking_at_slots = asyncio.create_task(looking(), name="supervisor-slots")
+
+    def _slots_seen(self, instance: EngineInstance, busy: frozenset[int] | None, look: int) -> None:
+        """A ghost is laid once none of the tasks that ran after it was abandoned runs."""
+        self._looking_at_slots = None
+        answered = busy is not None and instance is self._instance
+        for ghost in [g for g in self._ghosts if answered and g.look <= look]:
+            if ghost.running is None:
+                ghost.running = busy
+            if not ghost.running & busy:  # type: ignore[operator]
+                self._ghosts.remove(ghost)
+        self._ghosts = [g for g in self._ghosts if g.lease.instance is self._instance]
+        if self._ghosts:
+            self._arm_timer("slots", SLOTS_LOOK_INTERVAL, None)
 
     def _run_effect(self, coro: Coroutine[Any, Any, None]) -> None:
         self._effect = asyncio.create_task(coro, name="supervisor-effect")
@@ -252,4 +335,9 @@ class EngineSteps(SupervisorState):
             cut = self._count_leases(instance)
             instance.cut_off()  # their answers end now; the engine is free to stop
             self._finish_drain(f"drain_timeout: {cut} request(s) still in flight are cut off")
+        elif name == "probe" and state in ("ready", "draining") and self._instance_leases():
+            assert instance is not None
+            self._probe_now(instance)
+        elif name == "slots":
+            self._look_at_slots()
         # "retry": the backoff ended; the reconcile after this event starts the engine

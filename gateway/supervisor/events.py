@@ -29,6 +29,7 @@ class LeaseReleased:
     lease: int
     requeue_reason: str | None
     served: bool
+    abandoned: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,21 @@ class EngineExited:
 
 
 @dataclass(frozen=True)
+class EngineProbed:
+    instance: EngineInstance
+    problem: str | None  # None: it answered /health in time
+
+
+@dataclass(frozen=True)
+class SlotsSeen:
+    instance: EngineInstance
+    busy: frozenset[int] | None  # the tasks its slots process; None: /slots did not answer
+    look: int  # which look this answers (ghosts made after it was sent ignore it)
+
+
+@dataclass(frozen=True)
 class TimerFired:
-    name: str  # "idle", "drain" or "retry"
+    name: str  # "idle", "drain", "retry", "probe" or "slots"
     instance: EngineInstance | None
 
 
@@ -94,6 +108,8 @@ Event = (
     | StartFinished
     | StopFinished
     | EngineExited
+    | EngineProbed
+    | SlotsSeen
     | TimerFired
     | UnloadRequested
     | ConfigReloaded

@@ -26,6 +26,7 @@ class PendingRequest:
     kind: str  # "chat", "completion", "embedding", ... (see server/endpoints.py)
     shape: PromptShape
     reserve: int  # the answer's tokens
+    sequences: int = 1  # sequences the engine runs for it: `n` answers times its prompts
     arrived: float = field(default_factory=time.monotonic)
     seq: int = 0  # arrival order, set by the supervisor
     exact_tokens: int | None = None  # once counted on an engine of this model
@@ -35,8 +36,8 @@ class PendingRequest:
 
     def needs(self, estimate: int) -> Needs:
         if self.exact_tokens is not None:
-            return Needs(self.exact_tokens, self.reserve, self.method)
-        return Needs(estimate, self.reserve, "estimate")
+            return Needs(self.exact_tokens, self.reserve, self.method, self.sequences)
+        return Needs(estimate, self.reserve, "estimate", self.sequences)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.config.schema import GatewayConfig, Model, Variant
 from gateway.engine.manager import EngineInstance
 from gateway.errors import GatewayError
-from gateway.models import TokenEstimator
+from gateway.models import Room, TokenEstimator
 from gateway.supervisor import events as ev
 from gateway.supervisor.machine import EngineLifecycle
 from gateway.supervisor.requests import PendingRequest
@@ -24,11 +25,19 @@ RECENT_SELECTIONS = 20
 class Effects(Protocol):
     """What the supervisor does to the world: the EngineManager, or a fake in tests."""
 
-    def capacity(self, variant: Variant, model: Model) -> int: ...
+    def capacity(self, variant: Variant, model: Model) -> Room: ...
 
     async def start(self, model: Model, variant: Variant) -> EngineInstance: ...
 
     async def stop(self, instance: EngineInstance) -> int: ...
+
+    async def busy_tasks(self, instance: EngineInstance) -> frozenset[int]:
+        """The ids of the tasks the engine's slots are processing now."""
+        ...
+
+    async def probe(self, instance: EngineInstance) -> str | None:
+        """None when the engine answers /health within its health_check timeout, else why not."""
+        ...
 
 
 @dataclass
@@ -36,6 +45,22 @@ class Lease:
     pending: PendingRequest
     instance: EngineInstance
     tokens: int  # context it reserves on its engine: its needs, exact once counted
+    slots: int = 1  # engine slots its sequences take
+
+
+@dataclass
+class Ghost:
+    """A lease whose client left while its engine was still at work on it.
+
+    llama-server goes on with a request until it notices the closed connection (after
+    its current batch, or its next one-second poll), so the cells it holds in a shared
+    KV cache are not free yet: the ghost keeps them reserved until the engine's /slots
+    show that none of the tasks that ran when it was abandoned runs any more.
+    """
+
+    lease: Lease
+    look: int  # the first look at /slots sent after it was abandoned
+    running: frozenset[int] | None = None  # the tasks that look saw busy
 
 
 class SupervisorState:
@@ -47,12 +72,16 @@ class SupervisorState:
         self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
         self._queue: list[PendingRequest] = []
         self._leases: dict[int, Lease] = {}
+        self._ghosts: list[Ghost] = []
+        self._looking_at_slots: asyncio.Task[None] | None = None  # a /slots look for the ghosts
+        self._looks = 0  # looks at /slots sent
         self._instance: EngineInstance | None = None  # from ready until stopped (None while starting)
         self._target: Variant | None = None  # what starting is starting
         self._effect: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None  # a health probe under way
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._failures: Counter[str] = Counter()  # failed starts or crashes in a row, per model
-        self._retry_at: dict[str, float] = {}  # per model: no restart before (monotonic)
+        self._failures: Counter[str] = Counter()  # failed starts or crashes in a row, per variant
+        self._retry_at: dict[str, float] = {}  # per variant key: no restart before (monotonic)
         self._seq = itertools.count(1)
         self._shutdown: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -63,16 +92,18 @@ class SupervisorState:
         self._wanted: tuple[Variant, asyncio.Future[None]] | None = None  # a load ahead of traffic
         self._unloading: list[asyncio.Future[None]] = []  # unload callers waiting for idle
         self._draining_for_swap = False  # a drain only the queue asked for can be called off
+        self._faults_seen: set[str] = set()  # causes whose traceback was logged
 
     def _post(self, event: ev.Event) -> None:
         self._inbox.put_nowait(event)
 
-    def _fail_waiters(self, error: GatewayError, model_name: str | None = None) -> None:
-        """Answer the queued requests (of one model, or all) with `error`."""
-        for pending in [p for p in self._queue if model_name in (None, p.model.name)]:
+    def _fail_waiters(
+        self, error: GatewayError, which: Callable[[PendingRequest], bool] | None = None
+    ) -> None:
+        """Answer the queued requests (all, or `which` of them) with `error`."""
+        for pending in [p for p in self._queue if which is None or which(p)]:
             self._queue.remove(pending)
-            assert pending.future is not None
-            pending.future.set_exception(error)
+            fail(pending.future, error)
 
     def _cancel_wanted(self, error: GatewayError) -> None:
         if self._wanted is not None:
@@ -97,3 +128,14 @@ class SupervisorState:
 
     def _count_leases(self, instance: EngineInstance) -> int:
         return sum(1 for lease in self._leases.values() if lease.instance is instance)
+
+    def _held(self, instance: EngineInstance) -> list[Lease]:
+        """What holds room on the engine: its leases and its ghosts."""
+        ghosts = [ghost.lease for ghost in self._ghosts]
+        return [lease for lease in (*self._leases.values(), *ghosts) if lease.instance is instance]
+
+
+def fail(future: asyncio.Future[Any] | None, error: GatewayError) -> None:
+    """Answer a waiter with `error`, unless it has its answer already."""
+    if future is not None and not future.done():
+        future.set_exception(error)

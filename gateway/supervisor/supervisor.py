@@ -15,17 +15,14 @@ from collections import Counter
 from typing import Any
 
 from gateway.config.schema import GatewayConfig, Model, Variant
-from gateway.errors import (
-    ContextLengthExceeded,
-    Unavailable,
-)
-from gateway.models import ModelSelector, Needs, PromptShape, RunningEngine, Selection
+from gateway.errors import ContextLengthExceeded, GatewayError, Unavailable
+from gateway.models import ModelSelector, Needs, PromptShape, Room, RunningEngine, Selection
 from gateway.supervisor import events as ev
 from gateway.supervisor.control_steps import ControlSteps
 from gateway.supervisor.engine_steps import EngineSteps
 from gateway.supervisor.policy import EngineView, Plan, Waiting, plan
 from gateway.supervisor.requests import Grant, PendingRequest
-from gateway.supervisor.state import Lease
+from gateway.supervisor.state import Lease, fail
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -54,9 +51,10 @@ class Supervisor(EngineSteps, ControlSteps):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._effect is not None:
-            self._effect.cancel()
-            await asyncio.gather(self._effect, return_exceptions=True)
+        for task in (self._effect, self._probe, self._looking_at_slots):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     # --- the API handlers use ------------------------------------------------------------
 
@@ -74,10 +72,13 @@ class Supervisor(EngineSteps, ControlSteps):
                 self.release(pending.future.result())  # granted just as it was cancelled
             raise
 
-    def release(self, grant: Grant, requeue_reason: str | None = None, served: bool = False) -> None:
+    def release(
+        self, grant: Grant, requeue_reason: str | None = None, served: bool = False, abandoned: bool = False
+    ) -> None:
         """End a lease, exactly once per grant. With a reason, the holder will `acquire`
-        again for the same request, which keeps its place in the queue."""
-        self._post(ev.LeaseReleased(grant.lease, requeue_reason, served))
+        again for the same request, which keeps its place in the queue. `abandoned`: the
+        engine got the request and may still be working on it (its client left)."""
+        self._post(ev.LeaseReleased(grant.lease, requeue_reason, served, abandoned))
 
     def confirm(self, grant: Grant, shape: PromptShape, tokens: int) -> asyncio.Future[bool]:
         """An exact count on the granted engine: it becomes the lease's reservation (and
@@ -108,9 +109,59 @@ class Supervisor(EngineSteps, ControlSteps):
             event = await self._inbox.get()
             try:
                 self._handle(event)
-                self._reconcile()
-            except Exception:
-                log.exception("supervisor: error handling %s", type(event).__name__)
+            except Exception as exc:
+                self._event_failed(event, exc)
+            self._reconcile_safely()
+
+    # --- faults: one bad request or model never stalls the others --------------------------
+
+    def _event_failed(self, event: ev.Event, exc: Exception) -> None:
+        """Handling `event` raised: whoever waits on it gets a 500 naming the cause."""
+        error = self._fault(f"handling {type(event).__name__}", exc)
+        match event:
+            case ev.RequestArrived(pending):
+                if pending in self._queue:
+                    self._queue.remove(pending)
+                fail(pending.future, error)
+            case ev.TokensCounted(fits=done) | ev.UnloadRequested(done) | ev.LoadRequested(done=done):
+                fail(done, error)
+
+    def _reconcile_safely(self) -> None:
+        """Reconcile; when deciding raises, isolate the requests it raises for.
+
+        1. Reconcile as usual.
+        2. On an exception, plan each waiting request alone: those whose planning raises
+           get a 500 naming the cause and leave the queue.
+        3. Reconcile again for the rest; if that still raises, the fault is not any one
+           request's: every waiting request gets the 500 rather than waiting forever.
+        """
+        try:
+            self._reconcile()
+            return
+        except Exception as exc:
+            self._fault("deciding", exc)
+        view, selector = self._view(), self._selector()
+        for pending in list(self._queue):
+            try:
+                plan([self._as_waiting(pending)], view, selector)
+            except Exception as exc:
+                self._queue.remove(pending)
+                fail(pending.future, self._fault(f"deciding for request {pending.request_id}", exc))
+        try:
+            self._reconcile()
+        except Exception as exc:
+            self._fail_waiters(self._fault("deciding", exc))
+
+    def _fault(self, doing: str, exc: Exception) -> GatewayError:
+        """Log a fault (its traceback once per distinct cause) and make the error to answer."""
+        cause = f"{type(exc).__name__}: {exc}"
+        self.counters["supervisor_faults"] += 1
+        if cause in self._faults_seen:
+            log.error("supervisor fault while %s: %s (traceback logged before)", doing, cause)
+        else:
+            self._faults_seen.add(cause)
+            log.error("supervisor fault while %s: %s", doing, cause, exc_info=exc)
+        return GatewayError(f"internal error in the gateway's scheduler while {doing}: {cause}")
 
     def _handle(self, event: ev.Event) -> None:
         match event:
@@ -120,8 +171,10 @@ class Supervisor(EngineSteps, ControlSteps):
                 if pending in self._queue:
                     self._queue.remove(pending)
                     self._count("cancelled_waiting", pending.model.name)
-            case ev.LeaseReleased(lease, requeue, served):
-                self._release(lease, requeue, served)
+            case ev.LeaseReleased(lease, requeue, served, abandoned):
+                self._release(lease, requeue, served, abandoned)
+            case ev.SlotsSeen(instance, busy, look):
+                self._slots_seen(instance, busy, look)
             case ev.TokensCounted(lease_id, model, shape, tokens, fits):
                 self.estimator.observe(model, shape, tokens)
                 self._count("tokens_counted", model, tokens)
@@ -132,6 +185,8 @@ class Supervisor(EngineSteps, ControlSteps):
                 self._stop_finished(instance, code)
             case ev.EngineExited(instance, code):
                 self._engine_exited(instance, code)
+            case ev.EngineProbed(instance, problem):
+                self._engine_probed(instance, problem)
             case ev.TimerFired(name, instance):
                 self._timer_fired(name, instance)
             case ev.UnloadRequested(done):
@@ -188,8 +243,11 @@ class Supervisor(EngineSteps, ControlSteps):
             self._reject(self._by_seq(item.seq), selection)
         target = self._next_target(decision.next)
         if self.lifecycle.state == "ready":
+            running = self._running()
+            assert running is not None
             for item, selection in decision.grants:
-                self._grant(self._by_seq(item.seq), selection, item.reservation)
+                pending = self._by_seq(item.seq)
+                self._grant(pending, selection, item.reservation(running), item.slot_use(running))
             if target is not None:
                 self._swap_to(*target)  # now draining: it may end at once, below
             elif not self._queue:
@@ -214,7 +272,7 @@ class Supervisor(EngineSteps, ControlSteps):
         """Draining for a swap, but nothing waiting needs another engine any more."""
         if not self._draining_for_swap or self._instance is None or self._wanted is not None:
             return False
-        as_ready = EngineView("ready", RunningEngine(self._instance.variant, self._instance.slot_context))
+        as_ready = EngineView("ready", self._running())
         return plan(self._waiting(), as_ready, self._selector()).next is None
 
     def _next_target(
@@ -251,10 +309,10 @@ class Supervisor(EngineSteps, ControlSteps):
     def _selector(self) -> ModelSelector:
         return ModelSelector(self.capacity)
 
-    def capacity(self, variant: Variant) -> int:
+    def capacity(self, variant: Variant) -> Room:
         model = self.config.resolve(variant.model)
         if model is None or model.name != variant.model:  # removed by a reload meanwhile
-            return variant.context
+            return Room(variant.context)
         return self._effects.capacity(variant, model)
 
     def _model(self, name: str) -> Model:
@@ -272,22 +330,32 @@ class Supervisor(EngineSteps, ControlSteps):
             return Waiting(pending.seq, pending.model, needs)
         # Granted on an estimate, it is counted only after the grant: reserve the bound.
         bound = instance.upper_bound(pending.kind, pending.shape)
-        return Waiting(pending.seq, pending.model, needs, bound + pending.reserve if bound else 0)
+        return Waiting(pending.seq, pending.model, needs, bound or 0)
 
     def _needs(self, pending: PendingRequest) -> Needs:
         return pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
 
+    def _running(self) -> RunningEngine | None:
+        instance = self._instance
+        if instance is None:
+            return None
+        return RunningEngine(instance.variant, instance.slot_context, instance.kv_budget, instance.slots)
+
     def _view(self) -> EngineView:
+        now = time.monotonic()
+        backing_off = {key for key, at in self._retry_at.items() if at > now}
         instance = self._instance
         if instance is None or self.lifecycle.state != "ready":
-            return EngineView(self.lifecycle.state, None)
-        leases = [lease for lease in self._leases.values() if lease.instance is instance]
-        budget = instance.kv_budget
+            return EngineView(self.lifecycle.state, None, backing_off=backing_off)
+        held = self._held(instance)
+        shared = instance.kv_budget is not None
         return EngineView(
             "ready",
-            RunningEngine(instance.variant, instance.slot_context),
-            free_tokens=None if budget is None else budget - sum(lease.tokens for lease in leases),
-            idle=not leases,
+            self._running(),
+            free_tokens=instance.kv_budget - sum(lease.tokens for lease in held) if shared else None,
+            free_slots=instance.slots - sum(lease.slots for lease in held) if shared else None,
+            idle=not held,
+            backing_off=backing_off,
         )
 
     def _by_seq(self, seq: int) -> PendingRequest:
@@ -295,11 +363,12 @@ class Supervisor(EngineSteps, ControlSteps):
 
     # --- granting and rejecting ---------------------------------------------------------------
 
-    def _grant(self, pending: PendingRequest, selection: Selection, tokens: int) -> None:
+    def _grant(self, pending: PendingRequest, selection: Selection, tokens: int, slots: int) -> None:
         assert self._instance is not None and pending.future is not None
         self._cancel_timer("idle")
+        self._watch_health()
         grant = Grant(self._instance, selection)
-        self._leases[grant.lease] = Lease(pending, self._instance, tokens)
+        self._leases[grant.lease] = Lease(pending, self._instance, tokens, slots)
         self._queue.remove(pending)
         pending.future.set_result(grant)
         self.counters["granted"] += 1
@@ -311,21 +380,24 @@ class Supervisor(EngineSteps, ControlSteps):
         self._log_selection(pending, selection)
         self._queue.remove(pending)
         needs = selection.needs
+        each = f" for each of its {needs.sequences} sequences" if needs.sequences > 1 else ""
         pending.future.set_exception(
             ContextLengthExceeded(
-                f"this request needs {needs.total} tokens of context ({needs.prompt_tokens} prompt "
-                f"tokens + {needs.reserve} reserved for the answer), but the largest context of "
-                f"model {pending.model.name!r} is {self._largest(pending.model)}",
+                f"this request needs {needs.total} tokens of context{each} ({needs.prompt_tokens} "
+                f"prompt tokens + {needs.reserve} reserved for the answer), but the largest context "
+                f"of model {pending.model.name!r} is {self._largest(pending.model)}",
                 param=PROMPT_PARAM.get(pending.kind),
             )
         )
 
-    def _release(self, lease_id: int, requeue_reason: str | None, served: bool) -> None:
+    def _release(self, lease_id: int, requeue_reason: str | None, served: bool, abandoned: bool) -> None:
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return
+        if abandoned and lease.instance.kv_budget is not None and lease.instance is self._instance:
+            self._haunt(lease)
         if served:
-            self._failures.pop(lease.pending.model.name, None)  # the model works again
+            self._failures.pop(lease.instance.variant.key, None)  # the variant works again
         if requeue_reason is not None:
             self._count("requeued", lease.pending.model.name)
             log.info("request %s goes back to the queue: %s", lease.pending.request_id, requeue_reason)
@@ -335,10 +407,11 @@ class Supervisor(EngineSteps, ControlSteps):
         lease = self._leases.get(lease_id)
         if lease is None:
             return True
-        lease.tokens = tokens + lease.pending.reserve
+        running = self._running()
+        if running is not None and lease.instance is self._instance:
+            lease.tokens = running.room.reservation(lease.pending.needs(tokens))
         budget = lease.instance.kv_budget
-        used = sum(other.tokens for other in self._leases.values() if other.instance is lease.instance)
-        return budget is None or used <= budget
+        return budget is None or sum(held.tokens for held in self._held(lease.instance)) <= budget
 
     def _log_selection(self, pending: PendingRequest, selection: Selection) -> None:
         """One line per decision: a start or grant that carries out a logged one is not new."""

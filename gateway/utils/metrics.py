@@ -17,7 +17,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 SUPERVISOR_COUNTERS: dict[str, str] = {
     "starts": "Engine starts",
     "start_failures": "Engine starts that never became healthy",
-    "crashes": "Engines that exited on their own while ready or draining",
+    "crashes": "Engines that exited on their own, or froze, while ready or draining",
+    "frozen": "Engines killed because they did not answer /health with requests in flight",
     "swaps": "Engines stopped because the head of the queue needed another variant",
     "idle_unloads": "Engines stopped after engine_idle_timeout",
     "requeued": "Requests sent back to the queue (upgrade after counting, engine failure)",

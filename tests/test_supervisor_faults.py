@@ -1,0 +1,202 @@
+"""A fault inside the supervisor ends only the requests it concerns (#10, item 6).
+
+`-np two` once passed the config check and made the queue policy raise on every event,
+which left every queued request of every model waiting forever. Now a request whose
+planning raises gets a 500 naming the cause, the traceback is logged once, and the
+supervisor goes on serving the rest. The fault is injected into the policy's inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from gateway.config.schema import Model, Variant
+from gateway.errors import GatewayError
+from gateway.models import Room
+from gateway.supervisor import engine_steps
+from gateway.supervisor.supervisor import Supervisor
+from tests.test_supervisor import FakeEffects, ask, make_config, until
+
+
+class BrokenCapacity(FakeEffects):
+    """Effects whose capacity of model `a` raises, as `int("two")` did for `-np two`."""
+
+    def capacity(self, variant: Variant, model: Model) -> Room:
+        if model.name == "a":
+            return Room(int("two"))
+        return super().capacity(variant, model)
+
+
+@pytest.fixture
+async def broken() -> tuple[Supervisor, BrokenCapacity]:
+    effects = BrokenCapacity()
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    yield sup, effects
+    for call in effects.starts:
+        if not call.future.done():
+            call.future.cancel()
+    assert sup._task is not None and not sup._task.done(), "the supervisor must keep running"
+    sup._task.cancel()
+    await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_a_request_the_policy_raises_for_gets_a_500_and_others_are_served(
+    broken: tuple[Supervisor, BrokenCapacity], caplog: pytest.LogCaptureFixture
+) -> None:
+    sup, effects = broken
+    caplog.set_level(logging.ERROR, "gateway.supervisor")
+    _, bad = ask(sup, "a")
+    _, good = ask(sup, "b")
+    _, bad_again = ask(sup, "a")
+    await until(lambda: bad.done() and bad_again.done())
+    for task in (bad, bad_again):
+        error = task.exception()
+        assert isinstance(error, GatewayError) and error.status == 500
+        assert "invalid literal for int()" in error.message and "'two'" in error.message
+    await until(lambda: len(effects.starts) == 1)
+    assert effects.starts[0].variant.key == "b@4096"
+    effects.starts[0].succeed()
+    await until(good.done)
+    assert good.result().instance.variant.key == "b@4096"
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1, "the traceback of one cause is logged once"
+    assert sup.counters["supervisor_faults"] >= 2
+
+
+async def test_an_event_that_raises_answers_its_request_and_the_loop_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    effects = FakeEffects()
+    sup = Supervisor(make_config(), effects)
+    arrive = sup._arrive
+
+    def arrive_or_raise(pending):  # type: ignore[no-untyped-def]
+        if pending.reserve == 13:
+            raise KeyError("injected")
+        arrive(pending)
+
+    monkeypatch.setattr(sup, "_arrive", arrive_or_raise)
+    sup.start()
+    try:
+        _, doomed = ask(sup, "b", reserve=13)
+        _, fine = ask(sup, "b")
+        await until(doomed.done)
+        error = doomed.exception()
+        assert isinstance(error, GatewayError) and error.status == 500 and "injected" in error.message
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed()
+        await until(fine.done)
+        assert fine.result().instance.variant.key == "b@4096"
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_a_frozen_engine_is_killed_marked_crashed_and_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_steps, "PROBE_INTERVAL", 0.01)
+    effects = FakeEffects()
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    try:
+        _, first = ask(sup, "b")
+        await until(lambda: len(effects.starts) == 1)
+        engine = effects.starts[0].succeed()
+        await until(first.done)
+        await until(lambda: len(effects.probes) >= 2)  # probed while a request is in flight
+        assert sup.lifecycle.state == "ready"
+        engine.frozen = "no answer to /health within 5s"
+        await until(lambda: sup.lifecycle.state == "crashed")
+        assert engine.process.killed
+        assert sup.lifecycle.history[-1].trigger == "died"
+        assert "frozen" in sup.lifecycle.history[-1].reason
+        _, second = ask(sup, "b")  # a new request gets a new engine, not the frozen one
+        await until(lambda: len(effects.starts) == 2)
+        effects.starts[1].succeed()
+        await until(second.done)
+        assert second.result().instance is not engine
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_an_engine_with_nothing_in_flight_is_not_probed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_steps, "PROBE_INTERVAL", 0.01)
+    effects = FakeEffects()
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    try:
+        _, first = ask(sup, "b")
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed()
+        await until(first.done)
+        sup.release(first.result())
+        await until(lambda: not sup._leases)
+        probes = len(effects.probes)
+        await asyncio.sleep(0.1)  # ten probe intervals: none may come with nothing in flight
+        assert len(effects.probes) <= probes + 1
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_a_variant_that_fails_to_start_fails_only_its_own_waiters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_steps, "BACKOFF_BASE", 30.0)  # a back-off no test waits out
+    effects = FakeEffects()
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    try:
+        _, big = ask(sup, "a", tokens=5000)  # needs a@8192
+        await until(lambda: len(effects.starts) == 1)
+        _, small = ask(sup, "a", tokens=100)  # a@512 serves it
+        effects.starts[0].fail("exited", "K cache type q8_0 ... does not divide n_embd_head_k")
+        await until(big.done)
+        error = big.exception()
+        assert isinstance(error, GatewayError) and error.status == 502
+        # The small request is not failed with it and starts its own variant at once.
+        await until(lambda: len(effects.starts) == 2)
+        assert effects.starts[1].variant.key == "a@512" and not small.done()
+        effects.starts[1].succeed()
+        await until(small.done)
+        assert small.result().instance.variant.key == "a@512"
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_a_variant_backing_off_does_not_hold_up_the_queue_behind_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_steps, "BACKOFF_BASE", 30.0)
+    effects = FakeEffects()
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    try:
+        _, big = ask(sup, "a", tokens=5000)
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].fail("exited", "boom")
+        await until(big.done)
+        # a@8192 backs off for 30 s; a request needing it is now the head of the queue.
+        _, big_again = ask(sup, "a", tokens=5000)
+        _, small = ask(sup, "b", tokens=100)
+        await until(lambda: len(effects.starts) == 2)
+        assert effects.starts[1].variant.key == "b@4096"
+        effects.starts[1].succeed()
+        await until(small.done)
+        assert not big_again.done() and sup._retry_at["a@8192"] > time.monotonic()
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
