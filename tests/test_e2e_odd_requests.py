@@ -7,6 +7,7 @@ import json
 import urllib.parse
 import urllib.request
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,8 @@ import pytest
 from tests.conftest import Gateway, Response, tiny_model_config
 
 CHAT = [{"role": "user", "content": "hi"}]
+FAKE_ENGINE = str(Path(__file__).parent / "fakes" / "fake_engine.py")
+ENGINE_FULL = "Context size has been exceeded"
 
 
 def chat(max_tokens: int = 5, model: str = "tiny", **extra: Any) -> bytes:
@@ -103,3 +106,54 @@ def test_a_non_ascii_alias_is_given_back_as_asked(start_gateway, tiny_models) ->
         streamed = gateway.request("POST", "/v1/chat/completions", raw=chat(model=asked, stream=True))
         chunks = [json.loads(e) for e in sse_events(streamed.body) if e != "[DONE]"]
         assert chunks and {c["model"] for c in chunks} == {asked}
+
+
+def fake_model(mode: str) -> dict[str, Any]:
+    return {"name": "fake", "binary": FAKE_ENGINE, "args": [mode], "variants": [{"context": 1024}]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_error_without_a_body_gets_openais_shape(start_gateway, stream: bool) -> None:
+    gateway = start_gateway([fake_model("bare-error")])
+    assert gateway.post("/gateway/load", {"model": "fake"}).status == 200  # no keep-alive comments
+    resp = gateway.request("POST", "/v1/chat/completions", raw=chat(model="fake", stream=stream))
+    assert resp.status == 415
+    assert resp.headers["Content-Type"].startswith("application/json")
+    error = assert_openai_error(resp)
+    assert "415" in error["message"]
+
+
+def ask_fake(gateway: Gateway, stream: bool) -> Response:
+    return gateway.request("POST", "/v1/chat/completions", raw=chat(model="fake", stream=stream))
+
+
+def requeues(gateway: Gateway) -> list[str]:
+    return [line for line in gateway.log().splitlines() if "goes back to the queue" in line]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_that_ran_out_of_cache_before_answering_gets_the_request_again(
+    start_gateway, stream: bool
+) -> None:
+    gateway = start_gateway([fake_model("full-once")])
+    assert gateway.post("/gateway/load", {"model": "fake"}).status == 200
+    resp = ask_fake(gateway, stream)
+    assert resp.status == 200, resp.body
+    if stream:
+        events = sse_events(resp.body)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[0])["choices"][0]["delta"]["content"] == "ok"
+        assert ENGINE_FULL not in resp.body.decode()
+    else:
+        assert resp.json()["choices"][0]["message"]["content"] == "ok"
+    assert len(requeues(gateway)) == 1 and ENGINE_FULL in requeues(gateway)[0]
+
+
+def test_an_engine_that_stays_out_of_cache_ends_the_request_after_three_tries(start_gateway) -> None:
+    gateway = start_gateway([fake_model("full-always")])
+    resp = ask_fake(gateway, stream=False)
+    assert resp.status == 503
+    error = assert_openai_error(resp)
+    assert ENGINE_FULL in error["message"] and error["code"] == "service_unavailable"
+    assert len(requeues(gateway)) == 3
+    assert gateway.state()["in_flight"] == 0

@@ -21,7 +21,14 @@ from aiohttp import web
 from gateway.config.schema import GatewayConfig, Model
 from gateway.engine.client import EngineAnswered, EngineRequestError
 from gateway.engine.llamacpp import LlamaCppEngine
-from gateway.errors import EngineFailed, EngineRejected, GatewayError, InvalidRequest, ModelNotFound
+from gateway.errors import (
+    EngineFailed,
+    EngineRejected,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    Unavailable,
+)
 from gateway.models import BOUND_SLACK
 from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, reserve
 from gateway.server.proxy import NotSent, Renamer, engine_request_headers, forward, write_error_event
@@ -32,9 +39,13 @@ from gateway.supervisor.supervisor import Supervisor
 log = logging.getLogger("gateway.request")
 _LLAMACPP = LlamaCppEngine()
 
-KEEPALIVE_DELAY = 0.5  # a stream waiting longer than this gets ": loading" comments
+KEEPALIVE_DELAY = 0.5  # a stream waiting longer than this gets ": waiting for model" comments
 KEEPALIVE_INTERVAL = 2.0
 MAX_RETRIES = 1  # an engine that fails before answering gets the request once more
+# An engine whose KV cache ran out before answering cleared its busy slots, so the
+# request likely fits when tried again; the bound keeps an engine that stays full from
+# cycling it forever.
+MAX_ENGINE_FULL_REQUEUES = 3
 RETRY_SETTLE = 0.5  # seconds to see whether a failed engine is exiting
 
 
@@ -156,6 +167,21 @@ def _apply_rules(body: dict[str, Any], model: Model) -> dict[str, Any]:
     return rewritten
 
 
+class _Tries:
+    """How many times one cause may send a request back to the queue."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        """One more try, if any is left."""
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+
 class _Call:
     """One client request's way through queue, counting and forwarding."""
 
@@ -177,8 +203,9 @@ class _Call:
         self.data = data
         self.requested_name = requested_name
         self.started: web.StreamResponse | None = None  # an SSE answer already under way
-        self.retries = 0  # engine failures before an answer
-        self.overflowed = False  # the engine refused the prompt as too long once
+        self.retries = _Tries(MAX_RETRIES)  # engine failures before an answer
+        self.overflows = _Tries(1)  # the engine refused the prompt as too long
+        self.engine_full = _Tries(MAX_ENGINE_FULL_REQUEUES)  # its KV cache ran out first
 
     async def run(self, keepalive: bool) -> web.StreamResponse:
         try:
@@ -246,11 +273,17 @@ class _Call:
     async def _after_not_sent(self, grant: Grant, exc: NotSent) -> str:
         """Why the request goes back to the queue, or the error that ends it."""
         if exc.prompt_tokens is not None:  # the engine counted more than fits: go larger
-            if self.overflowed:
+            if not self.overflows.take():
                 raise EngineFailed(f"the engine refused the prompt twice as too long: {exc}")
-            self.overflowed = True
             self.pending.exact_tokens, self.pending.method = exc.prompt_tokens, "exact"
             return f"{exc}: the engine counted {exc.prompt_tokens} prompt tokens"
+        if exc.engine_full:
+            if not self.engine_full.take():
+                raise Unavailable(
+                    f"{exc}, {self.engine_full.limit + 1} times for this request; retry later",
+                    headers={"Retry-After": "1"},
+                )
+            return f"{exc} (requeue {self.engine_full.used} of {self.engine_full.limit})"
         if grant.instance.was_cut_off:
             raise EngineFailed("cut off: drain_timeout passed during a swap before the engine answered")
         # Let a dying engine's exit reach the supervisor first, so the retry waits for a
@@ -259,9 +292,8 @@ class _Call:
         return self._retry_or_fail(str(exc))
 
     def _retry_or_fail(self, reason: str) -> str:
-        if self.retries >= MAX_RETRIES:
+        if not self.retries.take():
             raise EngineFailed(f"the engine failed twice for this request; last: {reason}")
-        self.retries += 1
         return reason
 
     def _headers(self, grant: Grant) -> dict[str, str]:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from gateway.engine.client import EngineRequestError
 from gateway.engine.manager import EngineInstance
-from gateway.errors import EngineFailed, GatewayError
+from gateway.errors import EngineFailed, EngineRejected, GatewayError
 from gateway.server.sse import sse_data, sse_json
 
 HOP_BY_HOP = frozenset(
@@ -38,17 +39,22 @@ HOP_BY_HOP = frozenset(
 # The gateway's own credentials stay with the gateway.
 CREDENTIALS = frozenset({"authorization", "x-api-key"})
 _SSE = "text/event-stream"
+# llama-server's words when its KV cache had no room left for a batch: it fails every
+# request then being processed, and clears their cells.
+ENGINE_FULL = "Context size has been exceeded"
 
 
 class NotSent(Exception):
     """The engine failed before any byte went to the client: the request may be retried.
 
-    `prompt_tokens` is set when the engine refused the prompt as too long for its context.
+    `prompt_tokens` is set when the engine refused the prompt as too long for its context;
+    `engine_full` when the engine's KV cache ran out while it processed the request.
     """
 
-    def __init__(self, reason: str, prompt_tokens: int | None = None) -> None:
+    def __init__(self, reason: str, prompt_tokens: int | None = None, engine_full: bool = False) -> None:
         super().__init__(reason)
         self.prompt_tokens = prompt_tokens
+        self.engine_full = engine_full
 
 
 @dataclass(frozen=True)
@@ -102,27 +108,21 @@ async def forward(
     response_headers: Mapping[str, str],
 ) -> web.StreamResponse:
     """Send the request to the engine and relay its answer; raises NotSent when nothing
-    reached the client and the engine failed or refused the prompt as too long.
+    reached the client and the engine failed, refused the prompt as too long, or ran
+    out of KV cache.
 
     `started` is an SSE response already sent to the client (loading keep-alives).
     """
     upstream = await _open(instance, request.path, data, headers)
     instance.open_responses.add(upstream)
     try:
-        first = await _first_chunk(upstream)
-        if upstream.status == 400:
-            first += await _rest(upstream)
-            overflow = instance.engine.context_overflow(upstream.status, first)
-            if overflow is not None:
-                raise NotSent("the engine's context is too small", prompt_tokens=overflow)
-        if _SSE in upstream.headers.get("Content-Type", "") or started is not None:
+        streamed = _SSE in upstream.headers.get("Content-Type", "")
+        # A stream's first event, or a whole answer: enough to know whether to retry.
+        first = await (_first_event(upstream) if streamed else _read(upstream.content.read))
+        _raise_if_retryable(instance, upstream.status, first, streamed)
+        if streamed:
             return await _relay_stream(request, instance, upstream, first, renamer, started, response_headers)
-        body = first + await _rest(upstream)
-        return web.Response(
-            status=upstream.status,
-            body=renamer(body) if renamer else body,
-            headers={**upstream_headers(upstream.headers), **response_headers},
-        )
+        return await _relay_whole(upstream, first, renamer, started, response_headers)
     finally:
         instance.open_responses.discard(upstream)
         upstream.close()  # also the way a cancelled request reaches the engine: it frees the slot
@@ -150,18 +150,96 @@ async def _open(
         instance.open_requests.discard(opening)
 
 
-async def _first_chunk(upstream: aiohttp.ClientResponse) -> bytes:
+async def _read(read: Callable[[], Awaitable[bytes]]) -> bytes:
+    """Read from the engine before anything went to the client."""
     try:
-        return await upstream.content.readany()
+        return await read()
     except (aiohttp.ClientError, ConnectionError) as exc:
         raise NotSent(f"engine failed before answering: {exc}") from None
 
 
-async def _rest(upstream: aiohttp.ClientResponse) -> bytes:
+async def _first_event(upstream: aiohttp.ClientResponse) -> bytes:
+    """The stream's first chunk, read on until its first event is whole."""
+    chunk = await _read(upstream.content.readany)
+    while not _EVENT_END.search(chunk):
+        more = await _read(upstream.content.readany)
+        if not more:
+            break
+        chunk += more
+    return chunk
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _raise_if_retryable(instance: EngineInstance, status: int, first: bytes, streamed: bool) -> None:
+    """NotSent for the refusals that another try (maybe on a larger variant) can serve."""
+    overflow = instance.engine.context_overflow(status, first)
+    if overflow is not None:
+        raise NotSent("the engine's context is too small", prompt_tokens=overflow)
+    if ENGINE_FULL.encode() not in first:  # the usual case, found without parsing
+        return
+    message = _stream_error(first) if streamed else _body_error(first)
+    if message is not None and ENGINE_FULL in message:
+        raise NotSent(f"the engine's KV cache ran out before it answered ({message!r})", engine_full=True)
+
+
+def _stream_error(first: bytes) -> str | None:
+    """The message of a stream's first event if it is an error: llama-server writes
+    `data: {"error": {...}}`, or in Anthropic's format `event: error` and the error bare."""
+    lines = _EVENT_END.split(first, maxsplit=1)[0].splitlines()
+    value = _json_object(b"\n".join(line[5:] for line in lines if line.startswith(b"data:")))
+    if value is None:
+        return None
+    return _message(value if b"event: error" in lines else value.get("error"))
+
+
+def _body_error(body: bytes) -> str | None:
+    """The message of an error answer in OpenAI's shape, `{"error": {"message": ...}}`."""
+    value = _json_object(body)
+    return _message(value.get("error")) if value is not None else None
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
-        return await upstream.content.read()
-    except (aiohttp.ClientError, ConnectionError) as exc:
-        raise NotSent(f"engine failed while answering: {exc}") from None
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _message(error: Any) -> str | None:
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
+
+
+def _readable_error(status: int, reason: str, body: bytes) -> bytes | None:
+    """An engine error with an empty or unreadable body, in OpenAI's shape (the status
+    stays the engine's); None when the client can read it as it is."""
+    if _body_error(body) is not None:
+        return None
+    said = body.decode("utf-8", "replace").strip()[:300]
+    message = f"the engine answered HTTP {status} {reason}" + (f": {said}" if said else " with an empty body")
+    return json.dumps(EngineRejected(status, message).body()).encode()
+
+
+async def _relay_whole(
+    upstream: aiohttp.ClientResponse,
+    body: bytes,
+    renamer: Renamer | None,
+    started: web.StreamResponse | None,
+    response_headers: Mapping[str, str],
+) -> web.StreamResponse:
+    headers = {**upstream_headers(upstream.headers), **response_headers}
+    if upstream.status >= 400 and (readable := _readable_error(upstream.status, upstream.reason or "", body)):
+        body = readable
+        headers["Content-Type"] = "application/json"
+    body = renamer(body) if renamer else body
+    if started is not None:
+        # The client already has a 200 event stream: the answer becomes an event.
+        await started.write(sse_data(body))
+        return started
+    return web.Response(status=upstream.status, body=body, headers=headers)
 
 
 async def _relay_stream(
@@ -173,14 +251,8 @@ async def _relay_stream(
     started: web.StreamResponse | None,
     response_headers: Mapping[str, str],
 ) -> web.StreamResponse:
-    if started is not None:
-        response = started
-        if _SSE not in upstream.headers.get("Content-Type", ""):
-            # The client already has a 200 event stream: an error answer becomes an event.
-            body = first + await _rest(upstream)
-            await response.write(sse_data(renamer(body) if renamer else body))
-            return response
-    else:
+    response = started
+    if response is None:
         response = web.StreamResponse(
             status=upstream.status,
             headers={**upstream_headers(upstream.headers), **response_headers},

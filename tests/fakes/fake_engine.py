@@ -6,7 +6,11 @@
 MODE: never-healthy (listens, /health answers 503 forever), exit-on-start (exits 3 at
 once), crash-on-request (healthy, then exits 9 on the first completion request),
 undercount (counts every prompt as 3 tokens, but refuses it as 1500 tokens long, as
-llama-server does, when its context is under 2048).
+llama-server does, when its context is under 2048), full-once and full-always (the first,
+or every, completion request fails as llama-server's do when its KV cache runs out: HTTP
+500 "Context size has been exceeded.", for a stream a first event with that error),
+bare-error (completion requests get 415 with an empty body, as llama-server answers a
+body it cannot decode).
 """
 
 import json
@@ -17,6 +21,18 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 MODE = sys.argv[1]
 CONTEXT = int(sys.argv[sys.argv.index("--ctx-size") + 1]) if "--ctx-size" in sys.argv else 4096
 OVERFLOW_PROMPT = 1500
+FULL = {"code": 500, "message": "Context size has been exceeded.", "type": "server_error"}
+ANSWER = {
+    "object": "chat.completion",
+    "model": "fake",
+    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}],
+}
+CHUNK = {
+    "object": "chat.completion.chunk",
+    "model": "fake",
+    "choices": [{"index": 0, "finish_reason": "stop", "delta": {"content": "ok"}}],
+}
+completions = 0
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -49,14 +65,38 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/tokenize":
             self._json(200, {"tokens": [1, 2, 3]})
             return
+        if MODE == "crash-on-request":
+            print("fake engine: crashing on request", flush=True)
+            os._exit(9)
+        global completions
+        completions += 1
+        stream = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))).get("stream") is True
         if MODE == "undercount":
             self._undercount()
-            return
-        print("fake engine: crashing on request", flush=True)
-        os._exit(9)
+        elif MODE == "bare-error":
+            self.send_response(415)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif MODE == "full-always" or (MODE == "full-once" and completions == 1):
+            if stream:
+                self._stream({"error": FULL})
+            else:
+                self._json(500, {"error": FULL})
+        elif stream:
+            self._stream(CHUNK, "[DONE]")
+        else:
+            self._json(200, ANSWER)
+
+    def _stream(self, *events: object) -> None:
+        """As llama-server: a stream has begun (200) before its first event, even an error."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for event in events:
+            data = event if isinstance(event, str) else json.dumps(event)
+            self.wfile.write(f"data: {data}\n\n".encode())
 
     def _undercount(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if CONTEXT < 2048:
             message = (
                 f"request ({OVERFLOW_PROMPT} tokens) exceeds the available context size ({CONTEXT} tokens)"
@@ -70,14 +110,7 @@ class Handler(BaseHTTPRequestHandler):
             }
             self._json(400, {"error": error})
         else:
-            answer = {
-                "object": "chat.completion",
-                "model": "fake",
-                "choices": [
-                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
-                ],
-            }
-            self._json(200, answer)
+            self._json(200, ANSWER)
 
 
 def main() -> None:
