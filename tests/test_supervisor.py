@@ -148,9 +148,13 @@ class FakeEffects:
         self.starts: list[StartCall] = []
         self.stops: list[FakeInstance] = []
         self.probes: list[FakeInstance] = []
+        self.longest: dict[str, int] = {}  # model -> its vocabulary's longest token
 
     def capacity(self, variant: Variant, model: Model) -> Room:
         return Room(self._capacity_of(variant))
+
+    def longest_token(self, variant: Variant) -> int | None:
+        return self.longest.get(variant.model)
 
     async def start(self, model: Model, variant: Variant) -> FakeInstance:
         call = StartCall(model, variant)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from gateway.config.schema import Model, Variant
-from gateway.errors import GatewayError
+from gateway.errors import ContextLengthExceeded, GatewayError
 from gateway.models import Room
 from gateway.supervisor import engine_steps
 from gateway.supervisor.supervisor import Supervisor
@@ -196,6 +196,33 @@ async def test_a_variant_backing_off_does_not_hold_up_the_queue_behind_it(
         effects.starts[1].succeed()
         await until(small.done)
         assert not big_again.done() and sup._retry_at["a@8192"] > time.monotonic()
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_a_prompt_too_large_by_its_lower_bound_is_rejected_without_a_swap() -> None:
+    effects = FakeEffects()
+    effects.longest = {"a": 4, "b": 4}
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    try:
+        _, running = ask(sup, "b")
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed()
+        await until(running.done)
+        # 1 MB for model a, whose largest context is 8192: at least 262144 tokens.
+        _, huge = ask(sup, "a", tokens=None, text_bytes=1 << 20)
+        await until(huge.done)
+        error = huge.exception()
+        assert isinstance(error, ContextLengthExceeded)
+        assert "at least 262" in error.message and "8192" in error.message
+        assert len(effects.starts) == 1 and sup.lifecycle.state == "ready"  # b keeps running
+        # A large prompt that the bound cannot rule out is still counted on an engine.
+        _, maybe = ask(sup, "a", tokens=None, text_bytes=30_000)
+        await until(lambda: sup.lifecycle.state == "draining" or len(effects.starts) == 2)
+        assert not maybe.done()
     finally:
         assert sup._task is not None
         sup._task.cancel()

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from gateway.config.schema import Model, Variant
+from gateway.config.schema import GatewayConfig, Model, Variant
 from gateway.engine.binary import BinaryNotFound, find_llama_server
 from gateway.engine.client import EngineClient, EngineRequestError, new_session
+from gateway.engine.gguf import longest_token_bytes
 from gateway.engine.llamacpp import LlamaCppEngine, TemplateOverhead
 from gateway.engine.process import EngineProcess
 from gateway.models import PromptShape, Room, byte_bound
@@ -84,6 +85,7 @@ class EngineManager:
         self.llamacpp = LlamaCppEngine()
         self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
         self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
+        self._longest_token: dict[str, int | None] = {}  # model file -> its longest token
 
     def client(self, base_url: str) -> EngineClient:
         if self._sessions is None:  # made on first use: a session needs the running loop
@@ -102,6 +104,16 @@ class EngineManager:
 
     def capacity(self, variant: Variant, model: Model) -> Room:
         return self.llamacpp.capacity(variant, model)
+
+    def learn(self, config: GatewayConfig) -> None:
+        """Read what the config's model files tell (blocking: run it in a thread)."""
+        for variant in (v for m in config.models for v in m.variants):
+            if variant.model_file and variant.model_file not in self._longest_token:
+                self._longest_token[variant.model_file] = longest_token_bytes(variant.model_file)
+
+    def longest_token(self, variant: Variant) -> int | None:
+        """The UTF-8 length of the longest token of the variant's model, when known."""
+        return self._longest_token.get(variant.model_file) if variant.model_file else None
 
     async def start(self, model: Model, variant: Variant) -> EngineInstance:
         """Spawn the variant's engine and wait until it is healthy (or raise StartFailed)."""

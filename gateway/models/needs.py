@@ -95,3 +95,9 @@ def byte_bound(kind: str, shape: PromptShape, template_bound: Callable[[int, int
     if kind == "chat":
         return template_bound(shape.text_bytes, shape.messages) if template_bound else None
     return shape.text_bytes + shape.token_ids + BOUND_SLACK
+
+
+def token_floor(shape: PromptShape, longest_token: int) -> int:
+    """A lower bound of the prompt's tokens: no token stands for more bytes than the
+    vocabulary's longest (whatever the template adds comes on top)."""
+    return -(-shape.text_bytes // max(longest_token, 1)) + shape.token_ids

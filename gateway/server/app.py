@@ -105,6 +105,7 @@ class GatewayServer:
             raise
         finally:
             run.stop()  # kills the Lua process of a reload cancelled by a shutdown
+        await asyncio.to_thread(self.manager.learn, config)
         if config.server.listen != self.config.server.listen:
             log.warning("listen addresses change only with a restart")
         self.config = config
@@ -131,6 +132,7 @@ class GatewayServer:
 
     async def start(self) -> list[str]:
         """Start the supervisor and listen; returns the bound addresses."""
+        await asyncio.to_thread(self.manager.learn, self.config)
         self.supervisor.start()
         self._preload()
         self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)

@@ -16,7 +16,8 @@ from typing import Any
 
 from gateway.config.schema import GatewayConfig, Model, Variant
 from gateway.errors import ContextLengthExceeded, GatewayError, Unavailable
-from gateway.models import ModelSelector, Needs, PromptShape, Room, RunningEngine, Selection
+from gateway.models import ModelSelector, Needs, PromptShape, Room, RunningEngine, Selection, token_floor
+from gateway.models.selector import Outcome
 from gateway.supervisor import events as ev
 from gateway.supervisor.control_steps import ControlSteps
 from gateway.supervisor.engine_steps import EngineSteps
@@ -218,6 +219,20 @@ class Supervisor(EngineSteps, ControlSteps):
                 pending.seq = next(self._seq)
             self._queue.append(pending)
             self._queue.sort(key=lambda p: p.seq)  # a requeued request keeps its place
+            hopeless = self._hopeless(pending)
+            if hopeless is not None:
+                self._reject(pending, hopeless)
+
+    def _hopeless(self, pending: PendingRequest) -> Selection | None:
+        """The rejection of a request too large for every variant by a lower bound of its
+        tokens alone: nothing is started, or swapped to, just to count it."""
+        longest = [self._effects.longest_token(v) for v in pending.model.variants]
+        if pending.exact_tokens is not None or None in longest:
+            return None
+        floor = token_floor(pending.shape, max(n for n in longest if n is not None))
+        needs = Needs(floor, pending.reserve, "floor", pending.sequences)
+        selection = self._selector().select(needs, pending.model, None)
+        return selection if selection.outcome is Outcome.REJECTED else None
 
     # --- deciding ------------------------------------------------------------------------
 
@@ -381,9 +396,10 @@ class Supervisor(EngineSteps, ControlSteps):
         self._queue.remove(pending)
         needs = selection.needs
         each = f" for each of its {needs.sequences} sequences" if needs.sequences > 1 else ""
+        least = "at least " if needs.method == "floor" else ""
         pending.future.set_exception(
             ContextLengthExceeded(
-                f"this request needs {needs.total} tokens of context{each} ({needs.prompt_tokens} "
+                f"this request needs {least}{needs.total} tokens of context{each} ({needs.prompt_tokens} "
                 f"prompt tokens + {needs.reserve} reserved for the answer), but the largest context "
                 f"of model {pending.model.name!r} is {self._largest(pending.model)}",
                 param=PROMPT_PARAM.get(pending.kind),
