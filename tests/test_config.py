@@ -849,6 +849,10 @@ ERRORS = {
         models_with('{ name = "a", variants = { { context = 8, args = { "--log-disable" } } } }'),
         ['models[1].variants[1].args[1]: --log-disable hides the "listening on" line the gateway waits for'],
     ),
+    "--no-slots": (
+        models_with('{ name = "a", args = { "--no-slots" }, variants = { { context = 8 } } }'),
+        ["models[1].args[1]: --no-slots hides /slots, where the gateway sees which requests"],
+    ),
     "-lv 2": (
         models_with('{ name = "a", args = { "-lv", 2 }, variants = { { context = 8 } } }'),
         ['models[1].args[2]: -lv 2 hides the "listening on" line', "use 3 or more"],

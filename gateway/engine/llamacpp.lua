@@ -68,6 +68,8 @@ return function(fail, show)
     { "--api-prefix", env = "LLAMA_ARG_API_PREFIX",
       refuse = "moves the endpoints the gateway calls (/health, /tokenize, ...); remove it" },
     { "--log-disable", refuse = "hides the \"listening on\" line the gateway waits for; remove it" },
+    { "--no-slots", env = "LLAMA_ARG_NO_ENDPOINT_SLOTS",
+      refuse = "hides /slots, where the gateway sees which requests the engine still runs; remove it" },
     { "-lv", "--verbosity", "--log-verbosity", env = "LLAMA_ARG_LOG_VERBOSITY", value = log_verbosity },
     { "-np", "--parallel", env = "LLAMA_ARG_N_PARALLEL", key = "slots", value = positive_integer },
     { "-kvu", "--kv-unified", negated = { "-no-kvu", "--no-kv-unified" }, env = "LLAMA_ARG_KV_UNIFIED",
