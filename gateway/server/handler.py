@@ -29,8 +29,8 @@ from gateway.errors import (
     ModelNotFound,
     Unavailable,
 )
-from gateway.models import BOUND_SLACK
-from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, reserve
+from gateway.models import BOUND_SLACK, Needs
+from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, copies, limit_answer, reserve
 from gateway.server.proxy import NotSent, Renamer, engine_request_headers, forward, write_error_event
 from gateway.server.sse import SSE_HEADERS, sse_comment
 from gateway.supervisor.requests import Grant, PendingRequest
@@ -72,8 +72,9 @@ class RequestHandler:
         why_not = model_engine_refusal(model, endpoint.kind)
         if why_not:
             raise InvalidRequest(why_not, param="model")
-        forwarded = _apply_rules(body, model)
-        pending = _pending(request_id(request), endpoint, model, forwarded, raw)
+        ruled = _apply_rules(body, model)
+        pending = _pending(request_id(request), endpoint, model, ruled, raw)
+        forwarded = limit_answer(endpoint, ruled, pending.reserve)
         data = raw if forwarded is body else json.dumps(forwarded).encode()
         call = _Call(self._supervisor, request, endpoint, pending, forwarded, data, body["model"])
         return await call.run(self._config().server.loading_keepalive and bool(body.get("stream")))
@@ -98,6 +99,7 @@ def _pending(rid: str, endpoint: Endpoint, model: Model, body: dict[str, Any], r
         shape=endpoint.shape(body, raw),
         reserve=reserve(endpoint, body, model.default_max_tokens),
     )
+    pending.sequences = copies(body) * pending.shape.prompts
     if endpoint.kind in ("other", "rerank") or (endpoint.kind != "chat" and not pending.shape.text_bytes):
         # Nothing to count on the engine: the body's size, or token ids, are the bound.
         bound = pending.shape.text_bytes + pending.shape.token_ids + BOUND_SLACK
@@ -223,12 +225,13 @@ class _Call:
     async def _use(self, grant: Grant) -> web.StreamResponse | None:
         """Serve the request on the granted engine; None when it must wait again."""
         requeue: str | None = None
-        served = False
+        served = forwarded = False
         try:
             if grant.count_first:
                 requeue = await self._count(grant)
                 if requeue:
                     return None
+            forwarded = True
             response = await forward(
                 self.request,
                 grant.instance,
@@ -241,16 +244,22 @@ class _Call:
             served = True
             return response
         except NotSent as exc:
+            forwarded = False  # the engine ended it (or never had it)
             requeue = await self._after_not_sent(grant, exc)
             return None
         finally:
-            self.supervisor.release(grant, requeue, served)
+            # A request the engine got and did not finish (its client left) may still be
+            # running there: the supervisor keeps its room until the engine lets it go.
+            abandoned = forwarded and (not served or bool(self.request.get("client_gone")))
+            self.supervisor.release(grant, requeue, served, abandoned)
 
     async def _count(self, grant: Grant) -> str | None:
         """Count exactly (unless a bound proves it fits); a reason to requeue if too big."""
         instance, pending = grant.instance, self.pending
         bound = instance.upper_bound(pending.kind, pending.shape)
-        if bound is not None and bound + pending.reserve <= instance.slot_context:
+        if bound is not None and instance.room.fits(
+            Needs(bound, pending.reserve, "bound", pending.sequences)
+        ):
             pending.exact_tokens, pending.method = bound, "bound"
             return None
         try:
@@ -261,10 +270,10 @@ class _Call:
             return self._retry_or_fail(f"counting failed: {exc}")
         fits_shared_cache = await asyncio.shield(self.supervisor.confirm(grant, pending.shape, tokens))
         pending.exact_tokens, pending.method = tokens, "exact"
-        if tokens + pending.reserve > instance.slot_context:
+        if not instance.room.fits(pending.needs(tokens)):
             return (
-                f"counted {tokens} prompt tokens + {pending.reserve} reserve > "
-                f"context {instance.slot_context} of {instance.variant.key}: upgrade"
+                f"counted {tokens} prompt tokens + {pending.reserve} reserve "
+                f"({pending.sequences} sequence(s)) > context of {instance.variant.key}: upgrade"
             )
         if not fits_shared_cache:  # granted on a low estimate: wait for room, then go
             return f"counted {tokens} prompt tokens: no room in the shared KV cache yet"
