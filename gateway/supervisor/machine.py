@@ -27,8 +27,8 @@ TRANSITIONS: list[tuple[str, list[str], str, str]] = [
     ("resume", ["draining"], "ready", "the requests that needed a swap left before it happened"),
     ("drained", ["draining"], "stopping", "nothing in flight, or drain_timeout passed: stop it"),
     ("stopped", ["stopping"], "idle", "the engine process has exited"),
-    ("died", ["ready", "draining"], "crashed", "the engine exited on its own"),
-    ("reset", ["crashed"], "idle", "max_start_failures reached: that model's waiters got 503"),
+    ("died", ["ready", "draining"], "crashed", "the engine exited on its own, or froze and was killed"),
+    ("reset", ["crashed"], "idle", "max_start_failures reached: that variant's waiters got 503"),
 ]
 
 HISTORY_LENGTH = 200
