@@ -22,7 +22,7 @@ server = {
   max_body_bytes = 8388608,          -- larger request bodies get 413
   max_start_failures = 3,            -- failed starts in a row before a model's waiters get 503
   config_timeout = 10,               -- seconds a reload may run this file; then the old config stays
-  loading_keepalive = true,          -- streaming clients get ": loading ..." SSE comments during a swap
+  loading_keepalive = true,          -- streams kept waiting get ": waiting for model ..." SSE comments
 }
 
 -- Demo models: tiny GGUFs that `make models` generates (random weights, one token per byte).
