@@ -149,12 +149,18 @@ class FakeEffects:
         self.stops: list[FakeInstance] = []
         self.probes: list[FakeInstance] = []
         self.longest: dict[str, int] = {}  # model -> its vocabulary's longest token
+        self.busy: frozenset[int] = frozenset()  # the engine's busy tasks, as /slots shows them
+        self.looks = 0
 
     def capacity(self, variant: Variant, model: Model) -> Room:
         return Room(self._capacity_of(variant))
 
     def longest_token(self, variant: Variant) -> int | None:
         return self.longest.get(variant.model)
+
+    async def busy_tasks(self, instance: FakeInstance) -> frozenset[int]:
+        self.looks += 1
+        return self.busy
 
     async def start(self, model: Model, variant: Variant) -> FakeInstance:
         call = StartCall(model, variant)

@@ -227,3 +227,68 @@ async def test_a_prompt_too_large_by_its_lower_bound_is_rejected_without_a_swap(
         assert sup._task is not None
         sup._task.cancel()
         await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_an_abandoned_request_keeps_its_room_until_the_engine_lets_it_go() -> None:
+    effects = FakeEffects()
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    try:
+        _, first = ask(sup, "a", tokens=400, reserve=50)
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed(kv_budget=512)
+        await until(first.done)
+        effects.busy = frozenset({7})  # the engine still runs task 7: perhaps the abandoned one
+        sup.release(first.result(), abandoned=True)
+        _, second = ask(sup, "a", tokens=300, reserve=50)
+        await until(lambda: effects.looks >= 3)
+        assert not second.done(), "granted while the abandoned request may still fill the cache"
+        effects.busy = frozenset({8})  # task 7 is over; 8 came after the abandonment
+        await until(second.done)
+        assert second.result().instance.variant.key == "a@512"
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_a_request_that_ended_normally_frees_its_room_at_once() -> None:
+    effects = FakeEffects()
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    try:
+        _, first = ask(sup, "a", tokens=400, reserve=50)
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed(kv_budget=512)
+        await until(first.done)
+        effects.busy = frozenset({7})
+        sup.release(first.result(), served=True)
+        _, second = ask(sup, "a", tokens=300, reserve=50)
+        await until(second.done)
+        assert effects.looks == 0
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
+
+
+async def test_a_unified_engine_gets_no_more_sequences_than_it_has_slots() -> None:
+    effects = FakeEffects()
+    sup = Supervisor(make_config(), effects)
+    sup.start()
+    try:
+        _, first = ask(sup, "a", tokens=10, reserve=10)
+        await until(lambda: len(effects.starts) == 1)
+        engine = effects.starts[0].succeed(kv_budget=8192)
+        engine.slots = 2
+        await until(first.done)
+        _, second = ask(sup, "a", tokens=10, reserve=10)
+        _, third = ask(sup, "a", tokens=10, reserve=10)
+        await until(second.done)
+        assert not third.done(), "a third sequence would wait inside the engine, unseen"
+        sup.release(first.result(), served=True)
+        await until(third.done)
+    finally:
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
