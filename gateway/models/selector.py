@@ -56,12 +56,12 @@ class ModelSelector:
         self._capacity = capacity or (lambda v: Room(v.context))
 
     def select(self, needs: Needs, model: Model, running: RunningEngine | None) -> Selection:
-        same_model = running is not None and running.variant.model == model.name
+        mine = running if running is not None and running.variant.model == model.name else None
         # A running engine of this model counts an estimated request exactly before serving it.
-        if same_model and (not needs.exact or running.room.fits(needs)):
-            return Selection(Outcome.REUSED, running.variant, needs)
-        outcome = Outcome.UPGRADED if same_model else Outcome.STARTED
-        candidates = [v for v in model.variants if not (same_model and v == running.variant)]
+        if mine is not None and (not needs.exact or mine.room.fits(needs)):
+            return Selection(Outcome.REUSED, mine.variant, needs)
+        outcome = Outcome.UPGRADED if mine is not None else Outcome.STARTED
+        candidates = [v for v in model.variants if mine is None or v != mine.variant]
         for variant in candidates:
             if self._capacity(variant).fits(needs):
                 return Selection(outcome, variant, needs)

@@ -362,13 +362,12 @@ class Supervisor(EngineSteps, ControlSteps):
         instance = self._instance
         if instance is None or self.lifecycle.state != "ready":
             return EngineView(self.lifecycle.state, None, backing_off=backing_off)
-        held = self._held(instance)
-        shared = instance.kv_budget is not None
+        held, budget = self._held(instance), instance.kv_budget
         return EngineView(
             "ready",
             self._running(),
-            free_tokens=instance.kv_budget - sum(lease.tokens for lease in held) if shared else None,
-            free_slots=instance.slots - sum(lease.slots for lease in held) if shared else None,
+            free_tokens=None if budget is None else budget - sum(lease.tokens for lease in held),
+            free_slots=None if budget is None else instance.slots - sum(lease.slots for lease in held),
             idle=not held,
             backing_off=backing_off,
         )
