@@ -245,13 +245,15 @@ def test_missing_binary_is_a_clear_503(start_gateway, tiny_models) -> None:
 
 
 def test_crash_loop_backs_off_then_gives_503_while_others_work(start_gateway, tiny_models) -> None:
-    crashing = fake_model("crash-on-request", variants=[{"context": 1024}, {"context": 4096}])
-    gateway = start_gateway([crashing, *tiny_model_config(tiny_models)], max_start_failures=2)
+    gateway = start_gateway(
+        [fake_model("crash-on-request"), *tiny_model_config(tiny_models)], max_start_failures=2
+    )
     first, first_answer = in_thread(ask, gateway, "fake-crash-on-request")
     wait_until(lambda: gateway.state()["counters"].get("starts") == 1, interval=0.002)
-    # Needs the 4096 variant: it waits behind `first` (which keeps the 1024 one busy and
-    # comes back after each crash) until max_start_failures crashes in a row fail it.
-    waiting, waiting_answer = in_thread(ask, gateway, "fake-crash-on-request", max_tokens=2000)
+    # The fake engine has one slot: this one waits behind `first` (in flight, and back
+    # in the queue ahead of it after each crash) until max_start_failures crashes in a
+    # row of that variant fail its waiters.
+    waiting, waiting_answer = in_thread(ask, gateway, "fake-crash-on-request")
     first.join(30)
     waiting.join(30)
     assert first_answer[0].status == 502  # crashed twice under the same request: no third try
@@ -264,7 +266,7 @@ def test_crash_loop_backs_off_then_gives_503_while_others_work(start_gateway, ti
     assert [h["trigger"] for h in steps] == ["start", "died", "start", "died", "reset"]
     died, restart = steps[1], steps[2]
     assert restart["monotonic"] - died["monotonic"] >= BACKOFF_BASE > 0  # backed off
-    assert steps[-1]["reason"] == "fake-crash-on-request: 2 failures in a row"
+    assert steps[-1]["reason"] == "fake-crash-on-request@1024: 2 failures in a row"
     state = gateway.state()
     assert state["counters"]["crashes"] == 2
     assert "crashing on request" in "\n".join(state["engine_log"])
