@@ -124,13 +124,18 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]
     raw = await request.read()  # over client_max_size: aiohttp raises 413
     try:
         body = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant, parse_float=_finite)
+        # In the try: near the recursion limit the check may run out of stack where
+        # the parser did not.
+        lone = _SURROGATE_ESCAPE.search(raw) is not None and _has_lone_surrogate(body)
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+    except ValueError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+    if lone:
         raise InvalidRequest("the request body is not valid Unicode: it escapes a lone surrogate")
     return body, raw
 
@@ -149,7 +154,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def _has_lone_surrogate(body: dict[str, Any]) -> bool:
+def _has_lone_surrogate(body: Any) -> bool:
     """Whether a string holds half a surrogate pair (a whole pair is decoded to one character)."""
     try:
         json.dumps(body, ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,27 @@
+"""The request body reader: what it refuses, in its own words. Pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.server.handler import read_json_object
+
+
+class _Body:
+    """Just what read_json_object uses of a request."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    async def read(self) -> bytes:
+        return self.raw
+
+
+@pytest.mark.parametrize("depth", range(850, 1050))
+async def test_a_deep_body_with_a_lone_surrogate_is_a_400_at_any_depth(depth: int) -> None:
+    # Every depth near the recursion limit: the parser and the surrogate check must not
+    # disagree where one of them runs out of stack (that was a 500).
+    raw = b'{"a":' + b"[" * depth + b'"\\ud800"' + b"]" * depth + b"}"
+    with pytest.raises(InvalidRequest):
+        await read_json_object(_Body(raw))  # type: ignore[arg-type]
