@@ -58,7 +58,13 @@ class ControlHandler:
                 "default_max_tokens": m.default_max_tokens,
                 "tokens_per_byte": self._supervisor.estimator.ratio(m.name),
                 "variants": [
-                    {"context": v.context, "capacity": capacity(v), "running": running == (m.name, v.context)}
+                    {
+                        "context": v.context,
+                        "capacity": capacity(v).slot_context,  # what one request may use
+                        "slots": capacity(v).slots,
+                        "shared_kv": capacity(v).shared is not None,
+                        "running": running == (m.name, v.context),
+                    }
                     for v in m.variants
                 ],
             }
