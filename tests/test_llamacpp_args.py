@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.config import Model, load_config
-from gateway.engine.llamacpp import LlamaCppEngine
+from gateway.engine.llamacpp import AUTO_SLOTS, LlamaCppEngine
+from gateway.models import Room
 
 ENGINE = LlamaCppEngine()
 
@@ -54,15 +55,19 @@ def test_capacity_and_shared_budget_follow_slots_and_kv_unified(tmp_path: Path) 
            } }""",
     )
     split, unified, single = m.variants
-    assert (ENGINE.capacity(split, m), ENGINE.shared_kv_budget(split, m, 1024)) == (1024, None)
-    assert (ENGINE.capacity(unified, m), ENGINE.shared_kv_budget(unified, m, 8192)) == (8192, 8192)
-    assert (ENGINE.capacity(single, m), ENGINE.shared_kv_budget(single, m, 16384)) == (16384, 16384)
+    assert ENGINE.capacity(split, m) == Room(1024, None, 4)  # each slot a cache of its own
+    assert ENGINE.shared_kv_budget(split, m, 1024) is None
+    assert ENGINE.capacity(unified, m) == Room(8192, 8192, 4)
+    assert ENGINE.shared_kv_budget(unified, m, 8192) == 8192
+    assert ENGINE.capacity(single, m) == Room(16384, 16384, 1)
+    assert ENGINE.shared_kv_budget(single, m, 16384) == 16384
 
 
 def test_automatic_slots_share_one_cache(tmp_path: Path) -> None:
     m = model(tmp_path, '{ name = "a", variants = { { context = 2048 } } }')
     (variant,) = m.variants
-    assert (ENGINE.capacity(variant, m), ENGINE.shared_kv_budget(variant, m, 2048)) == (2048, 2048)
+    assert ENGINE.capacity(variant, m) == Room(2048, 2048, AUTO_SLOTS)
+    assert ENGINE.shared_kv_budget(variant, m, 2048) == 2048
 
 
 def test_serves_embeddings_and_rerank_only_when_started_for_them(tmp_path: Path) -> None:
