@@ -9,8 +9,10 @@ supervisor goes on serving the rest. The fault is injected into the policy's inp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -32,17 +34,27 @@ class BrokenCapacity(FakeEffects):
 
 
 @pytest.fixture
-async def broken() -> tuple[Supervisor, BrokenCapacity]:
+async def broken() -> AsyncIterator[tuple[Supervisor, BrokenCapacity]]:
     effects = BrokenCapacity()
+    async with supervising(effects) as sup:
+        yield sup, effects
+
+
+@contextlib.asynccontextmanager
+async def supervising(effects: FakeEffects) -> AsyncIterator[Supervisor]:
+    """A running supervisor over `effects`; it must still run when the test ends."""
     sup = Supervisor(make_config(), effects)
     sup.start()
-    yield sup, effects
-    for call in effects.starts:
-        if not call.future.done():
-            call.future.cancel()
-    assert sup._task is not None and not sup._task.done(), "the supervisor must keep running"
-    sup._task.cancel()
-    await asyncio.gather(sup._task, return_exceptions=True)
+    try:
+        yield sup
+        assert sup._task is not None and not sup._task.done(), "the supervisor must keep running"
+    finally:
+        for call in effects.starts:
+            if not call.future.done():
+                call.future.cancel()
+        assert sup._task is not None
+        sup._task.cancel()
+        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_a_request_the_policy_raises_for_gets_a_500_and_others_are_served(
@@ -72,17 +84,15 @@ async def test_an_event_that_raises_answers_its_request_and_the_loop_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     effects = FakeEffects()
-    sup = Supervisor(make_config(), effects)
-    arrive = sup._arrive
+    async with supervising(effects) as sup:
+        arrive = sup._arrive
 
-    def arrive_or_raise(pending):  # type: ignore[no-untyped-def]
-        if pending.reserve == 13:
-            raise KeyError("injected")
-        arrive(pending)
+        def arrive_or_raise(pending):  # type: ignore[no-untyped-def]
+            if pending.reserve == 13:
+                raise KeyError("injected")
+            arrive(pending)
 
-    monkeypatch.setattr(sup, "_arrive", arrive_or_raise)
-    sup.start()
-    try:
+        monkeypatch.setattr(sup, "_arrive", arrive_or_raise)
         _, doomed = ask(sup, "b", reserve=13)
         _, fine = ask(sup, "b")
         await until(doomed.done)
@@ -92,10 +102,6 @@ async def test_an_event_that_raises_answers_its_request_and_the_loop_goes_on(
         effects.starts[0].succeed()
         await until(fine.done)
         assert fine.result().instance.variant.key == "b@4096"
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_a_frozen_engine_is_killed_marked_crashed_and_replaced(
@@ -103,9 +109,7 @@ async def test_a_frozen_engine_is_killed_marked_crashed_and_replaced(
 ) -> None:
     monkeypatch.setattr(engine_steps, "PROBE_INTERVAL", 0.01)
     effects = FakeEffects()
-    sup = Supervisor(make_config(), effects)
-    sup.start()
-    try:
+    async with supervising(effects) as sup:
         _, first = ask(sup, "b")
         await until(lambda: len(effects.starts) == 1)
         engine = effects.starts[0].succeed()
@@ -122,18 +126,12 @@ async def test_a_frozen_engine_is_killed_marked_crashed_and_replaced(
         effects.starts[1].succeed()
         await until(second.done)
         assert second.result().instance is not engine
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_an_engine_with_nothing_in_flight_is_not_probed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_steps, "PROBE_INTERVAL", 0.01)
     effects = FakeEffects()
-    sup = Supervisor(make_config(), effects)
-    sup.start()
-    try:
+    async with supervising(effects) as sup:
         _, first = ask(sup, "b")
         await until(lambda: len(effects.starts) == 1)
         effects.starts[0].succeed()
@@ -143,10 +141,6 @@ async def test_an_engine_with_nothing_in_flight_is_not_probed(monkeypatch: pytes
         probes = len(effects.probes)
         await asyncio.sleep(0.1)  # ten probe intervals: none may come with nothing in flight
         assert len(effects.probes) <= probes + 1
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_a_variant_that_fails_to_start_fails_only_its_own_waiters(
@@ -154,9 +148,7 @@ async def test_a_variant_that_fails_to_start_fails_only_its_own_waiters(
 ) -> None:
     monkeypatch.setattr(engine_steps, "BACKOFF_BASE", 30.0)  # a back-off no test waits out
     effects = FakeEffects()
-    sup = Supervisor(make_config(), effects)
-    sup.start()
-    try:
+    async with supervising(effects) as sup:
         _, big = ask(sup, "a", tokens=5000)  # needs a@8192
         await until(lambda: len(effects.starts) == 1)
         _, small = ask(sup, "a", tokens=100)  # a@512 serves it
@@ -170,10 +162,6 @@ async def test_a_variant_that_fails_to_start_fails_only_its_own_waiters(
         effects.starts[1].succeed()
         await until(small.done)
         assert small.result().instance.variant.key == "a@512"
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_a_variant_backing_off_does_not_hold_up_the_queue_behind_it(
@@ -181,9 +169,7 @@ async def test_a_variant_backing_off_does_not_hold_up_the_queue_behind_it(
 ) -> None:
     monkeypatch.setattr(engine_steps, "BACKOFF_BASE", 30.0)
     effects = FakeEffects()
-    sup = Supervisor(make_config(), effects)
-    sup.start()
-    try:
+    async with supervising(effects) as sup:
         _, big = ask(sup, "a", tokens=5000)
         await until(lambda: len(effects.starts) == 1)
         effects.starts[0].fail("exited", "boom")
@@ -196,18 +182,12 @@ async def test_a_variant_backing_off_does_not_hold_up_the_queue_behind_it(
         effects.starts[1].succeed()
         await until(small.done)
         assert not big_again.done() and sup._retry_at["a@8192"] > time.monotonic()
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_a_prompt_too_large_by_its_lower_bound_is_rejected_without_a_swap() -> None:
     effects = FakeEffects()
     effects.longest = {"a": 4, "b": 4}
-    sup = Supervisor(make_config(), effects)
-    sup.start()
-    try:
+    async with supervising(effects) as sup:
         _, running = ask(sup, "b")
         await until(lambda: len(effects.starts) == 1)
         effects.starts[0].succeed()
@@ -223,17 +203,11 @@ async def test_a_prompt_too_large_by_its_lower_bound_is_rejected_without_a_swap(
         _, maybe = ask(sup, "a", tokens=None, text_bytes=30_000)
         await until(lambda: sup.lifecycle.state == "draining" or len(effects.starts) == 2)
         assert not maybe.done()
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_an_abandoned_request_keeps_its_room_until_the_engine_lets_it_go() -> None:
     effects = FakeEffects()
-    sup = Supervisor(make_config(), effects)
-    sup.start()
-    try:
+    async with supervising(effects) as sup:
         _, first = ask(sup, "a", tokens=400, reserve=50)
         await until(lambda: len(effects.starts) == 1)
         effects.starts[0].succeed(kv_budget=512)
@@ -246,17 +220,11 @@ async def test_an_abandoned_request_keeps_its_room_until_the_engine_lets_it_go()
         effects.busy = frozenset({8})  # task 7 is over; 8 came after the abandonment
         await until(second.done)
         assert second.result().instance.variant.key == "a@512"
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_a_request_that_ended_normally_frees_its_room_at_once() -> None:
     effects = FakeEffects()
-    sup = Supervisor(make_config(), effects)
-    sup.start()
-    try:
+    async with supervising(effects) as sup:
         _, first = ask(sup, "a", tokens=400, reserve=50)
         await until(lambda: len(effects.starts) == 1)
         effects.starts[0].succeed(kv_budget=512)
@@ -266,17 +234,11 @@ async def test_a_request_that_ended_normally_frees_its_room_at_once() -> None:
         _, second = ask(sup, "a", tokens=300, reserve=50)
         await until(second.done)
         assert effects.looks == 0
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
 
 
 async def test_a_unified_engine_gets_no_more_sequences_than_it_has_slots() -> None:
     effects = FakeEffects()
-    sup = Supervisor(make_config(), effects)
-    sup.start()
-    try:
+    async with supervising(effects) as sup:
         _, first = ask(sup, "a", tokens=10, reserve=10)
         await until(lambda: len(effects.starts) == 1)
         engine = effects.starts[0].succeed(kv_budget=8192)
@@ -288,7 +250,3 @@ async def test_a_unified_engine_gets_no_more_sequences_than_it_has_slots() -> No
         assert not third.done(), "a third sequence would wait inside the engine, unseen"
         sup.release(first.result(), served=True)
         await until(third.done)
-    finally:
-        assert sup._task is not None
-        sup._task.cancel()
-        await asyncio.gather(sup._task, return_exceptions=True)
