@@ -1,4 +1,5 @@
-"""Fault and load at once: many clients, both models, every variant, while engines get killed.
+"""Fault and load at once: many clients, both models, every variant, while engines get
+killed and the config keeps changing.
 
 Run as `.venv/bin/python bench/soak.py --seconds 60 --clients 32` (it starts its own
 gateway in front of the tiny demo models, on loopback), or import `run_soak` and point it
@@ -7,19 +8,32 @@ at a running gateway (tests/test_soak.py does, for a short run).
 Concurrent aiohttp clients send a random mix: chat and completions for `tiny` (variants
 512/2048/8192) and `tiny-b`, prompts of every size class, streamed and not, streams that
 the client closes after a few events, streams with a large `max_tokens` that force the
-larger variants and are closed early as well, and now and then a bad request (malformed
-JSON, an unknown model, `max_tokens: 0`). A killer SIGKILLs the running engine every 2-5 s.
+larger variants and are closed early as well, chat with `n` = 2-3 (streamed and not),
+chat and completions whose `n_predict` is larger than their `max_tokens`, chat with a
+role string of 200-800 bytes, completions of a list of 2-3 prompts (not streamed:
+llama-server starts that stream with `data: null`), and now and then a bad request
+(malformed JSON, an unknown model, `max_tokens: 0`). Every good request fits the
+model's largest variant, its sequences (`n`, the prompts) together. A killer SIGKILLs
+the running engine every 2-5 s; given the config file, a reloader rewrites it every
+0.7-2 s with the `tiny` model's engine arguments alternating between two sets that
+change how the engine starts but not what it answers, and POSTs /gateway/reload.
 
 Then it checks, and `SoakReport.problems()` lists what failed:
 
-- every answer is complete and well formed (JSON with choices; a stream whose events all
-  parse and that ends with `data: [DONE]`, or with an error event after a kill), or an
-  OpenAI-shaped error with a status the request may get; no request took longer than
-  `REQUEST_TIMEOUT`;
+- every good request got a complete, well-formed answer: JSON with one choice per `n` or
+  prompt, each with text and a finish reason, no more completion tokens than its
+  choices may have; or a stream whose events all parse, whose choices all finish, no
+  choice longer than its limit, that ends with `data: [DONE]`. An error (a status or an
+  event) is acceptable only when it is the gateway's own answer to an engine the killer
+  killed (`KILLED`); an engine's error passed through, an HTTP 500, any other error, and
+  with kills off any error at all, is a bad answer. A bad request gets its OpenAI-shaped
+  error. No request took longer than `REQUEST_TIMEOUT`;
+- no engine died that the killer did not kill (the gateway's crash, failed-start and
+  frozen counters), the supervisor had no fault, every reload answered 200;
 - afterwards no engine is left but the gateway's current one, the gateway's open file
   descriptors did not grow beyond `FD_SLACK` over a baseline taken after warm-up, the
   state machine history (polled during the run) has only legal, chained transitions, the
-  gateway is healthy and serves both models again;
+  gateway is healthy and serves both models again (with the config it started with);
 - if `/metrics` exists: `llm_gateway_requests_total` counted at least the 200 answers the
   clients saw complete.
 """
@@ -49,7 +63,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_process, wait_healthy
+from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_process, to_lua, wait_healthy
 from gateway.demo.tinymodel import write_tiny_model
 from gateway.supervisor.machine import HISTORY_LENGTH, TRANSITIONS
 
@@ -63,24 +77,52 @@ KILL_ATTEMPTS = 8  # polls, POLL_INTERVAL apart, for an engine to kill
 POLL_INTERVAL = 0.25  # /gateway/state polls: history, engine pids, descriptor peak
 MAX_LISTED = 40  # problems of one kind kept in the report (all are counted)
 
-ENGINE_ERRORS = frozenset({502, 503, 504})  # what a good request may get while engines die
-ERROR_STATUSES = frozenset({400, 404, 413, 502, 503, 504})
+RELOAD_INTERVAL = (0.7, 2.0)
+RELOADED_MODEL = "tiny"
+# Engine arguments the reloader adds to RELOADED_MODEL's, in turn: each reload changes
+# how its engine starts (so the gateway drains and restarts it), never what it answers.
+RELOAD_ARGS = (("--batch-size", "1024"), ("-ub", "256"))
+
 VARIANTS = {"tiny": (512, 2048, 8192), "tiny-b": (2048,)}
+LARGEST = {model: max(contexts) for model, contexts in VARIANTS.items()}
 ALIASES = {"tiny": "tiny-chat"}
 LEGAL = frozenset((source, dest, trigger) for trigger, sources, dest, _ in TRANSITIONS for source in sources)
+
+# The gateway's own answers to an engine that died under a request: with the killer on, a
+# good request may get these (code, HTTP status, message) and no other error.
+KILLED = (
+    (
+        "engine_error",
+        502,
+        re.compile(
+            r"the engine failed twice for this request; last: "
+            r"(engine unreachable|engine failed before answering|counting failed)"
+        ),
+    ),
+    ("engine_error", 502, re.compile(r"the engine failed mid-stream: ")),
+    ("engine_error", 502, re.compile(r"\S+ exited with code -9 while starting")),
+    ("service_unavailable", 503, re.compile(r"the engine \S+ keeps failing ")),
+)
 
 # Prompt sizes in bytes (one token per byte, as the tiny models tokenize). With at most
 # 64 answer tokens and the template's ~25, "small" fits 512, "medium" 2048, "large" 8192.
 SIZES = {"small": (1, 380), "medium": (600, 1900), "large": (2200, 7600)}
-MIXES = [  # (kind, weight)
-    ("chat", 24),
-    ("completion", 10),
-    ("stream", 24),
-    ("stream-cancel", 14),
-    ("big-cancel", 8),
-    ("bad-json", 3),
-    ("bad-model", 3),
-    ("bad-max-tokens", 3),
+TEMPLATE_TOKENS = 40  # ChatML's own tokens around a message and the answer's start (~21), and slack
+# (kind, copies): the clients take kinds, in turn, from one shuffled bag of these copies,
+# refilled when empty; so the first 21 requests sent hold each kind as often as listed.
+MIXES = [
+    ("chat", 3),
+    ("completion", 1),
+    ("stream", 3),
+    ("stream-cancel", 2),
+    ("big-cancel", 1),
+    ("chat-n", 2),
+    ("n-predict", 2),
+    ("long-role", 2),
+    ("prompts", 2),
+    ("bad-json", 1),
+    ("bad-model", 1),
+    ("bad-max-tokens", 1),
 ]
 BAD_STATUS = {"bad-json": 400, "bad-model": 404, "bad-max-tokens": 400}
 WORDS = [
@@ -108,7 +150,11 @@ class SoakReport:
     latency_ms: dict[str, float] = field(default_factory=dict)
     kills: list[int] = field(default_factory=list)  # pids the killer SIGKILLed
     kill_states: Counter[str] = field(default_factory=Counter)  # the state each kill hit
+    reloads: int = 0  # POST /gateway/reload calls, the last one restoring the first config
+    reload_failures: list[str] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)  # errors good requests got, by kind
     counters: dict[str, int] = field(default_factory=dict)  # the gateway's, at the end
+    counter_growth: dict[str, int] = field(default_factory=dict)  # theirs during the run
     bad_answers: list[str] = field(default_factory=list)
     bad_answer_count: int = 0
     problem_kinds: Counter[str] = field(default_factory=Counter)  # bad answers, grouped
@@ -143,6 +189,9 @@ class SoakReport:
             )
         if self.hung_count:
             out.append(f"{self.hung_count} requests took over {REQUEST_TIMEOUT:g}s: {self.hung[:3]}")
+        out.extend(self.engine_problems())
+        if self.reload_failures:
+            out.append(f"{len(self.reload_failures)} reloads failed: {self.reload_failures[:3]}")
         if self.leftover_engines:
             out.append(f"engines left running besides the current one: {self.leftover_engines}")
         if self.fd_growth() > self.fd_slack:
@@ -163,6 +212,22 @@ class SoakReport:
             out.append(f"gateway shutdown: {self.shutdown}")
         return out
 
+    def engine_problems(self) -> list[str]:
+        """Engines the gateway saw die or freeze beyond those the killer killed."""
+        grew = self.counter_growth
+        out = []
+        if grew.get("frozen"):
+            out.append(f"{grew['frozen']} engines were killed as frozen")
+        deaths = grew.get("crashes", 0) + grew.get("start_failures", 0)
+        if deaths > len(self.kills):
+            out.append(
+                f"{deaths} engines died ({grew.get('crashes', 0)} crashes, "
+                f"{grew.get('start_failures', 0)} failed starts), the killer killed {len(self.kills)}"
+            )
+        if grew.get("supervisor_faults"):
+            out.append(f"{grew['supervisor_faults']} supervisor faults")
+        return out
+
     def as_json(self) -> dict[str, Any]:
         out = {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
         return {**out, "fd_growth": self.fd_growth(), "problems": self.problems()}
@@ -176,7 +241,9 @@ class SoakReport:
             f"outcomes   {dict(sorted(self.outcomes.items()))}",
             f"served     {dict(sorted(self.served.items()))}",
             f"latency ms {self.latency_ms}",
-            f"killed     {len(self.kills)} engines (in {dict(self.kill_states)}); counters {self.counters}",
+            f"killed     {len(self.kills)} engines (in {dict(self.kill_states)})",
+            f"reloads    {self.reloads}, failed {len(self.reload_failures)}",
+            f"counters   grew {dict(sorted(self.counter_growth.items()))}",
             f"engines    {self.engines_seen} seen, left over: {self.leftover_engines or 'none'}",
             f"fds        baseline {self.fd_baseline}, peak {self.fd_peak}, final {self.fd_final} "
             f"(growth {self.fd_growth()}, allowed {self.fd_slack})",
@@ -187,6 +254,8 @@ class SoakReport:
             f"after      /health {self.health_after}, recovery failures {self.recovery_failures or 'none'}"
             + (f", shutdown {self.shutdown}" if self.shutdown else ""),
         ]
+        for kind, count in self.errors.most_common(10):
+            lines.append(f"error x{count}: {kind}")
         for kind, count in self.problem_kinds.most_common(10):
             lines.append(f"bad answer x{count}: {kind}")
         problems = self.problems()
@@ -201,15 +270,31 @@ class SoakReport:
 class Spec:
     kind: str
     model: str  # the name the client sends
-    path: str
-    data: bytes
-    stream: bool
+    path: str = "/v1/chat/completions"
+    data: bytes = b""
+    stream: bool = False
     max_tokens: int = 0
     cancel_after: int | None = None  # close the stream after this many data events
-    prompt_bytes: int = 0
+    prompt_bytes: int = 0  # the largest prompt's
+    n_predict: int = 0  # llama.cpp's own answer length, when sent
+    role_bytes: int = 0  # a role string of this size instead of "user"
+    choices: int = 1  # a good answer's: `n`, or one per prompt
+
+    @property
+    def answer_limit(self) -> int:
+        """The tokens one choice may have."""
+        return max(self.max_tokens, self.n_predict)
 
     def describe(self) -> str:
-        return f"{self.kind} {self.model} prompt={self.prompt_bytes}B max_tokens={self.max_tokens}"
+        extra = [
+            *([f"n_predict={self.n_predict}"] if self.n_predict else []),
+            *([f"role={self.role_bytes}B"] if self.role_bytes else []),
+            *([f"choices={self.choices}"] if self.choices > 1 else []),
+            *(["stream"] if self.stream else []),
+        ]
+        return " ".join(
+            [f"{self.kind} {self.model} prompt={self.prompt_bytes}B max_tokens={self.max_tokens}", *extra]
+        )
 
 
 def text_of(rng: random.Random, size: int) -> str:
@@ -224,38 +309,73 @@ def text_of(rng: random.Random, size: int) -> str:
     return "".join(out)
 
 
-def make_spec(rng: random.Random) -> Spec:
-    kind = rng.choices([k for k, _ in MIXES], [w for _, w in MIXES])[0]
+@dataclass
+class Kinds:
+    """The kinds of request to send, drawn from shuffled bags of MIXES."""
+
+    rng: random.Random
+    bag: list[str] = field(default_factory=list)
+
+    def next(self) -> str:
+        if not self.bag:
+            self.bag = [kind for kind, copies in MIXES for _ in range(copies)]
+            self.rng.shuffle(self.bag)
+        return self.bag.pop()
+
+
+def make_spec(rng: random.Random, kind: str) -> Spec:
     model = rng.choice(["tiny", "tiny", "tiny-b"])
-    sizes = ["small", "medium", "large"] if model == "tiny" else ["small", "medium"]
-    size = rng.randint(*SIZES[rng.choice(sizes)])
-    max_tokens = rng.randint(1, 64)
-    cancel_after = None
-    if kind == "big-cancel":  # a large answer forces a large variant; closed after a few events
-        size = rng.randint(*SIZES["small"])
-        max_tokens = rng.choice([rng.randint(1000, 1600), rng.randint(3000, 7600)])
-        if model == "tiny-b":
-            max_tokens = rng.randint(600, 1600)
-        cancel_after = rng.randint(1, 4)
-    elif kind == "stream-cancel":
-        cancel_after = rng.randint(1, 4)
     name = ALIASES.get(model, model) if rng.random() < 0.2 else model
-    stream = kind in ("stream", "stream-cancel", "big-cancel")
-    prompt = text_of(rng, size)
-    path = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
-    body: dict[str, Any] = {"model": name, "max_tokens": max_tokens, "stream": stream}
-    if kind == "completion":
-        body["prompt"] = prompt
+    spec = Spec(kind, name, stream=kind in ("stream", "stream-cancel", "big-cancel"))
+    spec.max_tokens = rng.randint(1, 64)
+    body: dict[str, Any] = {"model": name}
+    role = "user"
+    if kind == "big-cancel":  # a large answer forces a large variant; closed after a few events
+        spec.max_tokens = rng.choice([rng.randint(1000, 1600), rng.randint(3000, 7600)])
+        if model == "tiny-b":
+            spec.max_tokens = rng.randint(600, 1600)
+        spec.cancel_after = rng.randint(1, 4)
+    elif kind == "stream-cancel":
+        spec.cancel_after = rng.randint(1, 4)
+    elif kind == "chat-n":
+        spec.choices = body["n"] = rng.randint(2, 3)
+        spec.stream = rng.random() < 0.5
+    elif kind == "n-predict":
+        spec.n_predict = body["n_predict"] = rng.randint(spec.max_tokens + 1, 400)
+        spec.stream = rng.random() < 0.3
+        if rng.random() < 0.5:
+            spec.path = "/v1/completions"
+    elif kind == "long-role":
+        role = text_of(rng, rng.randint(200, 800))
+        spec.role_bytes = len(role.encode())
+        spec.stream = rng.random() < 0.5
+    elif kind in ("completion", "prompts"):
+        spec.path = "/v1/completions"
+        spec.choices = rng.randint(2, 3) if kind == "prompts" else 1
+    # Every sequence (`n` answers, each prompt) holds its prompt and answer: together
+    # they fit the model's largest variant.
+    room = LARGEST[model] // spec.choices - TEMPLATE_TOKENS - spec.role_bytes - spec.answer_limit
+    prompts = [text_of(rng, prompt_size(rng, room)) for _ in range(spec.choices if kind == "prompts" else 1)]
+    spec.prompt_bytes = max(len(p.encode()) for p in prompts)
+    body.update(max_tokens=spec.max_tokens, stream=spec.stream)
+    if spec.path == "/v1/completions":
+        body["prompt"] = prompts if kind == "prompts" else prompts[0]
     else:
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = [{"role": role, "content": prompts[0]}]
     if kind == "bad-model":
         body["model"] = rng.choice(["no-such-model", "tiny-c", "TINY", "tiny "])
     elif kind == "bad-max-tokens":
-        body["max_tokens"] = 0
-    data = json.dumps(body).encode()
+        spec.max_tokens = body["max_tokens"] = 0
+    spec.data = json.dumps(body).encode()
     if kind == "bad-json":
-        data = data[: rng.randint(1, len(data) - 1)]  # cut short: never valid JSON
-    return Spec(kind, name, path, data, stream, body["max_tokens"], cancel_after, size)
+        spec.data = spec.data[: rng.randint(1, len(spec.data) - 1)]  # cut short: never valid JSON
+    return spec
+
+
+def prompt_size(rng: random.Random, room: int) -> int:
+    """A size in bytes from a random size class that starts within `room`, at most `room`."""
+    low, high = SIZES[rng.choice([size for size, (least, _) in SIZES.items() if least <= room])]
+    return rng.randint(low, min(high, room))
 
 
 @dataclass
@@ -266,6 +386,7 @@ class Outcome:
     problem: str | None = None
     seconds: float = 0.0
     context: str | None = None  # X-Gateway-Context
+    error: str | None = None  # a good request's error (a status or an event): its kind and verdict
 
 
 def error_shape_problem(payload: Any) -> str | None:
@@ -279,41 +400,95 @@ def error_shape_problem(payload: Any) -> str | None:
     return None
 
 
+def judge_error(outcome: Outcome, payload: Any, status: int | None, kills: bool) -> None:
+    """A good request's error, as an HTTP `status` or (None) an event in its stream: its
+    kind goes in `outcome.error`; a problem unless it is the gateway's own answer to an
+    engine the killer killed."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    error = error if isinstance(error, dict) else {}
+    message = str(error.get("message", "")).split("\n", 1)[0]  # a failed start adds engine output
+    where = "event" if status is None else f"HTTP {status}"
+    killed = kills and any(
+        error.get("code") == code and status in (None, code_status) and pattern.match(message)
+        for code, code_status, pattern in KILLED
+    )
+    shown = re.sub(r"\d+", "N", message)[:120]
+    outcome.error = f"{'killer' if killed else 'BAD'}: {where} {error.get('code')!r}: {shown}"
+    if not killed:
+        cause = "not the killer's doing" if kills else "no engine was killed"
+        outcome.problem = f"{where} error for a good request ({cause}): {json.dumps(payload)[:300]}"
+    else:
+        outcome.problem = error_shape_problem(payload)
+
+
+def text_of_choice(spec: Spec, choice: dict[str, Any], key: str) -> Any:
+    """A choice's text: `text` in completions, `message` or `delta` content in chat."""
+    if spec.path == "/v1/completions":
+        return choice.get("text")
+    part = choice.get(key)
+    return part.get("content") if isinstance(part, dict) else None
+
+
 def check_answer(spec: Spec, payload: Any) -> str | None:
     """None when a non-streamed 200 answer is complete and well formed."""
     if not isinstance(payload, dict):
         return f"answer is not an object: {str(payload)[:200]}"
     choices = payload.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return f"answer without choices: {str(payload)[:200]}"
-    choice = choices[0]
-    text = choice.get("text") if spec.kind == "completion" else (choice.get("message") or {}).get("content")
-    if not isinstance(text, str):
-        return f"choice without text: {str(choice)[:200]}"
-    if choice.get("finish_reason") not in ("length", "stop"):
-        return f"finish_reason {choice.get('finish_reason')!r}"
+    count = len(choices) if isinstance(choices, list) else None
+    if count != spec.choices:
+        return f"{count} choices, not {spec.choices}: {str(payload)[:200]}"
+    if {c.get("index") if isinstance(c, dict) else None for c in choices} != set(range(spec.choices)):
+        return f"choices are not indexed 0 to {spec.choices - 1}: {str(choices)[:200]}"
+    for choice in choices:
+        if not isinstance(text_of_choice(spec, choice, "message"), str):
+            return f"choice without text: {str(choice)[:200]}"
+        if choice.get("finish_reason") not in ("length", "stop"):
+            return f"finish_reason {choice.get('finish_reason')!r}"
     used = (payload.get("usage") or {}).get("completion_tokens")
-    if not isinstance(used, int) or used > spec.max_tokens:
-        return f"completion_tokens {used!r} for max_tokens {spec.max_tokens}"
+    if not isinstance(used, int) or used > spec.choices * spec.answer_limit:
+        return f"completion_tokens {used!r} for {spec.choices} choices of at most {spec.answer_limit}"
     if payload.get("model") != spec.model:
         return f"model {payload.get('model')!r}, asked for {spec.model!r}"
     return None
 
 
-def check_chunk(spec: Spec, payload: Any) -> str | None:
+@dataclass
+class StreamSeen:
+    """What a stream's events said so far, per choice."""
+
+    tokens: Counter[int] = field(default_factory=Counter)  # events with text
+    finished: set[int] = field(default_factory=set)
+
+
+def check_chunk(spec: Spec, payload: Any, seen: StreamSeen) -> str | None:
+    """None when a stream event is well formed and keeps its choices within their limits."""
     if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
         return f"event without choices: {str(payload)[:200]}"
     if payload.get("model") != spec.model:
         return f"event model {payload.get('model')!r}, asked for {spec.model!r}"
+    for choice in payload["choices"]:
+        index = choice.get("index") if isinstance(choice, dict) else None
+        if index not in range(spec.choices) or index in seen.finished:
+            return f"event for choice {index!r} (of {spec.choices}, finished {sorted(seen.finished)})"
+        if text_of_choice(spec, choice, "delta"):
+            seen.tokens[index] += 1  # the engine sends a token per event, or fewer
+            if seen.tokens[index] > spec.answer_limit:
+                return f"choice {index} streamed over {spec.answer_limit} tokens"
+        reason = choice.get("finish_reason")
+        if reason is not None:
+            if reason not in ("length", "stop"):
+                return f"finish_reason {reason!r}"
+            seen.finished.add(index)
     return None
 
 
-async def send(session: aiohttp.ClientSession, url: str, spec: Spec) -> Outcome:
+async def send(session: aiohttp.ClientSession, url: str, spec: Spec, kills: bool) -> Outcome:
+    """One request and the judgement of its answer; `kills`: whether the killer runs."""
     outcome = Outcome(spec)
     started = time.monotonic()
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
-            await _exchange(session, url, spec, outcome)
+            await _exchange(session, url, spec, outcome, kills)
     except TimeoutError:
         outcome.result, outcome.problem = "hung", f"no end within {REQUEST_TIMEOUT:g}s"
     except (aiohttp.ClientError, ConnectionError) as exc:
@@ -323,14 +498,16 @@ async def send(session: aiohttp.ClientSession, url: str, spec: Spec) -> Outcome:
     return outcome
 
 
-async def _exchange(session: aiohttp.ClientSession, url: str, spec: Spec, outcome: Outcome) -> None:
+async def _exchange(
+    session: aiohttp.ClientSession, url: str, spec: Spec, outcome: Outcome, kills: bool
+) -> None:
     headers = {"Content-Type": "application/json"}
     async with session.post(url + spec.path, data=spec.data, headers=headers) as resp:
         outcome.status = resp.status
         outcome.context = resp.headers.get("X-Gateway-Context")
         is_sse = "text/event-stream" in resp.headers.get("Content-Type", "")
         if resp.status == 200 and is_sse and spec.stream:
-            await _read_stream(resp, spec, outcome)
+            await _read_stream(resp, spec, outcome, kills)
             return
         raw = await resp.read()
         try:
@@ -353,15 +530,13 @@ async def _exchange(session: aiohttp.ClientSession, url: str, spec: Spec, outcom
                 outcome.problem = check_answer(spec, payload)
         else:
             outcome.result = "error"
-            if resp.status not in ENGINE_ERRORS:
-                outcome.problem = f"HTTP {resp.status} for a good request: {raw[:300]!r}"
-            else:
-                outcome.problem = error_shape_problem(payload)
+            judge_error(outcome, payload, resp.status, kills)
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, spec: Spec, outcome: Outcome) -> None:
+async def _read_stream(resp: aiohttp.ClientResponse, spec: Spec, outcome: Outcome, kills: bool) -> None:
     """Parse the events as they come; close early for cancelling kinds."""
     events = 0
+    seen = StreamSeen()
     ended: str | None = None  # "done" or "error"
     while True:
         line = await resp.content.readline()
@@ -387,9 +562,9 @@ async def _read_stream(resp: aiohttp.ClientResponse, spec: Spec, outcome: Outcom
             break
         if isinstance(payload, dict) and "error" in payload:
             ended = "error"
-            outcome.problem = error_shape_problem(payload)
+            judge_error(outcome, payload, None, kills)
             continue
-        outcome.problem = check_chunk(spec, payload)
+        outcome.problem = check_chunk(spec, payload, seen)
         if outcome.problem:
             break
         events += 1
@@ -399,6 +574,9 @@ async def _read_stream(resp: aiohttp.ClientResponse, spec: Spec, outcome: Outcom
             return
     if ended == "done":
         outcome.result = "complete"
+        unfinished = sorted(set(range(spec.choices)) - seen.finished)
+        if unfinished and not outcome.problem:
+            outcome.problem = f"the stream ended without a finish_reason for choices {unfinished}"
     elif ended == "error":
         outcome.result = "error-event"
     else:
@@ -538,11 +716,68 @@ async def kill_running_engine(session: aiohttp.ClientSession, url: str, watch: W
     return True
 
 
+def with_engine_args(config_text: str, model: str, args: tuple[str, ...]) -> str:
+    """The config, then Lua that appends `args` to the engine arguments of `model`."""
+    return config_text + (
+        "\nfor _, model in ipairs(models) do\n"
+        f"  if model.name == {to_lua(model)} then\n"
+        f"    for _, arg in ipairs({to_lua(args)}) do table.insert(model.args, arg) end\n"
+        "  end\n"
+        "end\n"
+    )
+
+
+async def reloader(
+    session: aiohttp.ClientSession,
+    url: str,
+    config_path: Path,
+    rng: random.Random,
+    stop: asyncio.Event,
+    report: SoakReport,
+) -> None:
+    """Rewrite the config with RELOADED_MODEL's engine arguments changed and reload it, at
+    random moments; at the end the config the gateway started with is back."""
+    original = config_path.read_text()
+    texts = [with_engine_args(original, RELOADED_MODEL, args) for args in RELOAD_ARGS]
+    try:
+        for turn in itertools.count():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), rng.uniform(*RELOAD_INTERVAL))
+            if stop.is_set():
+                return
+            await reload(session, url, config_path, texts[turn % len(texts)], report)
+    finally:
+        await reload(session, url, config_path, original, report)
+
+
+async def reload(
+    session: aiohttp.ClientSession, url: str, config_path: Path, text: str, report: SoakReport
+) -> None:
+    """Write the config (whole: replaced, never half written) and POST /gateway/reload."""
+    written = config_path.with_name(config_path.name + ".soak")
+    written.write_text(text)
+    written.replace(config_path)
+    report.reloads += 1
+    try:
+        async with session.post(url + "/gateway/reload", timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                report.reload_failures.append(f"HTTP {resp.status}: {body[:300]!r}")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        report.reload_failures.append(f"{type(exc).__name__}: {exc}")
+
+
 async def client(
-    session: aiohttp.ClientSession, url: str, rng: random.Random, deadline: float, out: list[Outcome]
+    session: aiohttp.ClientSession,
+    url: str,
+    rng: random.Random,
+    deadline: float,
+    kinds: Kinds,
+    out: list[Outcome],
+    kills: bool,
 ) -> None:
     while time.monotonic() < deadline:
-        out.append(await send(session, url, make_spec(rng)))
+        out.append(await send(session, url, make_spec(rng, kinds.next()), kills))
         await asyncio.sleep(rng.uniform(0, 0.05))
 
 
@@ -556,8 +791,12 @@ def run_soak(
     kill_engines: bool = True,
     seed: int | None = None,
     gateway_pid: int | None = None,
+    config_path: Path | None = None,
 ) -> SoakReport:
-    """Run the soak against a gateway on this machine and check what it left behind."""
+    """Run the soak against a gateway on this machine and check what it left behind.
+
+    Given the gateway's config file, the reloader rewrites it and reloads it during the
+    run; the file gets its first content back at the end."""
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 31)
     if gateway_pid is None:
@@ -565,11 +804,11 @@ def run_soak(
         if gateway_pid is None:
             raise RuntimeError(f"no process of ours listens at {gateway_url}")
     report = SoakReport(seed=seed, seconds=seconds, clients=clients, kill_engines=kill_engines)
-    asyncio.run(_soak(gateway_url.rstrip("/"), report, gateway_pid))
+    asyncio.run(_soak(gateway_url.rstrip("/"), report, gateway_pid, config_path))
     return report
 
 
-async def _soak(url: str, report: SoakReport, gateway_pid: int) -> None:
+async def _soak(url: str, report: SoakReport, gateway_pid: int, config_path: Path | None) -> None:
     rng = random.Random(report.seed)
     watch = Watch(gateway_pid)
     connector = aiohttp.TCPConnector(limit=0)
@@ -577,6 +816,7 @@ async def _soak(url: str, report: SoakReport, gateway_pid: int) -> None:
         outcomes = await warm_up(session, url, rng)
         await settle(session, url)
         report.fd_baseline = fd_count(gateway_pid)
+        counters_before = (await get_json(session, url + "/gateway/state")).get("counters", {})
         watch.fd_peak = report.fd_baseline
         started = time.monotonic()
         deadline = started + report.seconds
@@ -584,10 +824,19 @@ async def _soak(url: str, report: SoakReport, gateway_pid: int) -> None:
         side = [asyncio.create_task(monitor(session, url, watch, stop))]
         if report.kill_engines:
             side.append(asyncio.create_task(killer(session, url, watch, random.Random(rng.random()), stop)))
+        if config_path is not None:
+            side.append(
+                asyncio.create_task(
+                    reloader(session, url, config_path, random.Random(rng.random()), stop, report)
+                )
+            )
         results: list[Outcome] = []
+        kinds = Kinds(random.Random(rng.random()))
         await asyncio.gather(
             *(
-                client(session, url, random.Random(rng.random()), deadline, results)
+                client(
+                    session, url, random.Random(rng.random()), deadline, kinds, results, report.kill_engines
+                )
                 for _ in range(report.clients)
             )
         )
@@ -600,6 +849,11 @@ async def _soak(url: str, report: SoakReport, gateway_pid: int) -> None:
         state = await get_json(session, url + "/gateway/state")
         watch.absorb(state)
         report.counters = state.get("counters", {})
+        report.counter_growth = {
+            name: grown
+            for name, value in report.counters.items()
+            if (grown := value - counters_before.get(name, 0))
+        }
         report.health_after = await status_of(session, url + "/health")
         await check_metrics(session, url, report, outcomes)
     tally(report, results, outcomes)
@@ -613,13 +867,11 @@ async def _soak(url: str, report: SoakReport, gateway_pid: int) -> None:
 
 async def warm_up(session: aiohttp.ClientSession, url: str, rng: random.Random) -> list[Outcome]:
     """Both models, a stream and a cancelled stream, so pools and caches exist for the baseline."""
-    specs = [make_spec(random.Random(rng.random())) for _ in range(40)]
-    chosen = {s.kind: s for s in specs if s.kind in ("chat", "stream", "stream-cancel", "completion")}
     out = []
     for model in ("tiny-b", "tiny"):
-        out.append(await send(session, url, _good_chat(model)))
-    for spec in chosen.values():
-        out.append(await send(session, url, spec))
+        out.append(await send(session, url, _good_chat(model), kills=False))
+    for kind in ("chat", "stream", "stream-cancel", "completion"):
+        out.append(await send(session, url, make_spec(random.Random(rng.random()), kind), kills=False))
     return out
 
 
@@ -627,7 +879,7 @@ def _good_chat(model: str, stream: bool = False) -> Spec:
     body = {"model": model, "messages": [{"role": "user", "content": "warm"}], "max_tokens": 4}
     body["stream"] = stream
     return Spec(
-        "stream" if stream else "chat", model, "/v1/chat/completions", json.dumps(body).encode(), stream, 4
+        "stream" if stream else "chat", model, data=json.dumps(body).encode(), stream=stream, max_tokens=4
     )
 
 
@@ -635,7 +887,7 @@ async def recover(session: aiohttp.ClientSession, url: str, report: SoakReport) 
     """After the storm both models answer again, plain and streamed."""
     out = []
     for model, stream in (("tiny", False), ("tiny-b", True), ("tiny", True), ("tiny-b", False)):
-        outcome = await send(session, url, _good_chat(model, stream))
+        outcome = await send(session, url, _good_chat(model, stream), kills=False)
         out.append(outcome)
         if outcome.result != "complete" or outcome.problem:
             report.recovery_failures.append(
@@ -673,6 +925,7 @@ def tally(report: SoakReport, results: list[Outcome], outcomes: list[Outcome]) -
     report.kinds = Counter(o.spec.kind for o in results)
     report.statuses = Counter(o.status or 0 for o in results)
     report.outcomes = Counter(o.result for o in results)
+    report.errors = Counter(o.error for o in results if o.error)
     report.served = Counter(
         f"{o.spec.model.replace('-chat', '')}@{o.context}" for o in results if o.status == 200 and o.context
     )
@@ -808,10 +1061,12 @@ def main(argv: list[str] | None = None) -> int:
     report = None
     try:
         wait_healthy(url, process)
-        report = run_soak(url, args.seconds, args.clients, not args.no_kill, args.seed, process.pid)
+        report = run_soak(url, args.seconds, args.clients, not args.no_kill, args.seed, process.pid, config)
     finally:
         shutdown = stop_and_check(process)
-        if report is not None:
+        if report is None:  # the run raised: say how the gateway ended, and where it logged
+            print(f"the soak did not finish; gateway {shutdown}; gateway log: {log_path}")
+        else:
             report.shutdown = shutdown
     print(report.summary())
     if args.json:

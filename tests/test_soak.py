@@ -1,31 +1,43 @@
 """The short fault-and-load run (bench/soak.py): 8 clients for about 12 s while engines get
-SIGKILLed, then every check of its report."""
+SIGKILLed and the config's engine arguments change, then every check of its report."""
 
 from __future__ import annotations
 
-from bench.soak import REQUEST_TIMEOUT, run_soak
+from bench.soak import MIXES, REQUEST_TIMEOUT, run_soak
 from tests.conftest import Gateway, tiny_model_config
 
 SECONDS = 12
 CLIENTS = 8
-SEED = 20261126  # the mix is reproducible; the timing of kills and swaps is not
+SEED = 20261126  # the mix is reproducible; the timing of kills, reloads and swaps is not
+NEW_KINDS = ("chat-n", "n-predict", "long-role", "prompts")  # #10: two of each in every bag
 
 
 def test_soak_with_engine_kills(start_gateway, tiny_models) -> None:
     gateway: Gateway = start_gateway(tiny_model_config(tiny_models))
     report = run_soak(
-        gateway.url, SECONDS, CLIENTS, kill_engines=True, seed=SEED, gateway_pid=gateway.process.pid
+        gateway.url,
+        SECONDS,
+        CLIENTS,
+        kill_engines=True,
+        seed=SEED,
+        gateway_pid=gateway.process.pid,
+        config_path=gateway.config_path,
     )
     summary = report.summary()
     print(summary)
     # it really was load, with faults, across models and variants
     assert report.requests >= 4 * CLIENTS, summary
     assert report.kills, f"the killer found no engine to kill\n{summary}"
+    assert report.reloads >= 3 and not report.reload_failures, summary
+    # more requests than a bag of kinds holds: each kind #10 asked for came at least twice
+    assert all(report.kinds[kind] >= dict(MIXES)[kind] for kind in NEW_KINDS), summary
     assert report.outcomes["complete"] > 0 and report.outcomes["cancelled"] > 0, summary
     assert len(report.served) >= 3, f"too few model variants served\n{summary}"
     # every request: a complete, well-formed answer or a clear error, and none hung
     assert report.bad_answer_count == 0, "\n".join([summary, *report.bad_answers])
     assert report.hung_count == 0, "\n".join([f"over {REQUEST_TIMEOUT:g}s:", *report.hung])
+    # no engine died that the killer did not kill, the supervisor had no fault
+    assert not report.engine_problems(), summary
     # afterwards: one engine at most, no descriptor leak, a legal history, healthy
     assert not report.leftover_engines, summary
     assert report.fd_growth() <= report.fd_slack, summary
