@@ -250,3 +250,21 @@ async def test_a_unified_engine_gets_no_more_sequences_than_it_has_slots() -> No
         assert not third.done(), "a third sequence would wait inside the engine, unseen"
         sup.release(first.result(), served=True)
         await until(third.done)
+
+
+async def test_a_swap_stops_the_engine_only_once_it_let_go_of_abandoned_requests() -> None:
+    # llama-server ignores SIGTERM while it still runs a request: stopping it while it
+    # finishes an abandoned one would cost the whole stop_timeout.
+    effects = FakeEffects()
+    async with supervising(effects) as sup:
+        _, first = ask(sup, "a", tokens=100)
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed(kv_budget=512)
+        await until(first.done)
+        effects.busy = frozenset({7})
+        sup.release(first.result(), abandoned=True)
+        ask(sup, "b")  # needs a swap
+        await until(lambda: sup.lifecycle.state == "draining" and effects.looks >= 3)
+        assert not effects.stops
+        effects.busy = frozenset()
+        await until(lambda: len(effects.stops) == 1)

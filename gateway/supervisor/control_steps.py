@@ -94,7 +94,7 @@ class ControlSteps(SupervisorState):
 
     def _continue_shutdown(self) -> None:
         state = self.lifecycle.state
-        if state == "draining" and not self._instance_leases():
+        if state == "draining" and not self._engine_at_work():
             self._finish_drain("shutdown: no request in flight")
         elif state in ("idle", "crashed") and self._shutdown is not None and not self._shutdown.done():
             self._shutdown.set_result(None)

@@ -127,6 +127,11 @@ class SupervisorState:
     def _fire(self, trigger: str, reason: str) -> None:
         self.lifecycle.fire(trigger, reason)
 
+    def _engine_at_work(self) -> bool:
+        """Requests in flight on the engine, or abandoned ones it has not let go of yet:
+        llama-server ignores SIGTERM while it still runs a request, so a stop waits."""
+        return bool(self._instance_leases() or self._ghosts)
+
     def _instance_leases(self) -> int:
         return self._count_leases(self._instance) if self._instance is not None else 0
 

@@ -267,7 +267,7 @@ class Supervisor(EngineSteps, ControlSteps):
                 self._swap_to(*target)  # now draining: it may end at once, below
             elif not self._queue:
                 self._arm_idle_timer()
-        if self.lifecycle.state == "draining" and not self._instance_leases():
+        if self.lifecycle.state == "draining" and not self._engine_at_work():
             self._finish_drain("no request in flight")
         elif self.lifecycle.state in ("idle", "crashed") and target is not None:
             self._start(*target)
