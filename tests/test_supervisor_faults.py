@@ -268,3 +268,29 @@ async def test_a_swap_stops_the_engine_only_once_it_let_go_of_abandoned_requests
         assert not effects.stops
         effects.busy = frozenset()
         await until(lambda: len(effects.stops) == 1)
+
+
+async def test_an_engine_that_freezes_after_a_client_left_is_still_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Nothing in flight, only an abandoned request: its look at /slots never comes back
+    # from a frozen engine, so the probe must run for it too.
+    monkeypatch.setattr(engine_steps, "PROBE_INTERVAL", 0.01)
+    effects = FrozenSlots()
+    async with supervising(effects) as sup:
+        _, first = ask(sup, "a", tokens=100)
+        await until(lambda: len(effects.starts) == 1)
+        engine = effects.starts[0].succeed(kv_budget=512)
+        await until(first.done)
+        engine.frozen = "no answer to /health within 5s"
+        sup.release(first.result(), abandoned=True)
+        await until(lambda: sup.lifecycle.state == "crashed")
+        assert engine.process.killed
+
+
+class FrozenSlots(FakeEffects):
+    """An engine whose /slots never answers."""
+
+    async def busy_tasks(self, instance):  # type: ignore[no-untyped-def]
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")

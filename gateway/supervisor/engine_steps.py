@@ -225,7 +225,8 @@ class EngineSteps(SupervisorState):
         self._crashed(instance, f"pid {instance.process.pid} exited with {code}")
 
     def _watch_health(self) -> None:
-        """Probe the engine while requests are in flight on it (armed at every grant)."""
+        """Probe the engine while it is at work: requests in flight, or abandoned ones it
+        has not let go of (armed at every grant and every abandonment)."""
         if "probe" not in self._timers and self._probe is None:
             self._arm_timer("probe", PROBE_INTERVAL, self._instance)
 
@@ -240,7 +241,7 @@ class EngineSteps(SupervisorState):
         if instance is not self._instance or self.lifecycle.state not in ("ready", "draining"):
             return
         if problem is None:
-            if self._instance_leases():
+            if self._engine_at_work():
                 self._watch_health()
             return
         # Frozen: its requests would wait forever. Killed, its connections break: those
@@ -269,6 +270,7 @@ class EngineSteps(SupervisorState):
     def _haunt(self, lease: Lease) -> None:
         self._ghosts.append(Ghost(lease, look=self._looks + 1))
         self._look_at_slots()
+        self._watch_health()  # a frozen engine would never answer the look
 
     def _look_at_slots(self) -> None:
         """Ask the engine which tasks it runs (one look at a time)."""
@@ -335,7 +337,7 @@ class EngineSteps(SupervisorState):
             cut = self._count_leases(instance)
             instance.cut_off()  # their answers end now; the engine is free to stop
             self._finish_drain(f"drain_timeout: {cut} request(s) still in flight are cut off")
-        elif name == "probe" and state in ("ready", "draining") and self._instance_leases():
+        elif name == "probe" and state in ("ready", "draining") and self._engine_at_work():
             assert instance is not None
             self._probe_now(instance)
         elif name == "slots":
