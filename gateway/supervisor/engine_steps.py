@@ -226,7 +226,7 @@ class EngineSteps(SupervisorState):
 
     def _watch_health(self) -> None:
         """Probe the engine while it is at work: requests in flight, or abandoned ones it
-        has not let go of (armed at every grant and every abandonment)."""
+        has not let go of (a frozen engine never answers their look at /slots)."""
         if "probe" not in self._timers and self._probe is None:
             self._arm_timer("probe", PROBE_INTERVAL, self._instance)
 
@@ -269,8 +269,7 @@ class EngineSteps(SupervisorState):
 
     def _haunt(self, lease: Lease) -> None:
         self._ghosts.append(Ghost(lease, look=self._looks + 1))
-        self._look_at_slots()
-        self._watch_health()  # a frozen engine would never answer the look
+        self._look_at_slots()  # the probe armed at its grant goes on while ghosts remain
 
     def _look_at_slots(self) -> None:
         """Ask the engine which tasks it runs (one look at a time)."""
