@@ -22,14 +22,25 @@ def test_chat_shape_counts_utf8_bytes_of_every_text() -> None:
         ]
     }
     roles = len("system") + len("user") + len("assistant")  # the template renders them too
-    assert CHAT.shape(body, b"") == PromptShape(text_bytes=25 + roles, messages=3, bounded=True)
+    joins = 2  # llama.cpp joins text parts with a newline each
+    assert CHAT.shape(body, b"") == PromptShape(text_bytes=25 + roles + joins, messages=3, bounded=True)
 
 
-def test_a_long_role_counts_in_the_byte_bound() -> None:
-    # A 600-byte role rendered by the template: the bound must cover it, or a request
-    # granted on the bound overflows the engine's shared cache.
-    shape = CHAT.shape({"messages": [{"role": "r" * 600, "content": "hi"}]}, b"")
-    assert shape.bounded and shape.text_bytes == 602
+def test_roles_count_in_the_byte_bound_and_unmeasured_ones_lose_it() -> None:
+    # A role's bytes are rendered by the template: the bound must cover them, or a
+    # request granted on the bound overflows the engine's shared cache.
+    shape = CHAT.shape({"messages": [{"role": "system", "content": "hi"}]}, b"")
+    assert shape.bounded and shape.text_bytes == 8
+    # A template wraps roles it was not measured with (tool results, a 600-byte role) in
+    # text of its own: such a prompt is counted on the engine, never bounded.
+    for role in ("tool", "r" * 600):
+        shape = CHAT.shape({"messages": [{"role": role, "content": "hi"}]}, b"")
+        assert not shape.bounded and shape.text_bytes == len(role) + 2
+
+
+def test_many_text_parts_count_their_joins() -> None:
+    parts = [{"type": "text", "text": "a"}] * 100
+    assert CHAT.shape({"messages": [{"role": "user", "content": parts}]}, b"").text_bytes == 4 + 200
 
 
 def test_tools_images_and_tool_calls_count_but_lose_the_byte_bound() -> None:
@@ -90,9 +101,13 @@ def test_reserve_takes_the_largest_limit_given_else_the_default() -> None:
     assert reserve(CHAT, {"max_tokens": 10}, 256) == 10
     assert reserve(CHAT, {"max_completion_tokens": 20, "max_tokens": 10}, 256) == 20
     assert reserve(CHAT, {"max_completion_tokens": 5, "max_tokens": 10}, 256) == 10
-    # llama.cpp's own n_predict sets the answer's length too, whatever max_tokens says.
+    # llama.cpp's own n_predict sets the answer's length too, whatever max_tokens says,
+    # and it reads every name of the limit on every endpoint.
     assert reserve(CHAT, {"max_tokens": 1, "n_predict": 1000}, 256) == 1000
     assert reserve(COMPLETION, {"max_tokens": 1, "n_predict": 700}, 256) == 700
+    assert reserve(COMPLETION, {"max_tokens": 5, "max_completion_tokens": 300}, 256) == 300
+    responses = ENDPOINTS["/v1/responses"]
+    assert reserve(responses, {"max_output_tokens": 5, "max_completion_tokens": 300}, 256) == 300
     assert reserve(CHAT, {"max_tokens": None}, 256) == 256
     assert reserve(EMBEDDING, {"max_tokens": 10}, 256) == 0  # no answer to reserve
     for name in ("max_tokens", "max_completion_tokens", "n_predict"):

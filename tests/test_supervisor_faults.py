@@ -21,7 +21,7 @@ from gateway.errors import ContextLengthExceeded, GatewayError
 from gateway.models import Room
 from gateway.supervisor import engine_steps
 from gateway.supervisor.supervisor import Supervisor
-from tests.test_supervisor import FakeEffects, ask, make_config, until
+from tests.test_supervisor import FakeEffects, ask, handled, make_config, until
 
 
 class BrokenCapacity(FakeEffects):
@@ -294,3 +294,25 @@ class FrozenSlots(FakeEffects):
     async def busy_tasks(self, instance):  # type: ignore[no-untyped-def]
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
+
+
+async def test_a_request_of_unknown_size_runs_alone_on_a_shared_cache() -> None:
+    # /v1/messages and /v1/responses bodies go through the engine's template, which may add
+    # any amount: such a request waits for an idle engine and holds it alone.
+    effects = FakeEffects()
+    async with supervising(effects) as sup:
+        _, first = ask(sup, "a", tokens=10, reserve=10)
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed(kv_budget=8192)
+        await until(first.done)
+        unknown, alone = ask(sup, "a", tokens=100, reserve=10)
+        unknown.method = "unbounded"
+        _, after = ask(sup, "a", tokens=10, reserve=10)
+        await handled(sup, alone, after)
+        assert not alone.done() and not after.done()  # it waits its turn, and so do later ones
+        sup.release(first.result(), served=True)
+        await until(alone.done)
+        await handled(sup, after)
+        assert not after.done()
+        sup.release(alone.result(), served=True)
+        await until(after.done)

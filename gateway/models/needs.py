@@ -29,7 +29,9 @@ class Needs:
     prompt_tokens: int
     reserve: int
     # "exact": counted by the model's tokenizer; "bound": a proven upper bound;
-    # "estimate": a guess, to be counted exactly on an engine of the model before use.
+    # "estimate": a guess, to be counted exactly on an engine of the model before use;
+    # "unbounded": the body's size, which bounds nothing the engine's template adds (it
+    # then runs alone on a shared cache; the engine's own count upgrades it if need be).
     method: str = "exact"
     # Sequences the engine runs for it (`n` answers, several prompts): each holds its
     # prompt (the largest one's tokens stand for all) and its answer's reserve.
@@ -71,11 +73,16 @@ class Room:
         return self.shared is None or needs.shared_total(self.slots) <= self.shared
 
     def reservation(self, needs: Needs) -> int:
-        """What it takes of the shared cache while it runs."""
+        """What it takes of the shared cache while it runs: all of it when its size is
+        unknown (a body the engine renders through a template the gateway cannot see)."""
+        if needs.method == "unbounded" and self.shared is not None:
+            return self.shared
         return needs.shared_total(self.slots)
 
     def slot_use(self, needs: Needs) -> int:
-        """The engine slots its sequences take at once."""
+        """The engine slots its sequences take at once (all, when its size is unknown)."""
+        if needs.method == "unbounded":
+            return max(self.slots, 1)
         return min(needs.sequences, max(self.slots, 1))
 
 

@@ -105,17 +105,23 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+# Roles whose markup the template overhead measured at start covers; a template wraps
+# others (tool results, say) in text of its own.
+_MEASURED_ROLES = frozenset({"system", "user", "assistant"})
+
+
 def _chat_shape(body: Body, raw: bytes) -> PromptShape:
     text, bounded = 0, True
     for message in body["messages"]:
         text += _utf8_len(message["role"])  # the template renders it, whatever its length
+        bounded = bounded and message["role"] in _MEASURED_ROLES
         content = message.get("content")
         if isinstance(content, str):
             text += _utf8_len(content)
         elif isinstance(content, list):
             for part in content:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    text += _utf8_len(part["text"])
+                    text += _utf8_len(part["text"]) + 1  # llama.cpp joins parts with "\n"
                 else:
                     bounded = False  # images, audio: their tokens are not bytes
         extra = {k: v for k, v in message.items() if k not in ("role", "content")}
@@ -148,17 +154,26 @@ def _raw_shape(body: Body, raw: bytes) -> PromptShape:
     return PromptShape(text_bytes=len(raw), bounded=False)
 
 
+# Every name llama-server reads as the answer's length, on any of its endpoints.
+_LIMIT_NAMES = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
+
+
+def _answer_limits(own: str) -> tuple[str, ...]:
+    """The endpoint's own name first (the one the gateway sets), then the others."""
+    return (own, *(name for name in _LIMIT_NAMES if name != own))
+
+
 _chat = Endpoint(
     "/v1/chat/completions",
     "chat",
-    ("max_tokens", "max_completion_tokens", "n_predict"),
+    _answer_limits("max_tokens"),
     _validate_messages,
     _chat_shape,
 )
 _completion = Endpoint(
     "/v1/completions",
     "completion",
-    ("max_tokens", "n_predict"),
+    _answer_limits("max_tokens"),
     _validate_field("prompt"),
     _prompt_shape("prompt"),
 )
@@ -170,8 +185,8 @@ ENDPOINTS: dict[str, Endpoint] = {
         _chat,
         _completion,
         _embedding,
-        Endpoint("/v1/responses", "other", ("max_output_tokens", "n_predict"), _no_validation, _raw_shape),
-        Endpoint("/v1/messages", "other", ("max_tokens", "n_predict"), _validate_messages, _raw_shape),
+        Endpoint("/v1/responses", "other", _answer_limits("max_output_tokens"), _no_validation, _raw_shape),
+        Endpoint("/v1/messages", "other", _answer_limits("max_tokens"), _validate_messages, _raw_shape),
         Endpoint("/v1/messages/count_tokens", "other", (), _validate_messages, _raw_shape),
         Endpoint("/v1/rerank", "rerank", (), _no_validation, _raw_shape),
         Endpoint("/v1/reranking", "rerank", (), _no_validation, _raw_shape),

@@ -101,9 +101,11 @@ def _pending(rid: str, endpoint: Endpoint, model: Model, body: dict[str, Any], r
     )
     pending.sequences = copies(body) * pending.shape.prompts
     if endpoint.kind in ("other", "rerank") or (endpoint.kind != "chat" and not pending.shape.text_bytes):
-        # Nothing to count on the engine: the body's size, or token ids, are the bound.
-        bound = pending.shape.text_bytes + pending.shape.token_ids + BOUND_SLACK
-        pending.exact_tokens, pending.method = bound, "bound"
+        # Nothing to count on the engine: the body's size, or token ids, are the bound;
+        # the engine renders Anthropic and Responses bodies through its chat template,
+        # which may add any amount (a tools preamble): their size is no bound.
+        size = pending.shape.text_bytes + pending.shape.token_ids + BOUND_SLACK
+        pending.exact_tokens, pending.method = size, "unbounded" if endpoint.kind == "other" else "bound"
     return pending
 
 

@@ -40,8 +40,9 @@ HOP_BY_HOP = frozenset(
 CREDENTIALS = frozenset({"authorization", "x-api-key"})
 _SSE = "text/event-stream"
 # llama-server's words when its KV cache had no room left for a batch: it fails every
-# request then being processed, and clears their cells.
-ENGINE_FULL = "Context size has been exceeded"
+# request then being processed, and clears their cells. "Invalid input batch" comes
+# when the cells an idle slot kept were not cleared in time for a request's sequences.
+ENGINE_FULL = ("Context size has been exceeded", "Invalid input batch")
 
 
 class NotSent(Exception):
@@ -177,10 +178,10 @@ def _raise_if_retryable(instance: EngineInstance, status: int, first: bytes, str
     overflow = instance.engine.context_overflow(status, first)
     if overflow is not None:
         raise NotSent("the engine's context is too small", prompt_tokens=overflow)
-    if ENGINE_FULL.encode() not in first:  # the usual case, found without parsing
+    if not any(words.encode() in first for words in ENGINE_FULL):  # found without parsing
         return
     message = _stream_error(first) if streamed else _body_error(first)
-    if message is not None and ENGINE_FULL in message:
+    if message is not None and any(words in message for words in ENGINE_FULL):
         raise NotSent(f"the engine's KV cache ran out before it answered ({message!r})", engine_full=True)
 
 
