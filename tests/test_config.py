@@ -542,6 +542,31 @@ def test_engine_environment_counts_and_arguments_win(tmp_path: Path, monkeypatch
     assert (v9.slots, v9.kv_unified) == (5, False)
 
 
+def test_slots_stay_on_when_the_last_setting_turns_them_on(tmp_path: Path, monkeypatch) -> None:
+    """llama-server reads --slots/--no-slots last one first, over LLAMA_ARG_NO_ENDPOINT_SLOTS,
+    over LLAMA_ARG_ENDPOINT_SLOTS (on/enabled/true/1 or off/disabled/false/0)."""
+    monkeypatch.setenv("LLAMA_ARG_ENDPOINT_SLOTS", "off")  # the gateway's own
+    model = load(
+        tmp_path,
+        """
+        models = { {
+          name = "a",
+          args = { "--no-slots", "--slots" },
+          variants = { { context = 8 }, { context = 9, args = { "--no-slots", "--slots" } } },
+        } }
+        """,
+    ).models[0]
+    assert [v.context for v in model.variants] == [8, 9]
+    for value in ("on", "enabled", "true", "1"):
+        env = f'env = {{ LLAMA_ARG_ENDPOINT_SLOTS = "{value}" }}'
+        load(tmp_path, f'models = {{ {{ name = "a", {env}, variants = {{ {{ context = 8 }} }} }} }}')
+    path = write(tmp_path, f"models = {{ {MODEL} }}")
+    assert load_error(path).startswith(
+        f"{path}: environment variable LLAMA_ARG_ENDPOINT_SLOTS: "
+        'LLAMA_ARG_ENDPOINT_SLOTS = "off" hides /slots'
+    )
+
+
 def test_inherited_environment_is_checked_too(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LLAMA_API_KEY", "k")
     path = write(tmp_path, f"models = {{ {MODEL} }}")
@@ -852,6 +877,58 @@ ERRORS = {
     "--no-slots": (
         models_with('{ name = "a", args = { "--no-slots" }, variants = { { context = 8 } } }'),
         ["models[1].args[1]: --no-slots hides /slots, where the gateway sees which requests"],
+    ),
+    "--no-slots after --slots": (
+        models_with(
+            '{ name = "a", args = { "--slots" }, variants = { { context = 8, args = { "--no_slots" } } } }'
+        ),
+        ["models[1].variants[1].args[1]: --no_slots hides /slots"],
+    ),
+    "LLAMA_ARG_ENDPOINT_SLOTS off in env": (
+        models_with(
+            '{ name = "a", env = { LLAMA_ARG_ENDPOINT_SLOTS = "0" }, variants = { { context = 8 } } }'
+        ),
+        ['models[1].env.LLAMA_ARG_ENDPOINT_SLOTS: LLAMA_ARG_ENDPOINT_SLOTS = "0" hides /slots'],
+    ),
+    "LLAMA_ARG_ENDPOINT_SLOTS disabled in env": (
+        models_with(
+            '{ name = "a", env = { LLAMA_ARG_ENDPOINT_SLOTS = "disabled" }, variants = { { context = 8 } } }'
+        ),
+        ['models[1].env.LLAMA_ARG_ENDPOINT_SLOTS: LLAMA_ARG_ENDPOINT_SLOTS = "disabled" hides /slots'],
+    ),
+    "LLAMA_ARG_NO_ENDPOINT_SLOTS in env": (
+        models_with(
+            '{ name = "a", env = { LLAMA_ARG_NO_ENDPOINT_SLOTS = "" }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].env.LLAMA_ARG_NO_ENDPOINT_SLOTS: LLAMA_ARG_NO_ENDPOINT_SLOTS hides /slots"],
+    ),
+    "LLAMA_ARG_ENDPOINT_SLOTS not a boolean": (
+        models_with(
+            '{ name = "a", env = { LLAMA_ARG_ENDPOINT_SLOTS = "no" }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].env.LLAMA_ARG_ENDPOINT_SLOTS: must be on/off", '(got "no")'],
+    ),
+    "LLAMA_ARG_API_KEY_FILE in env": (
+        models_with(
+            '{ name = "a", env = { LLAMA_ARG_API_KEY_FILE = "/tmp/keys" }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].env.LLAMA_ARG_API_KEY_FILE: LLAMA_ARG_API_KEY_FILE would make the engine answer", "401"],
+    ),
+    "--kv-unified-per-slot": (
+        models_with(
+            '{ name = "a", variants = { { context = 8,'
+            ' args = { "-np", "2", "--kv-unified-per-slot", "64" } } } }'
+        ),
+        [
+            "models[1].variants[1].args[3]: --kv-unified-per-slot caps each slot's context",
+            "the variant's `context` and -np set",
+        ],
+    ),
+    "LLAMA_ARG_KV_UNIFIED_PER_SLOT in env": (
+        models_with(
+            '{ name = "a", env = { LLAMA_ARG_KV_UNIFIED_PER_SLOT = "64" }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].env.LLAMA_ARG_KV_UNIFIED_PER_SLOT: LLAMA_ARG_KV_UNIFIED_PER_SLOT caps each slot's"],
     ),
     "-lv 2": (
         models_with('{ name = "a", args = { "-lv", 2 }, variants = { { context = 8 } } }'),

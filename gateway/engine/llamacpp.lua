@@ -10,6 +10,8 @@
 
 return function(fail, show)
   local HOST_PORT = "is set by the gateway (every engine gets a free loopback port); remove it"
+  local API_KEY = "would make the engine answer the gateway's own calls with 401; engines listen on "
+    .. "loopback only (protect the gateway with server.api_keys)"
 
   -- The log level of the "listening on" line the gateway waits for (LOG_LEVEL_INFO).
   local INFO_VERBOSITY = 3
@@ -56,20 +58,23 @@ return function(fail, show)
 
   -- Every option the gateway reads or must refuse. `key`: the variant field it sets;
   -- `value`: parses the flag's value (flags without one are switches, true when given,
-  -- false for a `negated` form); `env`: the variable llama-server reads instead.
+  -- false for a `negated` form); `env`: the variable llama-server reads instead;
+  -- `refuse`: why it may not be given at all; `needed`: why a switch may not end up off.
   local options = {
     { "-c", "--ctx-size", refuse = "sets the context size, which the variant's `context` does "
       .. "(the gateway passes --ctx-size); remove it" },
     { "--host", refuse = HOST_PORT },
     { "--port", refuse = HOST_PORT },
-    { "--api-key", "--api-key-file", env = "LLAMA_API_KEY",
-      refuse = "would make the engine answer the gateway's own calls with 401; engines listen on "
-        .. "loopback only (protect the gateway with server.api_keys)" },
+    { "--api-key", env = "LLAMA_API_KEY", refuse = API_KEY },
+    { "--api-key-file", env = "LLAMA_ARG_API_KEY_FILE", refuse = API_KEY },
     { "--api-prefix", env = "LLAMA_ARG_API_PREFIX",
       refuse = "moves the endpoints the gateway calls (/health, /tokenize, ...); remove it" },
     { "--log-disable", refuse = "hides the \"listening on\" line the gateway waits for; remove it" },
-    { "--no-slots", env = "LLAMA_ARG_NO_ENDPOINT_SLOTS",
-      refuse = "hides /slots, where the gateway sees which requests the engine still runs; remove it" },
+    { "--slots", negated = { "--no-slots" }, env = "LLAMA_ARG_ENDPOINT_SLOTS",
+      needed = "hides /slots, where the gateway sees which requests the engine still runs; remove it" },
+    { "--kv-unified-per-slot", env = "LLAMA_ARG_KV_UNIFIED_PER_SLOT",
+      refuse = "caps each slot's context, whose size the variant's `context` and -np set (the gateway "
+        .. "sizes requests by them); remove it" },
     { "-lv", "--verbosity", "--log-verbosity", env = "LLAMA_ARG_LOG_VERBOSITY", value = log_verbosity },
     { "-np", "--parallel", env = "LLAMA_ARG_N_PARALLEL", key = "slots", value = positive_integer },
     { "-kvu", "--kv-unified", negated = { "-no-kvu", "--no-kv-unified" }, env = "LLAMA_ARG_KV_UNIFIED",
@@ -92,10 +97,12 @@ return function(fail, show)
   end
 
   -- One option's setting, from an argument or an environment variable.
+  -- A switch the gateway needs is checked once its last setting is known (the last wins).
   local function apply(values, option, path, flag, value)
     if option.refuse then fail(path, "%s %s", flag, option.refuse) end
     if option.value then value = option.value(path, flag, value) end
     if option.key then values[option.key] = value end
+    if option.needed then values[option] = value == false and { path = path, flag = flag } or nil end
   end
 
   -- llama-server's reading of a switch's variable: "on", "enabled", "true" or "1" set it,
@@ -116,7 +123,7 @@ return function(fail, show)
     if not falsey[value.text] then
       fail(value.path, "must be on/off, enabled/disabled, true/false or 1/0 (got %s)", show(value.text))
     end
-    apply(values, option, value.path, value.name, false)
+    apply(values, option, value.path, string.format("%s = %s", value.name, show(value.text)), false)
   end
 
   -- args: the variant's engine arguments in order, each { path = "models[1].args[3]", text = "-np" };
@@ -147,6 +154,11 @@ return function(fail, show)
         if found then apply(values, found[1], arg.path, arg.text, found[2]) end
         i = i + 1
       end
+    end
+    for _, option in ipairs(options) do
+      local off = option.needed and values[option]
+      if off then fail(off.path, "%s %s", off.flag, option.needed) end
+      values[option] = nil
     end
     if values.alias == nil then served_name(name_path, "the name", name) end
     return values
