@@ -316,3 +316,24 @@ async def test_a_request_of_unknown_size_runs_alone_on_a_shared_cache() -> None:
         assert not after.done()
         sup.release(alone.result(), served=True)
         await until(after.done)
+
+
+async def test_a_fault_no_single_request_explains_answers_all_waiters_and_the_loop_lives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    effects = FakeEffects()
+    async with supervising(effects) as sup:
+
+        def broken_view():  # type: ignore[no-untyped-def]
+            raise RuntimeError("injected into the engine's view")
+
+        monkeypatch.setattr(sup, "_view", broken_view)
+        _, waiter = ask(sup, "b")
+        await until(waiter.done)
+        error = waiter.exception()
+        assert isinstance(error, GatewayError) and error.status == 500 and "injected" in error.message
+        monkeypatch.undo()
+        _, later = ask(sup, "b")  # the supervisor still serves
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed()
+        await until(later.done)

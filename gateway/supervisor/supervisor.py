@@ -27,6 +27,7 @@ from gateway.supervisor.state import Lease, fail
 
 log = logging.getLogger("gateway.supervisor")
 
+FAULTS_REMEMBERED = 100  # distinct causes whose traceback was logged; then one line each
 PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "embedding": "input"}
 
 
@@ -141,14 +142,14 @@ class Supervisor(EngineSteps, ControlSteps):
             return
         except Exception as exc:
             self._fault("deciding", exc)
-        view, selector = self._view(), self._selector()
-        for pending in list(self._queue):
-            try:
-                plan([self._as_waiting(pending)], view, selector)
-            except Exception as exc:
-                self._queue.remove(pending)
-                fail(pending.future, self._fault(f"deciding for request {pending.request_id}", exc))
         try:
+            view, selector = self._view(), self._selector()
+            for pending in list(self._queue):
+                try:
+                    plan([self._as_waiting(pending)], view, selector)
+                except Exception as exc:
+                    self._queue.remove(pending)
+                    fail(pending.future, self._fault(f"deciding for request {pending.request_id}", exc))
             self._reconcile()
         except Exception as exc:
             self._fail_waiters(self._fault("deciding", exc))
@@ -157,7 +158,7 @@ class Supervisor(EngineSteps, ControlSteps):
         """Log a fault (its traceback once per distinct cause) and make the error to answer."""
         cause = f"{type(exc).__name__}: {exc}"
         self.counters["supervisor_faults"] += 1
-        if cause in self._faults_seen:
+        if cause in self._faults_seen or len(self._faults_seen) >= FAULTS_REMEMBERED:
             log.error("supervisor fault while %s: %s (traceback logged before)", doing, cause)
         else:
             self._faults_seen.add(cause)
