@@ -21,7 +21,7 @@ server = {
   queue_limit = 256,                 -- waiting requests before new ones get 503 + Retry-After
   max_body_bytes = 8388608,          -- larger request bodies get 413
   max_start_failures = 3,            -- failed starts in a row before a model's waiters get 503
-  config_timeout = 10,               -- seconds a reload may run this file; then the old config stays
+  config_timeout = 10,               -- seconds (1-600) a reload may run this file; then the old config stays
   loading_keepalive = true,          -- streams kept waiting get ": waiting for model ..." SSE comments
 }
 

@@ -601,6 +601,40 @@ def test_config_timeout(tmp_path: Path) -> None:
     assert load(tmp_path, f"models = {{ {MODEL} }}").server.config_timeout == 10.0
     config = load(tmp_path, f"server = {{ config_timeout = 2.5 }}\nmodels = {{ {MODEL} }}")
     assert config.server.config_timeout == 2.5
+    for edge in (1, 600):
+        config = load(tmp_path, f"server = {{ config_timeout = {edge} }}\nmodels = {{ {MODEL} }}")
+        assert config.server.config_timeout == edge
+
+
+def test_counts_up_to_what_llama_server_reads(tmp_path: Path) -> None:
+    """Token counts reach llama-server as 32-bit integers: 2147483647 is the largest."""
+    model = load(
+        tmp_path,
+        """
+        models = { { name = "a", default_max_tokens = 2147483647,
+                     request = { defaults = { max_tokens = 2^31 - 1, n = 2147483647.0 },
+                                 force = { n_predict = 2147483647 } },
+                     variants = { { context = 8 } } } }
+        """,
+    ).models[0]
+    assert model.default_max_tokens == 2147483647 and isinstance(model.default_max_tokens, int)
+    assert model.request.defaults == {"max_tokens": 2147483647, "n": 2147483647}
+    assert all(isinstance(v, int) for v in model.request.defaults.values())
+    assert model.request.force == {"n_predict": 2147483647}
+
+
+def test_a_list_as_request_rules_is_refused_by_the_cli(tmp_path: Path) -> None:
+    """It was a ValueError traceback and exit 1 (and a 500 from /gateway/reload)."""
+    path = write(
+        tmp_path,
+        models_with('{ name = "a", request = { defaults = { "x" } }, variants = { { context = 8 } } }'),
+    )
+    result = run_cli("--check-config", str(path), cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"config error: {path}: models[1].request.defaults: must be a map of request fields "
+        "{ name = value } (found key 1)\n"
+    )
 
 
 # Validation errors ---------------------------------------------------------------------------
@@ -972,6 +1006,73 @@ ERRORS = {
         ),
         ['models[1].request.force.stream: must be a boolean (got string "yes")'],
     ),
+    "defaults a list": (
+        models_with('{ name = "a", request = { defaults = { "x" } }, variants = { { context = 8 } } }'),
+        ["models[1].request.defaults: must be a map of request fields { name = value } (found key 1)"],
+    ),
+    "force partly a list": (
+        models_with(
+            '{ name = "a", request = { force = { seed = 1, "x" } }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].request.force: must be a map of request fields { name = value } (found key 1)"],
+    ),
+    "defaults a string": (
+        models_with('{ name = "a", request = { defaults = "x" }, variants = { { context = 8 } } }'),
+        ['models[1].request.defaults: must be a table (got string "x")'],
+    ),
+    "strip a map": (
+        models_with('{ name = "a", request = { strip = { seed = true } }, variants = { { context = 8 } } }'),
+        ["models[1].request.strip: must be a list", '"seed"'],
+    ),
+    "strip a string": (
+        models_with('{ name = "a", request = { strip = "seed" }, variants = { { context = 8 } } }'),
+        ['models[1].request.strip: must be a table (got string "seed")'],
+    ),
+    "strip entry a number": (
+        models_with('{ name = "a", request = { strip = { 5 } }, variants = { { context = 8 } } }'),
+        ["models[1].request.strip[1]: must be a string (got number 5)"],
+    ),
+    "defaults max_tokens beyond int32": (
+        models_with(
+            '{ name = "a", request = { defaults = { max_tokens = 1e300 } }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].request.defaults.max_tokens: must be at most 2147483647", "32-bit", "(got 1e+300)"],
+    ),
+    "force n_predict 2^31": (
+        models_with(
+            '{ name = "a", request = { force = { n_predict = 2^31 } }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].request.force.n_predict: must be at most 2147483647"],
+    ),
+    "defaults n 2^62": (
+        models_with('{ name = "a", request = { defaults = { n = 2^62 } }, variants = { { context = 8 } } }'),
+        ["models[1].request.defaults.n: must be at most 2147483647"],
+    ),
+    "force n_cmpl integer beyond int32": (
+        models_with(
+            '{ name = "a", request = { force = { n_cmpl = 2147483648 } }, variants = { { context = 8 } } }'
+        ),
+        ["models[1].request.force.n_cmpl: must be at most 2147483647", "(got 2147483648)"],
+    ),
+    "defaults max_completion_tokens a fraction": (
+        models_with(
+            '{ name = "a", request = { defaults = { max_completion_tokens = 1.5 } },'
+            " variants = { { context = 8 } } }"
+        ),
+        ["models[1].request.defaults.max_completion_tokens: must be a positive integer (got 1.5)"],
+    ),
+    "default_max_tokens 1e308": (
+        models_with('{ name = "a", default_max_tokens = 1e308, variants = { { context = 8 } } }'),
+        ["models[1].default_max_tokens: must be at most 2147483647"],
+    ),
+    "default_max_tokens 2^62": (
+        models_with('{ name = "a", default_max_tokens = 2^62, variants = { { context = 8 } } }'),
+        ["models[1].default_max_tokens: must be at most 2147483647"],
+    ),
+    "default_max_tokens a fraction": (
+        models_with('{ name = "a", default_max_tokens = 1.5, variants = { { context = 8 } } }'),
+        ["models[1].default_max_tokens: must be a positive integer (got 1.5)"],
+    ),
     "strip messages": (
         models_with(
             '{ name = "a", request = { strip = { "seed", "messages" } }, variants = { { context = 8 } } }'
@@ -990,7 +1091,23 @@ ERRORS = {
     ),
     "config_timeout zero": (
         server_with("config_timeout = 0"),
-        ["server.config_timeout: must be a positive number (got 0)"],
+        ["server.config_timeout: must be a number of seconds from 1 to 600 (got 0)"],
+    ),
+    "config_timeout too short for any reload": (
+        server_with("config_timeout = 0.001"),
+        ["server.config_timeout: must be a number of seconds from 1 to 600 (got 0.001)"],
+    ),
+    "config_timeout too long": (
+        server_with("config_timeout = 601"),
+        ["server.config_timeout: must be a number of seconds from 1 to 600 (got 601)"],
+    ),
+    "config_timeout a string": (
+        server_with('config_timeout = "10"'),
+        ['server.config_timeout: must be a number of seconds from 1 to 600 (got "10")'],
+    ),
+    "config_timeout NaN": (
+        server_with("config_timeout = 0/0"),
+        ["server.config_timeout: must be a number of seconds from 1 to 600", "nan"],
     ),
     # engine
     "unknown engine": (

@@ -54,6 +54,17 @@ local function positive_integer(path, v)
   return math.tointeger and math.tointeger(v) or v
 end
 
+-- llama-server reads token counts (max_tokens, n_predict, n, ...) as 32-bit integers.
+local ENGINE_INT_MAX = 2147483647
+
+local function engine_count(path, v)
+  positive_integer(path, v)
+  if v > ENGINE_INT_MAX then
+    fail(path, "must be at most %d: llama-server reads it as a 32-bit integer (got %s)", ENGINE_INT_MAX, show(v))
+  end
+  return math.tointeger and math.tointeger(v) or v
+end
+
 local function non_empty_string(path, v)
   check_type(path, v, "string")
   if v == "" then fail(path, "must not be empty") end
@@ -250,17 +261,22 @@ local request_owned = set_of("model", "messages", "prompt", "input")
 -- Fields the gateway reads to size a request: a rule's value must pass the checks a
 -- client's value must, or every request would be refused as the client's fault.
 local request_checks = {
-  max_tokens = positive_integer,
-  max_completion_tokens = positive_integer,
-  max_output_tokens = positive_integer,
-  n_predict = positive_integer,
-  n = positive_integer,
-  n_cmpl = positive_integer,
+  max_tokens = engine_count,
+  max_completion_tokens = engine_count,
+  max_output_tokens = engine_count,
+  n_predict = engine_count,
+  n = engine_count,
+  n_cmpl = engine_count,
   stream = function(path, v) return check_type(path, v, "boolean") end,
 }
 
 local function rule_fields(path, fields)
   json_value(path, check_type(path, fields, "table"))
+  for name in pairs(fields) do
+    if type(name) ~= "string" then
+      fail(path, "must be a map of request fields { name = value } (found key %s)", show(name))
+    end
+  end
   for name, value in pairs(fields) do
     local p = path .. "." .. tostring(name)
     if request_owned[name] then fail(p, "the gateway reads %s from the client's request; a rule may not set it", name) end
@@ -323,6 +339,10 @@ local server_defaults = {
   config_timeout = 10,
 }
 
+-- A reload runs the config file within config_timeout: too short a limit stops every
+-- later reload (the run alone takes tens of milliseconds), too long one holds reloads up.
+local CONFIG_TIMEOUT_MIN, CONFIG_TIMEOUT_MAX = 1, 600
+
 -- API keys: a list, or the path of a file with one key a line (# comments).
 local function api_keys(path, v)
   if v == nil then return {} end
@@ -368,7 +388,12 @@ local function validate_server(s)
   if s.loading_keepalive ~= nil then
     out.loading_keepalive = check_type("server.loading_keepalive", s.loading_keepalive, "boolean")
   end
-  out.config_timeout = positive_number("server.config_timeout", s.config_timeout or server_defaults.config_timeout)
+  out.config_timeout = s.config_timeout or server_defaults.config_timeout
+  if type(out.config_timeout) ~= "number" or not (out.config_timeout >= CONFIG_TIMEOUT_MIN
+      and out.config_timeout <= CONFIG_TIMEOUT_MAX) then
+    fail("server.config_timeout", "must be a number of seconds from %d to %d (got %s)",
+      CONFIG_TIMEOUT_MIN, CONFIG_TIMEOUT_MAX, show(out.config_timeout))
+  end
   out.api_keys = api_keys("server.api_keys", s.api_keys)
   if s.admin_key ~= nil then out.admin_key = non_empty_string("server.admin_key", s.admin_key) end
   out.preload = s.preload
@@ -445,7 +470,7 @@ local function validate_model(path, m, server_out, names)
   if m.binary ~= nil then out.binary = non_empty_string(path .. ".binary", m.binary) end
   out.args = arg_list(path .. ".args", m.args)
   out.env = string_map(path .. ".env", m.env)
-  out.default_max_tokens = positive_integer(path .. ".default_max_tokens", m.default_max_tokens or 512)
+  out.default_max_tokens = engine_count(path .. ".default_max_tokens", m.default_max_tokens or 512)
   out.request = request_rules(path .. ".request", m.request)
   local variants = sequence(path .. ".variants", m.variants)
   if #variants == 0 then fail(path .. ".variants", "is empty: a model needs at least one variant { context = N }") end
