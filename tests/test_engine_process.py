@@ -3,9 +3,16 @@ it must not load libraries or resolve symbols there (other threads may hold thei
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+from gateway.engine.process import EngineProcess
 
 
 def test_the_parent_death_signal_is_set_without_a_library_lookup() -> None:
@@ -29,3 +36,20 @@ def test_the_parent_death_signal_is_set_without_a_library_lookup() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+async def test_a_watch_nobody_awaits_logs_no_unretrieved_exception(caplog) -> None:
+    """A start cut short leaves its watches unawaited; the output's end must not log
+    "Future exception was never retrieved ... EOFError" for them."""
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        engine = EngineProcess([sys.executable, "-c", "print('starting')"], {}, "tiny@1024")
+        await engine.spawn()
+        dropped = engine.watch(r"listening on")
+        awaited = engine.watch(r"listening on")
+        assert await engine.wait() == 0
+        with pytest.raises(EOFError, match="tiny@1024 closed its output"):
+            await awaited  # whoever awaits a watch still learns why
+        del engine, dropped, awaited
+        gc.collect()
+        await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text, caplog.text

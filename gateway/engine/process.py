@@ -40,6 +40,12 @@ def _die_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _retrieve(future: asyncio.Future[re.Match[str]]) -> None:
+    """Mark the exception retrieved (asyncio logs an unretrieved one as an error)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class EngineProcess:
     """Spawns, watches and stops one engine; keeps its last output lines."""
 
@@ -79,6 +85,8 @@ class EngineProcess:
     def watch(self, pattern: str) -> asyncio.Future[re.Match[str]]:
         """A future for the first output line (from now on) matching `pattern`."""
         future: asyncio.Future[re.Match[str]] = asyncio.get_running_loop().create_future()
+        # A start cut short never awaits its watches: their EOFError is no news then.
+        future.add_done_callback(_retrieve)
         self._watches.append((re.compile(pattern), future))
         return future
 
