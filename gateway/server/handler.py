@@ -49,10 +49,16 @@ MAX_ENGINE_FULL_REQUEUES = 3
 RETRY_SETTLE = 0.5  # seconds to see whether a failed engine is exiting
 
 
+_SANE_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII without spaces
+
+
 def request_id(request: web.Request) -> str:
+    """The client's X-Request-Id if it is a sane id, else a fresh one: it goes into log
+    lines and headers, where undecodable bytes or control characters would break them."""
     rid = request.get("request_id")
     if rid is None:
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+        given = request.headers.get("X-Request-Id", "")
+        rid = given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         request["request_id"] = rid
     return rid
 
