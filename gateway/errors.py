@@ -33,6 +33,10 @@ class InvalidRequest(GatewayError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
 
+class UnsupportedEncoding(GatewayError):
+    status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
+
+
 class ContextLengthExceeded(GatewayError):
     status, type, code = 400, "invalid_request_error", "context_length_exceeded"
 

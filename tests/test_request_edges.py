@@ -4,10 +4,12 @@ OpenAI's shape and leaves the gateway (and its log) working."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import re
 import urllib.request
+import zlib
 from typing import Any
 
 import pytest
@@ -76,3 +78,59 @@ def test_a_sane_request_id_is_kept(gateway: Gateway) -> None:
         gateway, "/v1/chat/completions", json.dumps(CHAT).encode(), {"X-Request-Id": rid}
     )
     assert (status, headers["X-Request-Id"]) == (200, rid)
+
+
+BODY = json.dumps(CHAT).encode()
+WRONG_ENCODINGS = {
+    "gzip, body plain": ("gzip", BODY, 400),
+    "deflate, body plain": ("deflate", BODY, 400),
+    "gzip, body cut short": ("gzip", gzip.compress(BODY)[:20], 400),
+    "gzip over deflate, body only gzipped": ("deflate, gzip", gzip.compress(BODY), 400),
+    "br": ("br", BODY, 415),
+    "zstd": ("zstd", BODY, 415),
+    "unknown": ("x-unknown", BODY, 415),
+}
+
+
+@pytest.mark.parametrize(("encoding", "body", "status"), WRONG_ENCODINGS.values(), ids=WRONG_ENCODINGS.keys())
+def test_a_body_its_content_encoding_does_not_describe_gets_an_openai_error(
+    gateway: Gateway, encoding: str, body: bytes, status: int
+) -> None:
+    answer = send(gateway, "/v1/chat/completions", body, {"Content-Encoding": encoding})
+    assert answer[0] == status, answer
+    error = openai_error(answer[2])
+    assert error["type"] == "invalid_request_error", error
+    assert encoding.split(", ")[0] in error["message"], error
+    if status == 415:
+        assert answer[1]["Accept-Encoding"] == "gzip, deflate"
+    assert "Traceback" not in gateway.log()
+    assert gateway.request("GET", "/health").status == 200
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("GZIP", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b, wbits=-15)),  # raw deflate, no zlib header
+        ("identity", bytes),
+        ("gzip, deflate", lambda b: zlib.compress(gzip.compress(b))),
+        ("gzip", lambda b: gzip.compress(b[:10]) + gzip.compress(b[10:])),  # two members
+    ],
+    ids=["gzip", "x-gzip", "GZIP", "deflate", "raw deflate", "identity", "gzip then deflate", "two members"],
+)
+def test_a_body_encoded_as_it_says_is_served(gateway: Gateway, encoding: str, compress: Any) -> None:
+    status, _, answer = send(gateway, "/v1/chat/completions", compress(BODY), {"Content-Encoding": encoding})
+    assert status == 200, answer
+    assert json.loads(answer)["choices"]
+
+
+def test_a_compressed_body_is_held_to_max_body_bytes_once_decoded(gateway: Gateway) -> None:
+    padded = {**CHAT, "pad": "x" * (8 * 1024 * 1024)}  # just over the default 8 MiB
+    body = gzip.compress(json.dumps(padded).encode())
+    assert len(body) < 100_000
+    status, _, answer = send(gateway, "/v1/chat/completions", body, {"Content-Encoding": "gzip"})
+    assert status == 413, answer
+    assert "too large" in openai_error(answer)["message"]

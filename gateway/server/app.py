@@ -135,7 +135,12 @@ class GatewayServer:
         await asyncio.to_thread(self.manager.learn, self.config)
         self.supervisor.start()
         self._preload()
-        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        # auto_decompress=False: read_json_object undoes Content-Encoding itself, so every
+        # encoding problem gets an answer in OpenAI's shape (aiohttp answers br and zstd
+        # with a plain-text 400 before any handler runs).
+        self._runner = web.AppRunner(
+            self.build_app(), handler_cancellation=True, access_log=None, auto_decompress=False
+        )
         await self._runner.setup()
         bound = []
         for host, port in self.config.server.listen:

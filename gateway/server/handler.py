@@ -13,10 +13,12 @@ import logging
 import math
 import re
 import uuid
+import zlib
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 
 from gateway.config.schema import GatewayConfig, Model
 from gateway.engine.client import EngineAnswered, EngineRequestError
@@ -28,6 +30,7 @@ from gateway.errors import (
     InvalidRequest,
     ModelNotFound,
     Unavailable,
+    UnsupportedEncoding,
 )
 from gateway.models import BOUND_SLACK, Needs
 from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, copies, limit_answer, reserve
@@ -129,7 +132,10 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]
     inf), UTF-16 and UTF-32, and lone surrogates (`"\\ud800"`); the engine refuses them,
     so the gateway does it first, in its own words.
     """
-    raw = await request.read()  # over client_max_size: aiohttp raises 413
+    try:
+        raw = _decoded(request, await request.read())  # over client_max_size: aiohttp raises 413
+    except ContentEncodingError as exc:  # aiohttp decoding itself (auto_decompress on)
+        raise InvalidRequest(f"the request body does not match its Content-Encoding: {exc.message}") from None
     try:
         body = json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constant, parse_float=_finite)
         # In the try: near the recursion limit the check may run out of stack where
@@ -149,6 +155,47 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # cheap; only then is the body checked
+_ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def _decoded(request: web.Request, raw: bytes) -> bytes:
+    """The body with its Content-Encoding undone. The server leaves that to the gateway
+    (auto_decompress=False), so a body its encoding does not describe and an encoding it
+    cannot undo are answered in OpenAI's shape; the decoded size is held to client_max_size."""
+    header = request.headers.get("Content-Encoding", "")
+    for coding in reversed([c.strip().lower() for c in header.split(",") if c.strip()]):
+        if coding == "identity":
+            continue
+        if coding not in _ZLIB_WBITS:
+            raise UnsupportedEncoding(
+                f"the request body's Content-Encoding {coding!r} is not supported: send it as "
+                "gzip, deflate or identity",
+                headers={"Accept-Encoding": "gzip, deflate"},
+            )
+        raw = _inflate(coding, raw, request.client_max_size)
+    return raw
+
+
+def _inflate(coding: str, data: bytes, limit: int) -> bytes:
+    wbits = _ZLIB_WBITS[coding]
+    if coding == "deflate" and data[:1] and data[0] & 0x0F != 8:
+        wbits = -15  # raw deflate without the zlib header, as some clients send it
+    out = bytearray()
+    try:
+        while True:  # gzip allows several members one after another
+            inflater = zlib.decompressobj(wbits)
+            out += inflater.decompress(data, limit + 1 - len(out) if limit else 0)
+            if limit and (len(out) > limit or inflater.unconsumed_tail):
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(out))
+            if not inflater.eof:
+                raise zlib.error("the data ends early")
+            data = inflater.unused_data
+            if not data:
+                return bytes(out)
+    except zlib.error as exc:
+        raise InvalidRequest(
+            f"the request body is not valid {coding} data (its Content-Encoding): {exc}"
+        ) from None
 
 
 def _no_constant(name: str) -> NoReturn:
