@@ -149,6 +149,17 @@ def test_an_engine_that_ran_out_of_cache_before_answering_gets_the_request_again
     assert len(requeues(gateway)) == 1 and ENGINE_FULL in requeues(gateway)[0]
 
 
+def test_an_error_after_the_role_events_of_a_stream_is_still_before_any_byte(start_gateway) -> None:
+    # llama-server's chat streams open with a role event per answer before the prompt is
+    # processed: a KV failure after them has still sent the client nothing it needs.
+    gateway = start_gateway([fake_model("full-after-role")])
+    resp = ask_fake(gateway, stream=True)
+    assert resp.status == 200, resp.body
+    events = sse_events(resp.body)
+    assert events[-1] == "[DONE]" and ENGINE_FULL not in resp.body.decode()
+    assert len(requeues(gateway)) == 1
+
+
 def test_an_engine_that_stays_out_of_cache_ends_the_request_after_three_tries(start_gateway) -> None:
     gateway = start_gateway([fake_model("full-always")])
     resp = ask_fake(gateway, stream=False)

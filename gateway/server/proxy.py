@@ -160,9 +160,10 @@ async def _read(read: Callable[[], Awaitable[bytes]]) -> bytes:
 
 
 async def _first_event(upstream: aiohttp.ClientResponse) -> bytes:
-    """The stream's first chunk, read on until its first event is whole."""
+    """The stream's start, read on until its first event that is not an opening one is
+    whole (or the stream ends)."""
     chunk = await _read(upstream.content.readany)
-    while not _EVENT_END.search(chunk):
+    while _first_real_event(chunk) is None:
         more = await _read(upstream.content.readany)
         if not more:
             break
@@ -171,6 +172,15 @@ async def _first_event(upstream: aiohttp.ClientResponse) -> bytes:
 
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+# A chat stream's first event per answer: the role and no text. llama-server sends them
+# before it processes the prompt, so a failure of its KV cache can still follow them.
+_OPENING = (b'"delta":{"role":"assistant","content":null}', b'"finish_reason":null')
+
+
+def _first_real_event(start: bytes) -> bytes | None:
+    """The first whole event of a stream's start that is not an opening one, if any."""
+    *whole, _rest = _EVENT_END.split(start)
+    return next((event for event in whole if not all(mark in event for mark in _OPENING)), None)
 
 
 def _raise_if_retryable(instance: EngineInstance, status: int, first: bytes, streamed: bool) -> None:
@@ -188,7 +198,7 @@ def _raise_if_retryable(instance: EngineInstance, status: int, first: bytes, str
 def _stream_error(first: bytes) -> str | None:
     """The message of a stream's first event if it is an error: llama-server writes
     `data: {"error": {...}}`, or in Anthropic's format `event: error` and the error bare."""
-    lines = _EVENT_END.split(first, maxsplit=1)[0].splitlines()
+    lines = (_first_real_event(first) or b"").splitlines()
     value = _json_object(b"\n".join(line[5:] for line in lines if line.startswith(b"data:")))
     if value is None:
         return None

@@ -10,7 +10,8 @@ llama-server does, when its context is under 2048), full-once and full-always (t
 or every, completion request fails as llama-server's do when its KV cache runs out: HTTP
 500 "Context size has been exceeded.", for a stream a first event with that error),
 bare-error (completion requests get 415 with an empty body, as llama-server answers a
-body it cannot decode).
+body it cannot decode), full-after-role (the first stream opens with a role event for
+each of two answers, as llama-server's chat streams with n > 1 do, then has that error).
 """
 
 import json
@@ -33,6 +34,12 @@ CHUNK = {
     "choices": [{"index": 0, "finish_reason": "stop", "delta": {"content": "ok"}}],
 }
 completions = 0
+
+
+def _opening(index: int) -> dict[str, object]:
+    """A chat stream's first event for one answer: its role, no text yet."""
+    delta = {"role": "assistant", "content": None}
+    return {**CHUNK, "choices": [{"finish_reason": None, "index": index, "delta": delta}]}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -77,6 +84,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(415)
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif MODE == "full-after-role" and completions == 1 and stream:
+            self._stream(*(_opening(i) for i in range(2)), {"error": FULL})
         elif MODE == "full-always" or (MODE == "full-once" and completions == 1):
             if stream:
                 self._stream({"error": FULL})
@@ -88,12 +97,13 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, ANSWER)
 
     def _stream(self, *events: object) -> None:
-        """As llama-server: a stream has begun (200) before its first event, even an error."""
+        """As llama-server: a stream has begun (200) before its first event, even an error;
+        events as compact JSON, as it writes them."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         for event in events:
-            data = event if isinstance(event, str) else json.dumps(event)
+            data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
             self.wfile.write(f"data: {data}\n\n".encode())
 
     def _undercount(self) -> None:
