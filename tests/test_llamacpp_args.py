@@ -20,8 +20,9 @@ def model(tmp_path: Path, text: str) -> Model:
 def test_argv_adds_context_alias_and_loopback(tmp_path: Path) -> None:
     m = model(tmp_path, '{ name = "a", args = { "-m", "/m.gguf" }, variants = { { context = 512 } } }')
     (variant,) = m.variants
-    assert ENGINE.argv("/bin/llama-server", m, variant) == [
+    assert ENGINE.argv("/bin/llama-server", m, variant, "/slots") == [
         "/bin/llama-server",
+        *("--slot-save-path", "/slots"),  # first: args that name their own folder win
         *("-m", "/m.gguf"),
         *("--ctx-size", "512"),
         *("--alias", "a"),
@@ -37,8 +38,9 @@ def test_an_alias_in_the_args_is_the_served_name(tmp_path: Path) -> None:
     small, large = m.variants
     assert ENGINE.served_name(m, small) == "a"
     assert ENGINE.served_name(m, large) == "other"
-    assert ENGINE.argv("x", m, large) == [
+    assert ENGINE.argv("x", m, large, "/slots") == [
         "x",
+        *("--slot-save-path", "/slots"),
         *("-a", "other"),
         *("--ctx-size", "1024"),
         *("--host", "127.0.0.1", "--port", "0"),

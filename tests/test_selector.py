@@ -153,10 +153,20 @@ def test_several_sequences_need_the_room_of_all_on_a_unified_cache() -> None:
 
 def test_sequences_beyond_the_slots_wait_inside_the_engine() -> None:
     # Eight answers on an engine with two slots: two run at once, two hold the cache.
-    room = Room(1024, shared=1024, slots=2)
     eight = Needs(100, 300, "exact", sequences=8)
-    assert room.reservation(eight) == 800 and room.fits(eight)
+    assert Room(1024, shared=1024, slots=2).fits(eight)
     assert not Room(1024, shared=1024, slots=3).fits(eight)
+    # Per-slot caches: each sequence needs its own slot's room only.
+    assert Room(400, None, 2).fits(eight) and Room(400, None, 2).reservation(eight) == 800
+
+
+def test_several_sequences_on_a_shared_cache_have_it_to_themselves() -> None:
+    # llama-server gives the extra answers idle slots without clearing them first: the
+    # gateway clears them, which is safe only while nothing else runs.
+    room = Room(4096, shared=4096, slots=4)
+    assert room.reservation(Needs(100, 300, "exact", sequences=2)) == 4096
+    assert room.slot_use(Needs(100, 300, "exact", sequences=2)) == 4
+    assert room.reservation(Needs(100, 300, "exact")) == 400 and room.slot_use(Needs(100, 300)) == 1
 
 
 def test_a_running_engine_too_small_for_all_sequences_is_upgraded() -> None:

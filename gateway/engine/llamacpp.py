@@ -41,13 +41,24 @@ class LlamaCppEngine:
     # What the arguments say was parsed and checked at load (gateway/engine/llamacpp.lua):
     # these read the variant's typed fields, never the argument strings.
 
-    def argv(self, binary: str, model: Model, variant: Variant) -> list[str]:
+    def argv(self, binary: str, model: Model, variant: Variant, slot_dir: str) -> list[str]:
         # The config refuses -c, --host and --port in args: the gateway sets them, and
-        # --alias unless the args name one.
+        # --alias unless the args name one. A slot folder (the args may name their own)
+        # enables the slot actions the gateway uses.
         alias = [] if variant.alias else ["--alias", model.name]
         # Port 0: the engine binds a free port itself and logs it; no race with others.
         where = ["--host", "127.0.0.1", "--port", "0"]
-        return [binary, *model.args, *variant.args, "--ctx-size", str(variant.context), *alias, *where]
+        slots = ["--slot-save-path", slot_dir]
+        return [
+            binary,
+            *slots,
+            *model.args,
+            *variant.args,
+            "--ctx-size",
+            str(variant.context),
+            *alias,
+            *where,
+        ]
 
     def served_name(self, model: Model, variant: Variant) -> str:
         """The `model` the engine writes into its responses."""
@@ -100,6 +111,14 @@ class LlamaCppEngine:
             pass  # /slots can be disabled (--no-slots); /props always answers
         props = await client.get_json("/props")
         return int(props["default_generation_settings"]["n_ctx"]), int(props["total_slots"])
+
+    async def clear_idle_slots(self, client: EngineClient) -> None:
+        """Erase what idle slots keep. llama-server gives the extra answers of an `n > 1`
+        request idle slots without clearing the cells a finished answer left there, and
+        then fails the batch ("Invalid input batch") even mid-stream."""
+        for slot in await client.get_json("/slots"):
+            if not slot.get("is_processing"):
+                await client.post_json(f"/slots/{int(slot['id'])}?action=erase", {})
 
     async def busy_tasks(self, client: EngineClient) -> frozenset[int]:
         """The ids of the tasks its slots are processing now."""

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -86,6 +88,7 @@ class EngineManager:
         self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
         self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
         self._longest_token: dict[str, int | None] = {}  # model file -> its longest token
+        self._slot_dir: str | None = None  # made on first start, removed at close
 
     def client(self, base_url: str) -> EngineClient:
         if self._sessions is None:  # made on first use: a session needs the running loop
@@ -95,6 +98,8 @@ class EngineManager:
     async def close(self) -> None:
         for session in self._sessions or ():
             await session.close()
+        if self._slot_dir is not None:
+            shutil.rmtree(self._slot_dir, ignore_errors=True)
 
     def kill_all_now(self) -> None:
         """The last resort of a shutdown that ran out of time: no engine outlives us,
@@ -121,7 +126,10 @@ class EngineManager:
             binary = find_llama_server(variant.binary or model.binary)
         except BinaryNotFound as exc:
             raise StartFailed("spawn", str(exc)) from None
-        process = EngineProcess(self.llamacpp.argv(binary, model, variant), model.env, label=variant.key)
+        if self._slot_dir is None:
+            self._slot_dir = tempfile.mkdtemp(prefix="llm-gateway-slots-")
+        argv = self.llamacpp.argv(binary, model, variant, self._slot_dir)
+        process = EngineProcess(argv, model.env, label=variant.key)
         listening = process.watch(self.llamacpp.listening_pattern)
         try:
             await process.spawn()

@@ -73,17 +73,22 @@ class Room:
         return self.shared is None or needs.shared_total(self.slots) <= self.shared
 
     def reservation(self, needs: Needs) -> int:
-        """What it takes of the shared cache while it runs: all of it when its size is
-        unknown (a body the engine renders through a template the gateway cannot see)."""
-        if needs.method == "unbounded" and self.shared is not None:
-            return self.shared
+        """What it takes of the shared cache while it runs: all of it when it runs alone."""
+        if self.alone(needs):
+            return self.shared or 0
         return needs.shared_total(self.slots)
 
     def slot_use(self, needs: Needs) -> int:
-        """The engine slots its sequences take at once (all, when its size is unknown)."""
-        if needs.method == "unbounded":
+        """The engine slots its sequences take at once (all, when it runs alone)."""
+        if self.alone(needs):
             return max(self.slots, 1)
         return min(needs.sequences, max(self.slots, 1))
+
+    def alone(self, needs: Needs) -> bool:
+        """Whether it must have a shared cache to itself: its size is unknown (a body the
+        engine renders through a template the gateway cannot see), or it has several
+        sequences (the engine's idle slots are cleared for them, see clear_idle_slots)."""
+        return self.shared is not None and (needs.method == "unbounded" or needs.sequences > 1)
 
 
 # Tokens a tokenizer may add beyond one per byte of text: BOS, EOS, a leading space marker.

@@ -291,6 +291,10 @@ class _Call:
                 requeue = await self._count(grant)
                 if requeue:
                     return None
+            if self.pending.sequences > 1 and grant.instance.kv_budget is not None:
+                requeue = await self._clear_idle_slots(grant)  # it has the engine to itself
+                if requeue:
+                    return None
             forwarded = True
             response = await forward(
                 self.request,
@@ -312,6 +316,15 @@ class _Call:
             # running there: the supervisor keeps its room until the engine lets it go.
             abandoned = forwarded and (not served or bool(self.request.get("client_gone")))
             self.supervisor.release(grant, requeue, served, abandoned)
+
+    async def _clear_idle_slots(self, grant: Grant) -> str | None:
+        """Clear the engine's idle slots for a request of several sequences; a reason to
+        requeue if the engine did not answer."""
+        try:
+            await grant.instance.engine.clear_idle_slots(grant.instance.client)
+        except EngineRequestError as exc:
+            return self._retry_or_fail(f"clearing idle slots failed: {exc}")
+        return None
 
     async def _count(self, grant: Grant) -> str | None:
         """Count exactly (unless a bound proves it fits); a reason to requeue if too big."""
