@@ -22,12 +22,20 @@ def test_argv_adds_context_alias_and_loopback(tmp_path: Path) -> None:
     (variant,) = m.variants
     assert ENGINE.argv("/bin/llama-server", m, variant, "/slots") == [
         "/bin/llama-server",
-        *("--slot-save-path", "/slots"),  # first: args that name their own folder win
         *("-m", "/m.gguf"),
         *("--ctx-size", "512"),
         *("--alias", "a"),
+        *("--slot-save-path", "/slots"),
         *("--host", "127.0.0.1", "--port", "0"),
     ]
+
+
+def test_a_slot_folder_in_the_args_is_kept(tmp_path: Path) -> None:
+    m = model(
+        tmp_path, '{ name = "a", args = { "--slot-save-path", "/mine" }, variants = { { context = 8 } } }'
+    )
+    argv = ENGINE.argv("x", m, m.variants[0], "/slots")
+    assert argv.count("--slot-save-path") == 1 and argv[argv.index("--slot-save-path") + 1] == "/mine"
 
 
 def test_an_alias_in_the_args_is_the_served_name(tmp_path: Path) -> None:
@@ -40,9 +48,9 @@ def test_an_alias_in_the_args_is_the_served_name(tmp_path: Path) -> None:
     assert ENGINE.served_name(m, large) == "other"
     assert ENGINE.argv("x", m, large, "/slots") == [
         "x",
-        *("--slot-save-path", "/slots"),
         *("-a", "other"),
         *("--ctx-size", "1024"),
+        *("--slot-save-path", "/slots"),
         *("--host", "127.0.0.1", "--port", "0"),
     ]
 

@@ -13,6 +13,7 @@ class _Body:
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
+        self.headers: dict[str, str] = {}  # no Content-Encoding
 
     async def read(self) -> bytes:
         return self.raw

@@ -43,22 +43,14 @@ class LlamaCppEngine:
 
     def argv(self, binary: str, model: Model, variant: Variant, slot_dir: str) -> list[str]:
         # The config refuses -c, --host and --port in args: the gateway sets them, and
-        # --alias unless the args name one. A slot folder (the args may name their own)
-        # enables the slot actions the gateway uses.
+        # --alias unless the args name one, and a slot folder (which the slot actions the
+        # gateway uses need) unless the args name one.
+        args = [*model.args, *variant.args]
         alias = [] if variant.alias else ["--alias", model.name]
+        slots = [] if "--slot-save-path" in args else ["--slot-save-path", slot_dir]
         # Port 0: the engine binds a free port itself and logs it; no race with others.
         where = ["--host", "127.0.0.1", "--port", "0"]
-        slots = ["--slot-save-path", slot_dir]
-        return [
-            binary,
-            *slots,
-            *model.args,
-            *variant.args,
-            "--ctx-size",
-            str(variant.context),
-            *alias,
-            *where,
-        ]
+        return [binary, *args, "--ctx-size", str(variant.context), *alias, *slots, *where]
 
     def served_name(self, model: Model, variant: Variant) -> str:
         """The `model` the engine writes into its responses."""
