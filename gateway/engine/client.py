@@ -58,15 +58,32 @@ class EngineClient:
         self._fresh = fresh  # for completions: a new connection each
         self.base_url = base_url
 
-    async def health(self, timeout: float, fresh: bool = False) -> tuple[int, str]:
+    async def health(self, timeout: float) -> tuple[int, str]:
         """Status and body of GET /health; (0, reason) when nothing answered."""
         try:
-            async with (self._fresh if fresh else self._pooled).get(
+            async with self._pooled.get(
                 self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
             return 0, f"{type(exc).__name__}: {exc}"
+
+    async def stalls(self, timeout: float) -> bool:
+        """Whether GET /health, on a connection of its own, gets no answer in `timeout`.
+
+        A frozen engine still accepts connections (the kernel does) but never answers. A
+        refused or dropped connection is no stall: llama-server drops new connections
+        while all its HTTP threads serve streams, and a dead engine's exit is seen apart."""
+        try:
+            async with self._fresh.get(
+                self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                await resp.read()
+        except TimeoutError:
+            return True
+        except aiohttp.ClientError:
+            pass
+        return False
 
     async def get_json(self, path: str) -> Any:
         return await self._json("GET", path, None)

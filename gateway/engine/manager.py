@@ -202,13 +202,10 @@ class EngineManager:
         return await self.llamacpp.busy_tasks(instance.client)
 
     async def probe(self, instance: EngineInstance) -> str | None:
-        """None when the engine answers /health within its health_check timeout, else why.
-
-        A connection of its own: a pooled one the engine closed would look like a fault."""
+        """None unless the engine leaves /health unanswered for its health_check timeout."""
         timeout = instance.variant.timeouts.health_check
-        status, detail = await instance.client.health(timeout, fresh=True)
-        if status == 0:
-            return f"no answer to /health within {timeout:g}s ({detail})"
+        if await instance.client.stalls(timeout):
+            return f"no answer to /health within {timeout:g}s"
         return None
 
 

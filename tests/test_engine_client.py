@@ -1,0 +1,45 @@
+"""EngineClient.stalls: only an engine that never answers is frozen, not one that drops a
+connection (llama-server does while all its HTTP threads serve streams)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from gateway.engine.client import EngineClient, new_session
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _stalls(handler: Handler, timeout: float = 0.3) -> bool:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pooled, fresh = new_session(reuse=True), new_session(reuse=False)
+    try:
+        return await EngineClient(pooled, fresh, f"http://127.0.0.1:{port}").stalls(timeout)
+    finally:
+        await pooled.close()
+        await fresh.close()
+        server.close()
+
+
+async def test_an_engine_that_never_answers_stalls() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        await asyncio.sleep(5)  # reads the request, never answers (like SIGSTOP)
+
+    assert await _stalls(silent)
+
+
+async def test_a_dropped_connection_or_an_answer_is_no_stall() -> None:
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    assert not await _stalls(drop)
+    assert not await _stalls(answer)
