@@ -622,6 +622,14 @@ def proc_stat(pid: int) -> tuple[str, str, int] | None:
     return comm, fields[0], int(fields[1])
 
 
+def start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot), None when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def engine_children(gateway_pid: int) -> set[int]:
     """llama-server processes (zombies too) whose parent is the gateway."""
     found = set()
@@ -645,7 +653,8 @@ class Watch:
     gateway_pid: int
     history: dict[tuple[float, str, str, str], dict[str, Any]] = field(default_factory=dict)
     gaps: list[float] = field(default_factory=list)  # monotonic times before which entries may be lost
-    engines: set[int] = field(default_factory=set)
+    # pid -> its start time: a pid the machine reuses later is another process
+    engines: dict[int, int | None] = field(default_factory=dict)
     fd_peak: int = 0
     kills: list[int] = field(default_factory=list)
     kill_states: Counter[str] = field(default_factory=Counter)
@@ -663,8 +672,8 @@ class Watch:
             self.gaps.append(entries[0]["monotonic"])
         for entry in entries:
             self.history[(entry["monotonic"], entry["from"], entry["to"], entry["trigger"])] = entry
-        if state.get("pid"):
-            self.engines.add(int(state["pid"]))
+        if state.get("pid") and int(state["pid"]) not in self.engines:
+            self.engines[int(state["pid"])] = start_time(int(state["pid"]))
         with contextlib.suppress(OSError):
             self.fd_peak = max(self.fd_peak, fd_count(self.gateway_pid))
 
@@ -969,10 +978,12 @@ def check_history(report: SoakReport, watch: Watch) -> None:
 
 
 async def check_leftovers(report: SoakReport, watch: Watch, current: int | None) -> None:
-    """No engine but the current one: neither a child of the gateway nor any pid we saw."""
+    """No engine but the current one: neither a child of the gateway nor an engine we saw
+    (the same process: same pid and start time; tests running beside may reuse pids)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:
-        others = {p for p in engine_children(watch.gateway_pid) | watch.engines if p != current}
+        seen = {p for p, started in watch.engines.items() if started is not None and start_time(p) == started}
+        others = {p for p in engine_children(watch.gateway_pid) | seen if p != current}
         # a zombie still holds a pid: it was not reaped yet
         left = sorted(p for p in others if proc_stat(p) is not None and proc_stat(p)[0] == "llama-server")
         if not left or time.monotonic() > deadline:
