@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.server.handler import read_json_object
+from gateway.server.body import read_json_object
 
 
 class _Body:

@@ -135,7 +135,7 @@ class GatewayServer:
         await asyncio.to_thread(self.manager.learn, self.config)
         self.supervisor.start()
         self._preload()
-        # auto_decompress=False: read_json_object undoes Content-Encoding itself, so every
+        # auto_decompress=False: read_json_object (server/body.py) undoes Content-Encoding itself, so every
         # encoding problem gets an answer in OpenAI's shape (aiohttp answers br and zstd
         # with a plain-text 400 before any handler runs).
         self._runner = web.AppRunner(

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.config import ConfigError, GatewayConfig
 from gateway.errors import InvalidRequest, ModelNotFound
-from gateway.server.handler import read_json_object
+from gateway.server.body import read_json_object
 from gateway.server.sse import SSE_HEADERS, sse_data
 from gateway.supervisor.supervisor import Supervisor
 from gateway.utils.logger import RecentLines
