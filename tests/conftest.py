@@ -48,7 +48,7 @@ def alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # gone between open and read: ProcessLookupError
         return False
     return state != "Z"
 
