@@ -23,6 +23,17 @@ server = {
   max_start_failures = 3,            -- failed starts in a row before a model's waiters get 503
   config_timeout = 10,               -- seconds (1-600) a reload may run this file; then the old config stays
   loading_keepalive = true,          -- streams kept waiting get ": waiting for model ..." SSE comments
+
+  -- Several engines under a memory budget. Sizes are "20GiB", "512MiB", "1.5GiB" (KiB, MiB,
+  -- GiB, TiB: powers of 1024), "800MB" (KB, MB, GB, TB: powers of 1000) or a number of bytes.
+  -- max_engines = 1,                -- engines that may run at once; 1: a new one replaces the last
+  -- memory_budget = "20GiB",        -- what the running engines may take together; "auto": the
+  --                                 --   GPUs' memory (NVML), else the machine's RAM, less 10%.
+  --                                 --   Default: no limit. Each variant's need is estimated from
+  --                                 --   its GGUF (weights + KV cache at its context and cache
+  --                                 --   types + engine overhead); a model or variant may declare
+  --                                 --   it instead with `memory`. A variant that cannot fit is
+  --                                 --   refused at load.
 }
 
 -- Demo models: tiny GGUFs that `make models` generates (random weights, one token per byte).
@@ -38,6 +49,11 @@ models = {
     args = { "-m", tiny_model, "-t", "1" },  -- every variant's arguments; never -c/--host/--port
     env = {},                        -- extra environment variables for the engine
     default_max_tokens = 256,        -- the answer's reserve when a request names no max_tokens
+    -- memory = "6GiB",              -- what its engines take, instead of the estimate (a variant
+    --                               --   may set its own); needed under a memory budget when
+    --                               --   the model file is not a readable GGUF
+    -- keep_loaded = false,          -- true: once started, never stopped to make room for another
+    --                               --   model (at most max_engines such models, within the budget)
     -- Request rewriting: defaults fill fields the client left out, force overrides them,
     -- strip removes fields the engine should not see.
     request = {

@@ -329,6 +329,7 @@ def _resolve_binary(binary: str | None, base: Path) -> str | None:
 def _variant(name: str, v: dict[str, Any], base: Path) -> Variant:
     engine = v["engine"]  # what the engine type's Lua file read in the arguments
     model_file = engine.get("model_file")
+    mmproj_file = engine.get("mmproj_file")
     return Variant(
         model=name,
         context=v["context"],
@@ -341,6 +342,10 @@ def _variant(name: str, v: dict[str, Any], base: Path) -> Variant:
         model_file=_resolve_path(model_file, base, known=True) if model_file else None,
         embeddings=engine["embeddings"],
         reranking=engine["reranking"],
+        mmproj_file=_resolve_path(mmproj_file, base, known=True) if mmproj_file else None,
+        cache_type_k=engine["cache_type_k"],
+        cache_type_v=engine["cache_type_v"],
+        memory=v.get("memory"),
     )
 
 
@@ -361,13 +366,15 @@ def _build_model(m: dict[str, Any], base: Path) -> Model:
             strip=tuple(_as_list(rules["strip"])),
         ),
         variants=tuple(variants),
+        keep_loaded=m["keep_loaded"],
     )
 
 
 def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
     server = tree["server"]
     base = path.parent
-    return GatewayConfig(
+    budget, budget_source = _memory_budget(server.get("memory_budget"))
+    config = GatewayConfig(
         source=str(path),
         server=ServerConfig(
             listen=_listen(server),
@@ -382,6 +389,70 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
             preload=(server["preload"]["model"], server["preload"]["context"])
             if server.get("preload")
             else None,
+            max_engines=server["max_engines"],
+            memory_budget=budget,
+            memory_budget_source=budget_source,
         ),
         models=tuple(_build_model(m, base) for m in tree["models"]),
     )
+    problem = _memory_problem(config, tree)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
+    return config
+
+
+def _memory_budget(value: int | str | None) -> tuple[int | None, str]:
+    """The budget in bytes and where it came from; validate.lua left "auto" to resolve here."""
+    if value is None:
+        return None, ""
+    if value == "auto":
+        from gateway.engine.footprint import machine_budget  # gateway.engine imports gateway.config
+
+        return machine_budget()
+    return int(value), "config"
+
+
+def _memory_problem(config: GatewayConfig, tree: dict[str, Any]) -> str | None:
+    """Why the models cannot run under the server's max_engines and memory budget, if
+    they cannot: a message naming the keys, or None."""
+    from gateway.engine.footprint import Footprint, estimate, format_bytes, why_unestimated
+
+    server = config.server
+    kept = [(i, m) for i, m in enumerate(config.models, 1) if m.keep_loaded]
+    if len(kept) > server.max_engines:
+        names = ", ".join(f"models[{i}] ({m.name})" for i, m in kept)
+        return (
+            f"server.max_engines: {len(kept)} models have keep_loaded = true ({names}), but only "
+            f"{server.max_engines} engine(s) may run at once (max_engines = {server.max_engines})"
+        )
+    budget = server.memory_budget
+    if budget is None:
+        return None
+    budget_text = f"server.memory_budget {format_bytes(budget)} ({server.memory_budget_source})"
+    smallest: dict[str, tuple[str, Footprint]] = {}  # keep_loaded model -> its smallest variant
+    for i, (m, model) in enumerate(zip(tree["models"], config.models, strict=True), 1):
+        for j, v in enumerate(m["variants"], 1):
+            variant = model.variant_for(v["context"])
+            assert variant is not None
+            where = f"models[{i}].variants[{j}] ({variant.key})"
+            footprint = estimate(variant)
+            if footprint is None:
+                return (
+                    f"{where}: its memory cannot be estimated under {budget_text}: "
+                    f'{why_unestimated(variant)}; declare what it needs, e.g. memory = "8GiB", '
+                    f"on the variant or on models[{i}]"
+                )
+            if footprint.total > budget:
+                return f"{where}: needs {footprint.describe()}, more than {budget_text}"
+            if model.keep_loaded and (
+                model.name not in smallest or footprint.total < smallest[model.name][1].total
+            ):
+                smallest[model.name] = (f"models[{i}] {variant.key} needs {footprint.describe()}", footprint)
+    together = sum(footprint.total for _, footprint in smallest.values())
+    if together > budget:
+        names = "; ".join(name for name, _ in smallest.values())
+        return (
+            f"the keep_loaded models need {format_bytes(together)} together even in their smallest "
+            f"variants, more than {budget_text}: {names}"
+        )
+    return None

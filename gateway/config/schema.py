@@ -44,6 +44,12 @@ class Variant:
     model_file: str | None = None  # -m/--model, resolved against the config's folder
     embeddings: bool = False  # --embeddings
     reranking: bool = False  # --reranking
+    mmproj_file: str | None = None  # -mm/--mmproj, resolved against the config's folder
+    cache_type_k: str = "f16"  # -ctk/--cache-type-k (or LLAMA_ARG_CACHE_TYPE_K)
+    cache_type_v: str = "f16"  # -ctv/--cache-type-v (or LLAMA_ARG_CACHE_TYPE_V)
+    # Bytes the engine takes, declared by the variant or its model (`memory = "6GiB"`);
+    # it replaces the estimate (gateway/engine/footprint.py). None: estimated.
+    memory: int | None = None
 
     @property
     def key(self) -> str:
@@ -67,6 +73,7 @@ class Model:
     default_max_tokens: int
     request: RequestRules
     variants: tuple[Variant, ...]  # sorted by context, smallest first
+    keep_loaded: bool = False  # once started, never stopped to make room for another engine
 
     @property
     def largest_context(self) -> int:
@@ -88,6 +95,11 @@ class ServerConfig:
     admin_key: str | None = None  # when set, /gateway/* control endpoints need it
     preload: tuple[str, int] | None = None  # (model, context) started at start-up
     config_timeout: float = 10.0  # seconds a reload may spend running the config file
+    max_engines: int = 1  # engines that may run at once
+    memory_budget: int | None = None  # bytes all running engines may take; None: no limit
+    # How the budget was found: "config", or what "auto" found ("auto: physical memory
+    # 23.4 GiB less 10%"); "" without a budget.
+    memory_budget_source: str = ""
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,43 @@ local function engine_count(path, v)
   return math.tointeger and math.tointeger(v) or v
 end
 
+-- Sizes in bytes: a positive number of bytes, or a string "<number><unit>" with a decimal
+-- (KB, MB, GB, TB: powers of 1000) or binary (KiB, MiB, GiB, TiB: powers of 1024) unit or
+-- B, e.g. "20GiB", "1.5GiB", "800MB", "4096". The result is a whole number of bytes.
+-- Every size key (server.memory_budget, server.max_body_bytes, a model's or variant's
+-- memory) goes through this one parser.
+local SIZE_UNITS = {
+  b = 1, kb = 1000, mb = 1000 ^ 2, gb = 1000 ^ 3, tb = 1000 ^ 4,
+  kib = 1024, mib = 1024 ^ 2, gib = 1024 ^ 3, tib = 1024 ^ 4,
+}
+local SIZE_MAX = 2 ^ 53 -- bytes; exact in a double, and far beyond any machine's memory
+local SIZE_EXAMPLES = "like \"20GiB\", \"512MiB\", \"1.5GiB\" or \"800MB\" (KB/MB/GB/TB: "
+  .. "powers of 1000, KiB/MiB/GiB/TiB: of 1024), or a positive number of bytes"
+
+local function size(path, v)
+  local bytes
+  if type(v) == "number" then
+    bytes = v
+  elseif type(v) == "string" then
+    local number, unit = v:match("^%s*(%d*%.?%d*)%s*(%a*)%s*$")
+    local multiplier = unit and SIZE_UNITS[unit:lower()]
+    if unit == "" then multiplier = 1 end
+    if number == nil or not number:find("%d") or multiplier == nil then
+      fail(path, "must be a size %s (got %s)", SIZE_EXAMPLES, show(v))
+    end
+    bytes = math.floor(tonumber(number) * multiplier + 0.5)
+  elseif type(v) == "boolean" then
+    fail(path, "must be a size %s (got %s)", SIZE_EXAMPLES, show(v))
+  else
+    fail(path, "must be a size %s (got a %s)", SIZE_EXAMPLES, type(v))
+  end
+  if not is_integer(bytes) or bytes < 1 then
+    fail(path, "must be a size %s (got %s)", SIZE_EXAMPLES, show(v))
+  end
+  if bytes > SIZE_MAX then fail(path, "is too large: at most 2^53 bytes (8 PiB) (got %s)", show(v)) end
+  return math.tointeger(bytes)
+end
+
 local function non_empty_string(path, v)
   check_type(path, v, "string")
   if v == "" then fail(path, "must not be empty") end
@@ -337,6 +374,7 @@ local server_defaults = {
   max_start_failures = 3,
   loading_keepalive = true,
   config_timeout = 10,
+  max_engines = 1,
 }
 
 -- A reload runs the config file within config_timeout: too short a limit stops every
@@ -373,7 +411,8 @@ local function validate_server(s)
   only_keys("server", s, set_of(
     "listen_v4", "listen_v6", "queue_limit", "max_body_bytes", "max_start_failures",
     "loading_keepalive", "health_check_timeout", "engine_startup_timeout",
-    "engine_idle_timeout", "drain_timeout", "stop_timeout", "api_keys", "admin_key", "preload", "config_timeout"))
+    "engine_idle_timeout", "drain_timeout", "stop_timeout", "api_keys", "admin_key", "preload", "config_timeout",
+    "max_engines", "memory_budget"))
   local out = resolve_timeouts("server", s, server_defaults)
   out.listen_v4 = listen_list("server.listen_v4", s.listen_v4, "127.0.0.1:7777", valid_v4, "\"127.0.0.1:7777\"")
   out.listen_v6 = listen_list("server.listen_v6", s.listen_v6, "none", valid_v6, "\"[::1]:7777\"")
@@ -381,7 +420,12 @@ local function validate_server(s)
     fail("server.listen_v4", "no listen address: listen_v4 and listen_v6 are both \"none\"")
   end
   out.queue_limit = positive_integer("server.queue_limit", s.queue_limit or server_defaults.queue_limit)
-  out.max_body_bytes = positive_integer("server.max_body_bytes", s.max_body_bytes or server_defaults.max_body_bytes)
+  out.max_body_bytes = size("server.max_body_bytes", s.max_body_bytes or server_defaults.max_body_bytes)
+  out.max_engines = positive_integer("server.max_engines", s.max_engines or server_defaults.max_engines)
+  -- Absent: no memory limit. "auto" is resolved by the Python loader (GPU or RAM, less 10%).
+  if s.memory_budget ~= nil then
+    out.memory_budget = s.memory_budget == "auto" and "auto" or size("server.memory_budget", s.memory_budget)
+  end
   out.max_start_failures = positive_integer("server.max_start_failures",
     s.max_start_failures or server_defaults.max_start_failures)
   out.loading_keepalive = server_defaults.loading_keepalive
@@ -431,18 +475,21 @@ end
 
 local model_keys = set_of("name", "aliases", "engine", "binary", "args", "env", "default_max_tokens",
   "variants", "request", "health_check_timeout", "engine_startup_timeout", "drain_timeout",
-  "stop_timeout", "engine_idle_timeout")
+  "stop_timeout", "engine_idle_timeout", "memory", "keep_loaded")
 local variant_keys = set_of("context", "args", "binary", "health_check_timeout",
-  "engine_startup_timeout", "drain_timeout", "stop_timeout", "engine_idle_timeout")
+  "engine_startup_timeout", "drain_timeout", "stop_timeout", "engine_idle_timeout", "memory")
 
-local function validate_variant(path, v, model_timeouts)
+-- model_out: the model's validated values (timeouts and memory are inherited from it).
+local function validate_variant(path, v, model_out)
   check_type(path, v, "table")
   only_keys(path, v, variant_keys)
   if v.context == nil then fail(path .. ".context", "is missing (every variant needs a context size)") end
-  local out = resolve_timeouts(path, v, model_timeouts)
+  local out = resolve_timeouts(path, v, model_out)
   out.context = positive_integer(path .. ".context", v.context)
   out.args = arg_list(path .. ".args", v.args)
   if v.binary ~= nil then out.binary = non_empty_string(path .. ".binary", v.binary) end
+  -- A declared footprint replaces the estimate; a variant inherits its model's.
+  if v.memory ~= nil then out.memory = size(path .. ".memory", v.memory) else out.memory = model_out.memory end
   return out
 end
 
@@ -472,6 +519,9 @@ local function validate_model(path, m, server_out, names)
   out.env = string_map(path .. ".env", m.env)
   out.default_max_tokens = engine_count(path .. ".default_max_tokens", m.default_max_tokens or 512)
   out.request = request_rules(path .. ".request", m.request)
+  if m.memory ~= nil then out.memory = size(path .. ".memory", m.memory) end
+  out.keep_loaded = false
+  if m.keep_loaded ~= nil then out.keep_loaded = check_type(path .. ".keep_loaded", m.keep_loaded, "boolean") end
   local variants = sequence(path .. ".variants", m.variants)
   if #variants == 0 then fail(path .. ".variants", "is empty: a model needs at least one variant { context = N }") end
   out.variants = {}

@@ -56,10 +56,24 @@ return function(fail, show)
     return s
   end
 
+  -- The KV cache types llama-server accepts (`llama-server --help`, b11434); it compares
+  -- the name exactly, so "Q8_0" is refused too. The memory estimate needs to know them.
+  local CACHE_TYPES = { "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1" }
+  local cache_type_set = {}
+  for _, t in ipairs(CACHE_TYPES) do cache_type_set[t] = true end
+
+  local function cache_type(path, flag, s)
+    if not cache_type_set[s] then
+      fail(path, "%s must be one of %s (got %s)", flag, table.concat(CACHE_TYPES, ", "), show(s))
+    end
+    return s
+  end
+
   -- Every option the gateway reads or must refuse. `key`: the variant field it sets;
   -- `value`: parses the flag's value (flags without one are switches, true when given,
   -- false for a `negated` form); `env`: the variable llama-server reads instead;
-  -- `refuse`: why it may not be given at all; `needed`: why a switch may not end up off.
+  -- `refuse`: why it may not be given at all; `needed`: why a switch may not end up off;
+  -- `equals_passes`: a "--flag=value" form is not read (nor refused) but passed on.
   local options = {
     { "-c", "--ctx-size", refuse = "sets the context size, which the variant's `context` does "
       .. "(the gateway passes --ctx-size); remove it" },
@@ -81,6 +95,11 @@ return function(fail, show)
       key = "kv_unified" },
     { "-a", "--alias", key = "alias", value = alias },
     { "-m", "--model", key = "model_file", value = text },
+    -- Read for the memory estimate only: "--mmproj=FILE", which llama-server refuses when
+    -- the engine starts, is passed on as it stands (and not counted).
+    { "-mm", "--mmproj", key = "mmproj_file", value = text, equals_passes = true },
+    { "-ctk", "--cache-type-k", env = "LLAMA_ARG_CACHE_TYPE_K", key = "cache_type_k", value = cache_type },
+    { "-ctv", "--cache-type-v", env = "LLAMA_ARG_CACHE_TYPE_V", key = "cache_type_v", value = cache_type },
     { "--embedding", "--embeddings", env = "LLAMA_ARG_EMBEDDINGS", key = "embeddings" },
     { "--rerank", "--reranking", env = "LLAMA_ARG_RERANKING", key = "reranking" },
   }
@@ -129,9 +148,12 @@ return function(fail, show)
   -- args: the variant's engine arguments in order, each { path = "models[1].args[3]", text = "-np" };
   -- env(name): the { name, path, text } of an environment variable the engine gets, or nil;
   -- name, name_path: the model's name, which the gateway passes as --alias unless the args set one.
-  -- Returns { slots, kv_unified, alias, model_file, embeddings, reranking } (nil when unset).
+  -- Returns { slots, kv_unified, alias, model_file, mmproj_file, cache_type_k, cache_type_v,
+  -- embeddings, reranking } (nil when unset).
   return function(args, env, name, name_path)
-    local values = { kv_unified = false, embeddings = false, reranking = false }
+    local values = {
+      kv_unified = false, embeddings = false, reranking = false, cache_type_k = "f16", cache_type_v = "f16",
+    }
     for _, option in ipairs(options) do
       if option.env then apply_env(values, env, option) end
     end
@@ -140,7 +162,9 @@ return function(fail, show)
       local arg = args[i]
       local flag, eq = arg.text:match("^(%-[^=]*)(=)")
       local found = lookup(flag or arg.text)
-      if found and eq then
+      if found and eq and found[1].equals_passes then
+        found = nil -- left to llama-server, which refuses it at start
+      elseif found and eq then
         if found[1].refuse then fail(arg.path, "%s %s", flag, found[1].refuse) end
         fail(arg.path, "llama-server takes no %s=value form: write %s and its value as two arguments",
           flag, show(flag))
