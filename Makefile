@@ -37,6 +37,7 @@ test: setup
 lint: $(VENV)/.deps
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/mypy gateway
 
 bench: setup
 	$(BIN)/python bench/run.py

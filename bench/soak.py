@@ -646,12 +646,16 @@ def live(pid: int) -> bool:
     return stat is not None and stat[1] != "Z"
 
 
+def _key(entry: dict[str, Any]) -> tuple[float, str, str, str, str]:
+    return (entry["monotonic"], entry["model"], entry["from"], entry["to"], entry["trigger"])
+
+
 @dataclass
 class Watch:
     """What the monitor collects while the soak runs."""
 
     gateway_pid: int
-    history: dict[tuple[float, str, str, str], dict[str, Any]] = field(default_factory=dict)
+    history: dict[tuple[float, str, str, str, str], dict[str, Any]] = field(default_factory=dict)
     gaps: list[float] = field(default_factory=list)  # monotonic times before which entries may be lost
     # pid -> its start time: a pid the machine reuses later is another process
     engines: dict[int, int | None] = field(default_factory=dict)
@@ -666,14 +670,14 @@ class Watch:
             known is not None
             and len(entries) >= HISTORY_LENGTH
             and entries[0]["monotonic"] > known
-            and (entries[0]["monotonic"], entries[0]["from"], entries[0]["to"], entries[0]["trigger"])
-            not in self.history
+            and _key(entries[0]) not in self.history
         ):
             self.gaps.append(entries[0]["monotonic"])
         for entry in entries:
-            self.history[(entry["monotonic"], entry["from"], entry["to"], entry["trigger"])] = entry
-        if state.get("pid") and int(state["pid"]) not in self.engines:
-            self.engines[int(state["pid"])] = start_time(int(state["pid"]))
+            self.history[_key(entry)] = entry
+        for engine in state.get("engines", []):
+            if engine["pid"] and int(engine["pid"]) not in self.engines:
+                self.engines[int(engine["pid"])] = start_time(int(engine["pid"]))
         with contextlib.suppress(OSError):
             self.fd_peak = max(self.fd_peak, fd_count(self.gateway_pid))
 
@@ -715,13 +719,17 @@ async def kill_running_engine(session: aiohttp.ClientSession, url: str, watch: W
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return False
     watch.absorb(state)
-    pid = state.get("pid")
-    stat = proc_stat(pid) if pid else None
+    running = [engine for engine in state["engines"] if engine["pid"]]
+    if not running:
+        return False
+    engine = random.choice(running)
+    pid = int(engine["pid"])
+    stat = proc_stat(pid)
     if not stat or stat[0] != "llama-server" or stat[2] != watch.gateway_pid or stat[1] == "Z":
         return False
     os.kill(pid, signal.SIGKILL)
     watch.kills.append(pid)
-    watch.kill_states[state.get("state", "?")] += 1
+    watch.kill_states[engine["state"]] += 1
     return True
 
 
@@ -870,7 +878,7 @@ async def _soak(url: str, report: SoakReport, gateway_pid: int, config_path: Pat
     report.kill_states = watch.kill_states
     report.engines_seen = len(watch.engines)
     check_history(report, watch)
-    await check_leftovers(report, watch, state.get("pid"))
+    await check_leftovers(report, watch, {int(e["pid"]) for e in state["engines"] if e["pid"]})
     await check_descriptors(report, watch)
 
 
@@ -923,7 +931,7 @@ async def settle(session: aiohttp.ClientSession, url: str) -> None:
             if (
                 not state["in_flight"]
                 and not state["queued"]["count"]
-                and state["state"] in ("ready", "idle")
+                and all(engine["state"] == "ready" for engine in state["engines"])
             ):
                 return
         await asyncio.sleep(0.1)
@@ -965,8 +973,16 @@ def check_history(report: SoakReport, watch: Watch) -> None:
         step = (entry["from"], entry["to"], entry["trigger"])
         if step not in LEGAL:
             report.illegal_transitions.append(f"{step[0]} -{step[2]}-> {step[1]} ({entry.get('reason')})")
-    if entries and not watch.gaps and len(entries) < HISTORY_LENGTH and entries[0]["from"] != "idle":
-        report.broken_chain.append(f"the history starts in {entries[0]['from']!r}, not 'idle'")
+    complete = not watch.gaps and len(entries) < HISTORY_LENGTH
+    for model in sorted({entry["model"] for entry in entries}):
+        chain = [entry for entry in entries if entry["model"] == model]
+        if complete and chain[0]["from"] != "idle":
+            report.broken_chain.append(f"{model}'s history starts in {chain[0]['from']!r}, not 'idle'")
+        _check_chain(report, watch, chain)
+
+
+def _check_chain(report: SoakReport, watch: Watch, entries: list[dict[str, Any]]) -> None:
+    """One engine's transitions follow each other (unless the poll missed some)."""
     for before, after in itertools.pairwise(entries):
         if after["from"] != before["to"] and not any(
             before["monotonic"] < g <= after["monotonic"] for g in watch.gaps
@@ -977,13 +993,13 @@ def check_history(report: SoakReport, watch: Watch) -> None:
             )
 
 
-async def check_leftovers(report: SoakReport, watch: Watch, current: int | None) -> None:
-    """No engine but the current one: neither a child of the gateway nor an engine we saw
+async def check_leftovers(report: SoakReport, watch: Watch, current: set[int]) -> None:
+    """No engine but the current ones: neither a child of the gateway nor an engine we saw
     (the same process: same pid and start time; tests running beside may reuse pids)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:
         seen = {p for p, started in watch.engines.items() if started is not None and start_time(p) == started}
-        others = {p for p in engine_children(watch.gateway_pid) | seen if p != current}
+        others = {p for p in engine_children(watch.gateway_pid) | seen if p not in current}
         # a zombie still holds a pid: it was not reaped yet
         left = sorted(p for p in others if proc_stat(p) is not None and proc_stat(p)[0] == "llama-server")
         if not left or time.monotonic() > deadline:

@@ -110,6 +110,18 @@ class Gateway:
     def state(self) -> dict[str, Any]:
         return self.request("GET", "/gateway/state").json()
 
+    def engine(self, model: str | None = None) -> dict[str, Any]:
+        """The engine of `model` in /gateway/state (without one: the only engine, for
+        tests that run one at a time); an idle stand-in when none runs."""
+        engines = self.state()["engines"]
+        mine = [e for e in engines if model is None or e["model"] == model]
+        assert model is not None or len(mine) <= 1, engines
+        idle = {"state": "idle", "model": model, "pid": None, "variant": None, "port": None}
+        return mine[0] if mine else idle
+
+    def engine_pids(self) -> list[int]:
+        return [e["pid"] for e in self.state()["engines"] if e["pid"]]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -169,17 +181,16 @@ def _stop_and_check(gw: Gateway) -> str | None:
     if gw.process.poll() is not None:
         return None  # the test ended it and checked how
     try:
-        pid = gw.state().get("pid")  # None also when /gateway/state needs a key
-    except (OSError, ValueError):
-        pid = None
+        pids = gw.engine_pids()
+    except (OSError, ValueError, KeyError):  # also when /gateway/state needs a key
+        pids = []
     code = gw.stop()
     if code != 0:
         return f"gateway exit code {code}:\n{gw.log()[-3000:]}"
-    if pid:
-        try:
-            wait_until(lambda: not alive(pid), timeout=5)
-        except AssertionError:
-            return f"engine {pid} outlived its gateway"
+    try:
+        wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5)
+    except AssertionError:
+        return f"engines {[pid for pid in pids if alive(pid)]} outlived their gateway"
     return None
 
 

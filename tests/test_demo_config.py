@@ -59,5 +59,5 @@ def test_every_variant_of_the_example_starts_and_answers(demo: Gateway) -> None:
         body = answer.json()
         assert body["model"] == model
         assert re.fullmatch(r"[A-Za-z ]{8}", body["choices"][0]["message"]["content"])
-        state = demo.state()
-        assert (state["variant"]["key"], state["pid"]) == (f"{model}@{context}", pid)  # served by it
+        engine = demo.engine(model)
+        assert (engine["variant"]["key"], engine["pid"]) == (f"{model}@{context}", pid)  # served by it

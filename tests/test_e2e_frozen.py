@@ -23,7 +23,7 @@ def gateway(start_gateway, tiny_models) -> Gateway:
 
 def frozen_engine(gateway: Gateway) -> int:
     assert gateway.post("/gateway/load", {"model": "tiny"}).status == 200
-    pid = gateway.state()["pid"]
+    pid = gateway.engine()["pid"]
     os.kill(pid, signal.SIGSTOP)
     return pid
 
@@ -34,8 +34,8 @@ def test_a_request_on_a_frozen_engine_is_retried_on_a_new_one(gateway: Gateway) 
         "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 8}, timeout=30
     )
     assert reply.status == 200, reply.body[:300]
-    state = gateway.state()
-    assert state["state"] == "ready" and state["pid"] != pid
+    state, engine = gateway.state(), gateway.engine()
+    assert engine["state"] == "ready" and engine["pid"] != pid
     wait_until(lambda: not alive(pid), timeout=5)
     died = [h for h in state["history"] if h["trigger"] == "died"]
     assert died and "frozen" in died[-1]["reason"] and str(pid) in died[-1]["reason"]
@@ -44,7 +44,7 @@ def test_a_request_on_a_frozen_engine_is_retried_on_a_new_one(gateway: Gateway) 
 
 def test_a_stream_on_an_engine_that_freezes_ends_with_an_error_event(gateway: Gateway) -> None:
     assert gateway.post("/gateway/load", {"model": "tiny", "context": 8192}).status == 200
-    pid = gateway.state()["pid"]
+    pid = gateway.engine()["pid"]
     body = {"model": "tiny", "messages": CHAT, "max_tokens": 7000, "stream": True, "temperature": 0}
     request = urllib.request.Request(
         gateway.url + "/v1/chat/completions",
@@ -61,4 +61,4 @@ def test_a_stream_on_an_engine_that_freezes_ends_with_an_error_event(gateway: Ga
     assert b'"error"' in events[-1] and b"engine" in events[-1], events[-1]
     wait_until(lambda: not alive(pid), timeout=5)
     after = gateway.post("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 4})
-    assert after.status == 200 and gateway.state()["pid"] != pid
+    assert after.status == 200 and gateway.engine()["pid"] != pid

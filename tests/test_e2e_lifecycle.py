@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.supervisor.engine_steps import BACKOFF_BASE
+from gateway.supervisor.supervisor import BACKOFF_BASE
 from tests.conftest import Gateway, alive, tiny_model_config, wait_until
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -54,10 +54,10 @@ def gateway(start_gateway, tiny_models) -> Gateway:
 
 def test_swap_between_models_passes_draining_and_stopping(gateway: Gateway) -> None:
     assert ask(gateway, "tiny").status == 200
-    first_pid = gateway.state()["pid"]
+    first_pid = gateway.engine()["pid"]
     assert ask(gateway, "tiny-b").status == 200
-    state = gateway.state()
-    assert state["model"] == "tiny-b" and state["pid"] != first_pid
+    state, engine = gateway.state(), gateway.engine()
+    assert engine["model"] == "tiny-b" and engine["pid"] != first_pid
     assert swap_path(gateway) == [
         "starting",
         "ready",
@@ -79,7 +79,7 @@ def test_in_flight_stream_finishes_before_the_swap_stops_its_engine(start_gatewa
     gateway = start_gateway(tiny_model_config(tiny_models), drain_timeout=120)
     warm(gateway, 3000)
     wait_until(lambda: gateway.state()["in_flight"] == 0)  # warm's own request has ended
-    pid = gateway.state()["pid"]
+    pid = gateway.engine()["pid"]
     body = {
         "model": "tiny",
         "messages": CHAT,
@@ -97,8 +97,8 @@ def test_in_flight_stream_finishes_before_the_swap_stops_its_engine(start_gatewa
         assert resp.readline().startswith(b"data: ")  # the stream is under way
         other, answered = in_thread(lambda: (ask(gateway, "tiny-b"), time.monotonic()))
         wait_until(lambda: gateway.state()["queued"]["count"] == 1, interval=0.002)
-        state = gateway.state()
-        assert (state["state"], state["in_flight"], state["pid"]) == ("draining", 1, pid)  # the swap waits
+        engine = gateway.engine()
+        assert (engine["state"], engine["in_flight"], engine["pid"]) == ("draining", 1, pid)  # the swap waits
         rest = resp.read().decode()
         ended = time.monotonic()
     other.join(30)
@@ -149,7 +149,7 @@ def test_a_b_a_b_during_a_swap_causes_no_extra_swaps(gateway: Gateway) -> None:
 
 def test_engine_killed_mid_stream_then_the_next_request_recovers(gateway: Gateway) -> None:
     warm(gateway, 5000)
-    pid = gateway.state()["pid"]
+    pid = gateway.engine()["pid"]
     body = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 5000, "stream": True})
     req = urllib.request.Request(
         gateway.url + "/v1/chat/completions",
@@ -162,19 +162,19 @@ def test_engine_killed_mid_stream_then_the_next_request_recovers(gateway: Gatewa
         rest = resp.read().decode()
     assert "data: [DONE]" not in rest
     assert '"error"' in rest  # the stream ends with an error event
-    wait_until(lambda: gateway.state()["state"] == "crashed")
+    wait_until(lambda: gateway.engine()["state"] == "crashed")
     assert gateway.state()["counters"]["crashes"] == 1
     again = ask(gateway, "tiny")
     assert again.status == 200
-    assert gateway.state()["pid"] != pid
+    assert gateway.engine()["pid"] != pid
     assert [h["trigger"] for h in gateway.state()["history"]][-3:] == ["died", "start", "healthy"]
 
 
 def test_idle_engine_is_unloaded(start_gateway, tiny_models) -> None:
     gateway = start_gateway(tiny_model_config(tiny_models), engine_idle_timeout=0.5)
     ask(gateway, "tiny")
-    pid = gateway.state()["pid"]
-    wait_until(lambda: gateway.state()["state"] == "idle", timeout=5)
+    pid = gateway.engine()["pid"]
+    wait_until(lambda: gateway.engine()["state"] == "idle", timeout=5)
     history = gateway.state()["history"]
     assert history[-3]["trigger"] == "drain" and history[-3]["reason"].startswith("idle")
     assert not alive(pid)
@@ -183,7 +183,7 @@ def test_idle_engine_is_unloaded(start_gateway, tiny_models) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_no_engine_outlives_the_gateway(gateway: Gateway, sig: int) -> None:
     ask(gateway, "tiny")
-    pid = gateway.state()["pid"]
+    pid = gateway.engine()["pid"]
     assert alive(pid)
     code = gateway.stop(sig)
     assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
@@ -221,7 +221,7 @@ def test_engine_never_healthy_gets_504_and_nothing_hangs(start_gateway, tiny_mod
     resp = ask(gateway, "fake-never-healthy")
     assert resp.status == 504 and "not healthy after 1s" in resp.json()["error"]["message"]
     assert time.monotonic() - started < 5
-    assert gateway.state()["state"] == "crashed"
+    assert gateway.engine()["state"] == "crashed"
     assert ask(gateway, "tiny").status == 200  # other models keep working
 
 

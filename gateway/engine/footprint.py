@@ -28,9 +28,7 @@ from gateway.config.schema import Variant
 
 # The GGUF walker the vocabulary bound uses (gateway/engine/gguf.py), reused as it stands.
 from gateway.engine.gguf import _ARRAY, _MAGIC, _STRING, _NotGGUF, _read, _skip, _string, _u32, _u64
-
-GiB = 1 << 30
-MiB = 1 << 20
+from gateway.utils.sizes import MiB, human_bytes
 
 # What an engine holds beyond its weights and KV cache (runtime, shared libraries, compute
 # buffers, HTTP server). Measured with the demo model (models/tiny.gguf: 0.41 MiB of
@@ -84,17 +82,12 @@ class Footprint:
     def describe(self) -> str:
         """For messages: "1.2 GiB (declared)", "1.2 GiB (weights 1.0 GiB + KV cache ...)"."""
         if self.declared is not None:
-            return f"{format_bytes(self.total)} (declared)"
+            return f"{human_bytes(self.total)} (declared)"
         parts = (
-            f"weights {format_bytes(self.weights)} + KV cache {format_bytes(self.kv_cache)}"
-            f" + overhead {format_bytes(self.overhead)}"
+            f"weights {human_bytes(self.weights)} + KV cache {human_bytes(self.kv_cache)}"
+            f" + overhead {human_bytes(self.overhead)}"
         )
-        return f"{format_bytes(self.total)} ({parts})"
-
-
-def format_bytes(n: int) -> str:
-    """GiB from 1 GiB on, else MiB, with one decimal."""
-    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+        return f"{human_bytes(self.total)} ({parts})"
 
 
 def estimate(variant: Variant) -> Footprint | None:
@@ -284,7 +277,7 @@ def machine_budget() -> tuple[int, str]:
     else:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         what = "physical memory"
-    return total - total // 10, f"auto: {what} {format_bytes(total)} less 10%"
+    return total - total // 10, f"auto: {what} {human_bytes(total)} less 10%"
 
 
 def _resident(pid: int) -> int | None:

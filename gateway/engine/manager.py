@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from gateway.config.schema import GatewayConfig, Model, Variant
+from gateway.engine import footprint
 from gateway.engine.binary import BinaryNotFound, find_llama_server
 from gateway.engine.client import EngineClient, EngineRequestError, new_session
 from gateway.engine.gguf import longest_token_bytes
@@ -88,6 +89,7 @@ class EngineManager:
         self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
         self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
         self._longest_token: dict[str, int | None] = {}  # model file -> its longest token
+        self._footprints: dict[Variant, int | None] = {}  # estimated bytes, per variant
         self._slot_dir: str | None = None  # made on first start, removed at close
 
     def client(self, base_url: str) -> EngineClient:
@@ -115,6 +117,17 @@ class EngineManager:
         for variant in (v for m in config.models for v in m.variants):
             if variant.model_file and variant.model_file not in self._longest_token:
                 self._longest_token[variant.model_file] = longest_token_bytes(variant.model_file)
+            if variant not in self._footprints:
+                estimate = footprint.estimate(variant)
+                self._footprints[variant] = estimate.total if estimate is not None else None
+
+    def footprint(self, variant: Variant) -> int | None:
+        """The bytes the variant's engine is predicted to take (see engine/footprint.py)."""
+        return self._footprints.get(variant)
+
+    def measure(self, instance: EngineInstance) -> int | None:
+        """The bytes the engine takes now: its GPU memory, else its resident memory."""
+        return footprint.measure(instance.process.pid) if instance.process.pid else None
 
     def longest_token(self, variant: Variant) -> int | None:
         """The UTF-8 length of the longest token of the variant's model, when known."""
@@ -161,7 +174,7 @@ class EngineManager:
         listening: asyncio.Future[re.Match[str]],
         exited: asyncio.Task[int],
     ) -> EngineInstance:
-        await asyncio.wait([listening, exited], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([listening, exited], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         if listening.done() and listening.exception() is not None:
             await exited  # its output ended because it is exiting
         _raise_if_exited(process, exited)

@@ -121,14 +121,13 @@ class GatewayServer:
         model = self.config.resolve(name)
         variant = model.variant_for(context) if model else None
         assert variant is not None  # validated with the config
-        done = self.supervisor.load(variant)
-        done.add_done_callback(
-            lambda f: (
-                f.cancelled()
-                or f.exception() is None
-                or log.error("preload of %s failed: %s", variant.key, f.exception())
-            )
-        )
+        key = variant.key
+
+        def loaded(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.error("preload of %s failed: %s", key, done.exception())
+
+        self.supervisor.load(variant).add_done_callback(loaded)
 
     async def start(self) -> list[str]:
         """Start the supervisor and listen; returns the bound addresses."""

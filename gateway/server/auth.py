@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway.config.schema import GatewayConfig, ServerConfig
 from gateway.errors import Unauthorized
@@ -45,7 +45,7 @@ def key_matches(presented: str, keys: tuple[str, ...]) -> bool:
 
 def auth_middleware(config: Callable[[], GatewayConfig]) -> Middleware:
     @web.middleware
-    async def middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         keys = required_keys(request.path, config().server)
         if keys:
             presented = presented_key(request)

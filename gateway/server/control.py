@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 
 from gateway.config import ConfigError, GatewayConfig
+from gateway.config.schema import Model, Variant
 from gateway.errors import InvalidRequest, ModelNotFound
 from gateway.server.body import read_json_object
 from gateway.server.sse import SSE_HEADERS, sse_data
@@ -49,28 +51,32 @@ class ControlHandler:
 
     async def models(self, request: web.Request) -> web.Response:
         state = self._supervisor.snapshot()
-        running = (state["model"], state["variant"]["context"]) if state["pid"] else None
-        capacity = self._supervisor.capacity
+        engines = {e["model"]: e for e in state["engines"]}
+        running = {(e["model"], e["variant"]["context"]) for e in state["engines"] if e["pid"]}
+        capacity, footprint = self._supervisor.capacity, self._supervisor.footprint
         models = [
             {
                 "name": m.name,
                 "aliases": list(m.aliases),
                 "default_max_tokens": m.default_max_tokens,
                 "tokens_per_byte": self._supervisor.estimator.ratio(m.name),
+                "keep_loaded": m.keep_loaded,
+                "engine": engines[m.name]["state"] if m.name in engines else "idle",
                 "variants": [
                     {
                         "context": v.context,
                         "capacity": capacity(v).slot_context,  # what one request may use
                         "slots": capacity(v).slots,
                         "shared_kv": capacity(v).shared is not None,
-                        "running": running == (m.name, v.context),
+                        "running": (m.name, v.context) in running,
+                        "memory": footprint(v).as_json(),
                     }
                     for v in m.variants
                 ],
             }
             for m in self._config().models
         ]
-        return web.json_response({"models": models, "state": state["state"]})
+        return web.json_response({"models": models, "memory": state["memory"]})
 
     async def logs(self, request: web.Request) -> web.Response:
         lines = _last(self._logs.lines if self._logs else [], _int_query(request, "lines", DEFAULT_LOG_LINES))
@@ -106,22 +112,30 @@ class ControlHandler:
         model = self._config().resolve(name) if isinstance(name, str) else None
         if model is None:
             raise ModelNotFound(f"no model is named {name!r}", param="model")
-        if context is None:
-            variant = model.variants[0]
-        else:
-            variant = model.variant_for(context) if isinstance(context, int) else None
-            if variant is None:
-                contexts = ", ".join(str(v.context) for v in model.variants)
-                raise InvalidRequest(
-                    f"{model.name} has no variant with context {context!r} ({contexts})", param="context"
-                )
+        variant = model.variants[0] if context is None else _variant(model, context)
         await asyncio.shield(self._supervisor.load(variant))
-        state = self._supervisor.snapshot()
-        return web.json_response({"model": model.name, "context": variant.context, "pid": state["pid"]})
+        engine = self._engine(model.name)
+        return web.json_response(
+            {"model": model.name, "context": variant.context, "pid": engine["pid"] if engine else None}
+        )
 
     async def unload(self, request: web.Request) -> web.Response:
-        await asyncio.shield(self._supervisor.unload())
-        return web.json_response({"state": self._supervisor.snapshot()["state"]})
+        """Stop one model's engine (`{"model": ...}`), or every engine (no body)."""
+        name = None
+        if request.can_read_body:
+            body, _ = await read_json_object(request)
+            name = body.get("model")
+        model = None
+        if name is not None:
+            model = self._config().resolve(name) if isinstance(name, str) else None
+            if model is None:
+                raise ModelNotFound(f"no model is named {name!r}", param="model")
+        await asyncio.shield(self._supervisor.unload(model.name if model else None))
+        engines = self._supervisor.snapshot()["engines"]
+        return web.json_response({"unloaded": model.name if model else "all", "engines": engines})
+
+    def _engine(self, model: str) -> dict[str, Any] | None:
+        return next((e for e in self._supervisor.snapshot()["engines"] if e["model"] == model), None)
 
     async def reload(self, request: web.Request) -> web.Response:
         try:
@@ -129,6 +143,16 @@ class ControlHandler:
         except ConfigError as exc:
             raise InvalidRequest(f"config rejected, the old one stays: {exc}") from None
         return web.json_response({"reloaded": config.source, "models": [m.name for m in config.models]})
+
+
+def _variant(model: Model, context: object) -> Variant:
+    variant = model.variant_for(context) if isinstance(context, int) else None
+    if variant is None:
+        contexts = ", ".join(str(v.context) for v in model.variants)
+        raise InvalidRequest(
+            f"{model.name} has no variant with context {context!r} ({contexts})", param="context"
+        )
+    return variant
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:

@@ -54,6 +54,7 @@ def _validate_messages(body: Body) -> None:
     """The fields the gateway reads to size a chat prompt; the engine checks the rest."""
     messages = body.get("messages")
     _require(isinstance(messages, list) and bool(messages), "messages", "a non-empty array of messages")
+    assert isinstance(messages, list)
     for i, message in enumerate(messages):
         at = f"messages[{i}]"
         _require(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.errors import GatewayError
 from gateway.server.handler import request_id
@@ -34,7 +35,7 @@ def error_response(
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request_id(request)
     try:
         response = await handler(request)

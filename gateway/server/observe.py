@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway.server.endpoints import ENDPOINTS
 from gateway.utils.metrics import Metrics
@@ -16,7 +16,7 @@ CLIENT_GONE = "499"  # the client left before its answer ended (nginx's conventi
 
 def metrics_middleware(metrics: Metrics) -> Middleware:
     @web.middleware
-    async def middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in ENDPOINTS:
             return await handler(request)
         started = time.monotonic()

@@ -43,6 +43,7 @@ class TokensCounted:
 
 @dataclass(frozen=True)
 class StartFinished:
+    model: str
     variant: Variant
     instance: EngineInstance | None
     error: StartFailed | None
@@ -75,12 +76,14 @@ class SlotsSeen:
 
 @dataclass(frozen=True)
 class TimerFired:
-    name: str  # "idle", "drain", "retry", "probe" or "slots"
-    instance: EngineInstance | None
+    model: str | None  # the engine's; None for the supervisor's own ("retry")
+    name: str  # "idle", "drain", "probe", "slots" (an engine's), or "retry"
+    instance: EngineInstance | None  # the engine it was armed for
 
 
 @dataclass(frozen=True)
 class UnloadRequested:
+    model: str | None  # None: every engine
     done: asyncio.Future[None]
 
 

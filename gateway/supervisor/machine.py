@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from transitions import EventData, Machine
 
-STATES = ["idle", "starting", "ready", "draining", "stopping", "crashed"]
+
+class EngineState(StrEnum):
+    IDLE = "idle"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
+
+
+STATES = [state.value for state in EngineState]
 
 # (trigger, sources, destination, what it means): the one table the code, the
 # /gateway/state history, the README and the statecharts/ generator all read.
@@ -36,6 +48,7 @@ HISTORY_LENGTH = 200
 
 @dataclass(frozen=True)
 class TransitionRecord:
+    model: str  # whose engine took the edge
     source: str
     dest: str
     trigger: str
@@ -45,6 +58,7 @@ class TransitionRecord:
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "model": self.model,
             "from": self.source,
             "to": self.dest,
             "trigger": self.trigger,
@@ -67,20 +81,30 @@ def machine_kwargs() -> dict[str, Any]:
 
 
 class EngineLifecycle:
-    """The machine's model: current state, a bounded history and counters."""
+    """One engine's machine: its current state and a bounded history. Every record is
+    also handed to `on_record` (the supervisor's history of all engines)."""
 
     state: str  # set by the machine
+    trigger: Callable[..., bool]  # set by the machine
 
-    def __init__(self) -> None:
+    def __init__(self, model: str, on_record: Callable[[TransitionRecord], None] | None = None) -> None:
+        self.model_name = model
         self.history: deque[TransitionRecord] = deque(maxlen=HISTORY_LENGTH)
+        self._on_record = on_record
         self.machine = Machine(model=self, send_event=True, after_state_change="_record", **machine_kwargs())
+
+    @property
+    def current(self) -> EngineState:
+        return EngineState(self.state)
 
     def fire(self, trigger: str, reason: str) -> None:
         """Take the named edge; an illegal one raises `transitions.MachineError`."""
         self.trigger(trigger, reason=reason)
 
     def _record(self, event: EventData) -> None:
+        assert event.transition is not None and event.transition.dest is not None
         record = TransitionRecord(
+            model=self.model_name,
             source=event.transition.source,
             dest=event.transition.dest,
             trigger=event.event.name,
@@ -89,3 +113,5 @@ class EngineLifecycle:
             wall=time.time(),
         )
         self.history.append(record)
+        if self._on_record is not None:
+            self._on_record(record)

@@ -1,13 +1,16 @@
-"""The queue policy: which waiting requests are granted now and what runs next. Pure."""
+"""The queue policy and the placement of engines: which waiting requests are granted now,
+which engine starts next and which ones make room for it. Pure: no I/O, no clocks."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from gateway.config.schema import Model
+from gateway.config.schema import Model, Variant
 from gateway.models import ModelSelector, Needs, RunningEngine, Selection
 from gateway.models.selector import Outcome
+from gateway.supervisor.machine import EngineState
+from gateway.utils.sizes import human_bytes
 
 
 @dataclass(frozen=True)
@@ -32,66 +35,233 @@ class Waiting:
 
 @dataclass(frozen=True)
 class EngineView:
-    state: str  # the machine's state
-    running: RunningEngine | None  # set while ready
+    """One model's engine as the policy sees it."""
+
+    model: str
+    state: EngineState
+    running: RunningEngine | None = None  # set while ready
     # Tokens of a shared (unified) KV cache not reserved by requests in flight, and its
     # slots not taken; None when every slot has a cache of its own. `idle`: nothing is in
     # flight on the engine.
     free_tokens: int | None = None
     free_slots: int | None = None
     idle: bool = True
-    # Variants (keys) that failed and may not start again yet.
-    backing_off: Collection[str] = ()
+    memory: int = 0  # bytes it holds (or will, while starting)
+    last_used: float = 0.0  # its last grant (monotonic)
+    keep_loaded: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.state not in (EngineState.IDLE, EngineState.CRASHED)
+
+    @property
+    def leaving(self) -> bool:
+        return self.state in (EngineState.DRAINING, EngineState.STOPPING)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_engines: int = 1
+    memory_budget: int | None = None  # bytes; None: only max_engines limits
+
+
+@dataclass(frozen=True)
+class Start:
+    """The engine the queue (or a load) needs next, and the engines that make room."""
+
+    variant: Variant
+    head: tuple[Waiting, Selection] | None  # the request it is for; None: a load
+    evict: tuple[str, ...] = ()  # models whose engines are drained to make room
+    now: bool = False  # it fits beside what runs: start it now
 
 
 @dataclass
 class Plan:
     grants: list[tuple[Waiting, Selection]] = field(default_factory=list)
     rejects: list[tuple[Waiting, Selection]] = field(default_factory=list)
-    # What the head of the queue needs once nothing else can be granted: a swap target.
-    next: tuple[Waiting, Selection] | None = None
+    # Requests no placement can ever serve (the budget, keep_loaded engines): why not.
+    unfit: list[tuple[Waiting, str]] = field(default_factory=list)
+    start: Start | None = None
 
 
-def plan(waiting: Sequence[Waiting], engine: EngineView, selector: ModelSelector) -> Plan:
-    """Grant every waiting request the ready engine serves, in arrival order; reject what
-    no variant fits; the first of the rest decides the next engine (the first whose
-    variant is not backing off after failures, if there is one: a failing variant does
-    not hold up the requests another variant serves).
+Footprint = Callable[[Variant], int]
 
-    Requests for other engines wait even when later ones could be served now: a swap is
-    only ever made for the head of the queue, which keeps arrival order fair and an
-    A,B,A,B pattern from swapping on every request. With a shared KV cache a request is
-    granted only while the tokens it needs and a slot for each of its sequences are free,
-    so concurrent requests never run the engine out of context and none waits inside the
-    engine, unseen; an idle engine always takes one (to count it, at least).
+
+def plan(
+    waiting: Sequence[Waiting],
+    engines: Mapping[str, EngineView],
+    selector: ModelSelector,
+    *,
+    limits: Limits = Limits(),
+    footprint: Footprint = lambda _: 0,
+    backing_off: Collection[str] = (),
+    loads: Sequence[Variant] = (),
+) -> Plan:
+    """What to do now, in arrival order:
+
+    1. Each waiting request is selected against its model's engine. One no variant fits
+       is rejected. One its ready engine serves is granted while that engine's shared KV
+       cache has the tokens and a slot for each of its sequences (an idle engine always
+       takes one, to count it at least); when it does not, it and every later request for
+       that engine wait, so an engine serves its requests in arrival order and none waits
+       inside the engine, unseen.
+    2. A request whose model's engine is starting, draining or stopping waits for it.
+    3. The first request that needs an engine started (its model runs none, or a variant
+       too small) decides the next start: the first whose variant is not backing off
+       after failures, if there is one. Starts are made only for it, which keeps arrival
+       order fair and an A,B,A,B pattern from thrashing.
+    4. With no such request, a load asked for ahead of traffic is the next start.
+    5. `place` finds room for that start (see there).
     """
     result = Plan()
-    running = engine.running if engine.state == "ready" else None
-    free, free_slots, idle = engine.free_tokens, engine.free_slots, engine.idle
+    free = {m: (e.free_tokens, e.free_slots, e.idle) for m, e in engines.items()}
+    blocked: set[str] = set()  # engines whose next request waits for room
+    candidates: list[tuple[Waiting, Selection, bool]] = []  # (item, selection, is the head)
+    waited = False  # an earlier request still waits
     for item in waiting:
+        engine = engines.get(item.model.name)
+        running = engine.running if engine is not None else None
         selection = selector.select(item.needs, item.model, running)
         if selection.outcome is Outcome.REJECTED:
             result.rejects.append((item, selection))
-        elif selection.outcome is Outcome.REUSED:
+            continue
+        if selection.outcome is Outcome.REUSED:
             assert running is not None
-            reservation, slots = item.reservation(running), item.slot_use(running)
-            full = (free is not None and reservation > free) or (
-                free_slots is not None and slots > free_slots
-            )
-            if full and not idle:
-                break  # waits for the requests in flight to end; later ones keep their turn
-            result.grants.append((item, selection))
-            idle = False
-            if free is not None:
-                free -= reservation
-            if free_slots is not None:
-                free_slots -= slots
-        elif result.next is None or (
-            _backing_off(result.next[1], engine) and not _backing_off(selection, engine)
-        ):
-            result.next = (item, selection)
+            if item.model.name not in blocked and _take(free, item, running):
+                result.grants.append((item, selection))
+                continue
+            blocked.add(item.model.name)
+        elif engine is None or not engine.active or engine.state is EngineState.READY:
+            candidates.append((item, selection, not waited))
+            if selection.variant is not None and selection.variant.key in backing_off:
+                continue  # it waits for its back-off: the next one may be the head
+        waited = True
+    head = _first_not_backing_off(candidates, backing_off)
+    if head is not None:
+        item, selection, first = head
+        assert selection.variant is not None
+        placement = place(selection.variant, engines, limits, footprint, disrupt=first, grants=result.grants)
+        if isinstance(placement, str):
+            result.unfit.append((item, placement))
+        elif placement is not None:
+            result.start = replace(placement, head=(item, selection))
+        return result
+    for variant in loads:
+        engine = engines.get(variant.model)
+        if engine is not None and engine.active:
+            running = engine.running
+            if running is None or running.variant == variant:
+                continue  # under way, or loaded: nothing to start
+        placement = place(variant, engines, limits, footprint, disrupt=not waiting, grants=result.grants)
+        if isinstance(placement, Start):
+            result.start = placement
+            break
     return result
 
 
-def _backing_off(selection: Selection, engine: EngineView) -> bool:
-    return selection.variant is not None and selection.variant.key in engine.backing_off
+def place(
+    variant: Variant,
+    engines: Mapping[str, EngineView],
+    limits: Limits,
+    footprint: Footprint,
+    *,
+    disrupt: bool,
+    grants: Sequence[tuple[Waiting, Selection]] = (),
+) -> Start | str | None:
+    """Room for `variant`'s engine: a Start, None to wait, or why it can never fit.
+
+    1. Its model's own engine, when one runs, always goes (one engine per model): the
+       model changes variant as a swap does.
+    2. It never fits, even with every engine but the keep_loaded ones gone: why not.
+    3. It fits beside what runs (engines and bytes): start now.
+    4. Engines already leaving free their room first; then idle engines (nothing in
+       flight, nothing granted now), least recently used first, never a keep_loaded one.
+    5. Only for the head of the queue (`disrupt`): busy engines too, least recently used
+       first; they drain (requests in flight finish within drain_timeout) and then stop.
+    6. Not enough without disrupting: wait. Enough: drain those chosen; the start comes
+       once they have stopped.
+    """
+    needed = footprint(variant)
+    active = {m: e for m, e in engines.items() if e.active}
+    granted = {item.model.name for item, _ in grants}
+
+    def fits(removed: Collection[str]) -> bool:
+        staying = [e for m, e in active.items() if m not in removed]
+        within_memory = limits.memory_budget is None or sum(e.memory for e in staying) + needed <= (
+            limits.memory_budget
+        )
+        return len(staying) + 1 <= limits.max_engines and within_memory
+
+    own = active.get(variant.model)
+    if own is not None and not disrupt and not _idle(own, granted):
+        return None  # replacing a busy engine of its model is for the head of the queue
+    removed = [variant.model] if own is not None else []
+    evictable = [e for m, e in active.items() if not e.keep_loaded or m == variant.model]
+    if not fits([e.model for e in evictable]):
+        return _never_fits(variant, needed, active, limits)
+    if not removed and fits(()):
+        return Start(variant, None, now=True)
+    by_age = sorted((e for e in active.values() if e.model not in removed), key=lambda e: e.last_used)
+    leaving = [e.model for e in by_age if e.leaving]
+    idle = [e.model for e in by_age if _idle(e, granted)]
+    busy = [e.model for e in by_age if e.state is EngineState.READY and not e.keep_loaded]
+    for model in (*leaving, *idle, *(busy if disrupt else ())):
+        if fits(removed):
+            break
+        if model not in removed:
+            removed.append(model)
+    if not fits(removed):
+        return None
+    return Start(variant, None, evict=tuple(m for m in removed if m not in leaving))
+
+
+def _idle(engine: EngineView, granted: Collection[str]) -> bool:
+    return (
+        engine.state is EngineState.READY
+        and engine.idle
+        and not engine.keep_loaded
+        and engine.model not in granted
+    )
+
+
+def _never_fits(variant: Variant, needed: int, active: Mapping[str, EngineView], limits: Limits) -> str:
+    kept = [e for m, e in active.items() if e.keep_loaded and m != variant.model]
+    held = ", ".join(f"{e.model} {human_bytes(e.memory)}" for e in kept) or "none"
+    if limits.memory_budget is not None and needed + sum(e.memory for e in kept) > limits.memory_budget:
+        return (
+            f"{variant.key} needs {human_bytes(needed)}, which does not fit the memory budget of "
+            f"{human_bytes(limits.memory_budget)} beside the keep_loaded engines ({held})"
+        )
+    return (
+        f"{variant.key} cannot start: max_engines is {limits.max_engines} and the keep_loaded "
+        f"engines ({held}) are never evicted"
+    )
+
+
+def _take(
+    free: dict[str, tuple[int | None, int | None, bool]], item: Waiting, running: RunningEngine
+) -> bool:
+    """Grant `item` on its engine if it has room; count what it takes."""
+    tokens, slots, idle = free[item.model.name]
+    reservation, use = item.reservation(running), item.slot_use(running)
+    full = (tokens is not None and reservation > tokens) or (slots is not None and use > slots)
+    if full and not idle:
+        return False
+    free[item.model.name] = (
+        None if tokens is None else tokens - reservation,
+        None if slots is None else slots - use,
+        False,
+    )
+    return True
+
+
+def _first_not_backing_off(
+    candidates: Sequence[tuple[Waiting, Selection, bool]], backing_off: Collection[str]
+) -> tuple[Waiting, Selection, bool] | None:
+    """The first candidate whose variant may start now, else the first: a failing
+    variant does not hold up the requests another variant serves."""
+    for candidate in candidates:
+        variant = candidate[1].variant
+        if variant is not None and variant.key not in backing_off:
+            return candidate
+    return candidates[0] if candidates else None

@@ -40,6 +40,16 @@ class PendingRequest:
         return Needs(estimate, self.reserve, "estimate", self.sequences)
 
 
+@dataclass
+class Lease:
+    """A grant as the supervisor keeps it, until its holder releases it."""
+
+    pending: PendingRequest
+    instance: EngineInstance
+    tokens: int  # context it reserves on its engine: its needs, exact once counted
+    slots: int = 1  # engine slots its sequences take
+
+
 @dataclass(frozen=True)
 class Grant:
     """A lease on a ready engine: the holder may send one request to it."""

@@ -1,9 +1,9 @@
-"""The supervisor: one asyncio task that owns the queue, the leases and the engine's state.
+"""The supervisor: one asyncio task that owns the queue, the leases and every engine.
 
 Handlers and effect tasks never touch that state; they post events to the supervisor's
-inbox and await futures. After every event the supervisor asks the pure queue policy
-what to do and turns the answer into machine triggers and effects (start, stop, timers)
-whose results come back as events. One task, so no locks.
+inbox and await futures. After every event the supervisor asks the pure policy what to
+do and turns the answer into machine triggers and effects (start, stop, timers) whose
+results come back as events. One task, so no locks.
 """
 
 from __future__ import annotations
@@ -11,36 +11,79 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from gateway.config.schema import GatewayConfig, Model, Variant
-from gateway.errors import ContextLengthExceeded, GatewayError, Unavailable
-from gateway.models import ModelSelector, Needs, PromptShape, Room, RunningEngine, Selection, token_floor
+from gateway.engine.manager import EngineInstance, StartFailed
+from gateway.errors import EngineFailed, EngineTimeout, GatewayError, Unavailable
+from gateway.models import (
+    ModelSelector,
+    Needs,
+    PromptShape,
+    Room,
+    RunningEngine,
+    Selection,
+    TokenEstimator,
+    token_floor,
+)
 from gateway.models.selector import Outcome
 from gateway.supervisor import events as ev
-from gateway.supervisor.control_steps import ControlSteps
-from gateway.supervisor.engine_steps import EngineSteps
-from gateway.supervisor.policy import EngineView, Plan, Waiting, plan
-from gateway.supervisor.requests import Grant, PendingRequest
-from gateway.supervisor.state import Lease, fail
+from gateway.supervisor.effects import Effects
+from gateway.supervisor.machine import HISTORY_LENGTH, EngineState, TransitionRecord
+from gateway.supervisor.policy import EngineView, Limits, Plan, Start, Waiting, plan
+from gateway.supervisor.requests import Grant, Lease, PendingRequest
+from gateway.supervisor.scheduler import Scheduler, fail
+from gateway.supervisor.slot import Draining, EngineSlot, Ghost, Memory, Starting, Stopping, Timer
+from gateway.utils.metrics import Metrics
+from gateway.utils.sizes import human_bytes
 
 log = logging.getLogger("gateway.supervisor")
 
 FAULTS_REMEMBERED = 100  # distinct causes whose traceback was logged; then one line each
-PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "embedding": "input"}
+BACKOFF_BASE = 0.25  # seconds before the first restart after a failure; doubles, bounded
+BACKOFF_MAX = 8.0
+# Seconds between health probes of an engine with requests in flight: one that stops
+# answering (SIGSTOP, a driver fault, swapping) would otherwise hold them forever.
+PROBE_INTERVAL = 1.0
+# Seconds between looks at an engine's /slots while abandoned requests may still run.
+SLOTS_LOOK_INTERVAL = 0.02
 
 
-class Supervisor(EngineSteps, ControlSteps):
-    """The one task that owns the queue, the leases and the engine's state."""
+class Supervisor:
+    """The one task that decides every start, stop and grant."""
 
-    # --- lifecycle -------------------------------------------------------------------
+    def __init__(self, config: GatewayConfig, effects: Effects, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self._effects = effects
+        self.metrics = metrics or Metrics()
+        self.counters: Counter[str] = Counter()
+        self.estimator = TokenEstimator()
+        self.scheduler = Scheduler(self.metrics, self.counters)
+        self.slots: dict[str, EngineSlot] = {}  # by model name; kept after a stop (its history)
+        self.history: deque[TransitionRecord] = deque(maxlen=HISTORY_LENGTH)  # of every engine
+        self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self._handling = False
+        self._quiet: list[asyncio.Future[None]] = []  # quiesce() callers
+        self._failures: Counter[str] = Counter()  # failed starts or crashes in a row, per variant
+        self._retry_at: dict[str, float] = {}  # per variant key: no restart before (monotonic)
+        self._retry: asyncio.TimerHandle | None = None
+        self._wanted: dict[str, tuple[Variant, asyncio.Future[None]]] = {}  # loads, by model
+        self._unloading: list[tuple[str | None, asyncio.Future[None]]] = []  # (model or all, done)
+        self._room_made: dict[str, tuple[float, tuple[str, ...], str]] = {}  # swaps under way
+        self._measured: dict[str, int] = {}  # the most an engine of each variant took, in bytes
+        self._shutdown: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._faults_seen: set[str] = set()  # causes whose traceback was logged
+        self.last_engine_lines: list[str] = []  # of the last engine that stopped or failed
+
+    # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="supervisor")
 
     async def shutdown(self) -> None:
-        """Refuse new work, let in-flight requests finish (bounded), stop the engine.
+        """Refuse new work, let in-flight requests finish (bounded), stop every engine.
 
         The task keeps running afterwards, so that a request arriving late (a requeue
         after a cut-off, say) still gets its 503; `close` ends it.
@@ -53,12 +96,21 @@ class Supervisor(EngineSteps, ControlSteps):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for task in (self._effect, self._probe, self._looking_at_slots):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        tasks = [task for slot in self.slots.values() for task in slot.tasks()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    # --- the API handlers use ------------------------------------------------------------
+    async def quiesce(self) -> None:
+        """Return once the supervisor has handled every event posted so far and acted on
+        it (what its effects post later is not waited for)."""
+        if self._inbox.empty() and not self._handling:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._quiet.append(done)
+        await done
+
+    # --- the API handlers use ----------------------------------------------------------------
 
     async def acquire(self, pending: PendingRequest) -> Grant:
         """Queue the request and wait for a lease (or the error that ends its wait)."""
@@ -90,9 +142,10 @@ class Supervisor(EngineSteps, ControlSteps):
         self._post(ev.TokensCounted(grant.lease, grant.instance.model.name, shape, tokens, fits))
         return fits
 
-    def unload(self) -> asyncio.Future[None]:
+    def unload(self, model: str | None = None) -> asyncio.Future[None]:
+        """Stop one model's engine, or all (after a drain); resolves when it is down."""
         done = asyncio.get_running_loop().create_future()
-        self._post(ev.UnloadRequested(done))
+        self._post(ev.UnloadRequested(model, done))
         return done
 
     def reload(self, config: GatewayConfig) -> None:
@@ -104,28 +157,80 @@ class Supervisor(EngineSteps, ControlSteps):
         self._post(ev.LoadRequested(variant, done))
         return done
 
-    # --- the run loop ----------------------------------------------------------------------
+    def capacity(self, variant: Variant) -> Room:
+        model = self.config.resolve(variant.model)
+        if model is None or model.name != variant.model:  # removed by a reload meanwhile
+            return Room(variant.context)
+        return self._effects.capacity(variant, model)
+
+    def footprint(self, variant: Variant) -> Memory:
+        """The variant's memory: the estimate, and what an engine of it measured."""
+        measured = self._measured.get(variant.key)
+        return Memory(self._effects.footprint(variant) or 0, measured)
+
+    # --- the run loop --------------------------------------------------------------------------
+
+    def _post(self, event: ev.Event) -> None:
+        self._inbox.put_nowait(event)
 
     async def _run(self) -> None:
         while True:
             event = await self._inbox.get()
+            self._handling = True
             try:
                 self._handle(event)
             except Exception as exc:
                 self._event_failed(event, exc)
             self._reconcile_safely()
+            self._handling = False
+            if self._inbox.empty():
+                for done in self._quiet:
+                    if not done.done():
+                        done.set_result(None)
+                self._quiet.clear()
 
-    # --- faults: one bad request or model never stalls the others --------------------------
+    def _handle(self, event: ev.Event) -> None:
+        match event:
+            case ev.RequestArrived(pending):
+                self._arrive(pending)
+            case ev.RequestCancelled(pending):
+                self.scheduler.cancel(pending)
+            case ev.LeaseReleased(lease, requeue, served, abandoned):
+                self._release(lease, requeue, served, abandoned)
+            case ev.SlotsSeen(instance, busy, look):
+                self._slots_seen(instance, busy, look)
+            case ev.TokensCounted(lease_id, model, shape, tokens, fits):
+                self.estimator.observe(model, shape, tokens)
+                self._count("tokens_counted", model, tokens)
+                fits.set_result(self._recount(lease_id, tokens))
+            case ev.StartFinished(model, variant, instance, error):
+                self._start_finished(self.slots[model], variant, instance, error)
+            case ev.StopFinished(instance, code):
+                self._stop_finished(instance, code)
+            case ev.EngineExited(instance, code):
+                self._engine_exited(instance, code)
+            case ev.EngineProbed(instance, problem):
+                self._engine_probed(instance, problem)
+            case ev.TimerFired(model, name, instance):
+                self._timer_fired(model, name, instance)
+            case ev.UnloadRequested(model, done):
+                self._unload(model, done)
+            case ev.ConfigReloaded(config):
+                self._reload(config)
+            case ev.LoadRequested(variant, done):
+                self._load(variant, done)
+            case ev.ShutdownRequested(done):
+                self._begin_shutdown(done)
+
+    # --- faults: one bad request or model never stalls the others -----------------------------
 
     def _event_failed(self, event: ev.Event, exc: Exception) -> None:
         """Handling `event` raised: whoever waits on it gets a 500 naming the cause."""
         error = self._fault(f"handling {type(event).__name__}", exc)
         match event:
             case ev.RequestArrived(pending):
-                if pending in self._queue:
-                    self._queue.remove(pending)
-                fail(pending.future, error)
-            case ev.TokensCounted(fits=done) | ev.UnloadRequested(done) | ev.LoadRequested(done=done):
+                self.scheduler.answer(pending, error)
+            case ev.TokensCounted(fits=done) | ev.UnloadRequested(done=done) | ev.LoadRequested(done=done):
                 fail(done, error)
 
     def _reconcile_safely(self) -> None:
@@ -143,16 +248,15 @@ class Supervisor(EngineSteps, ControlSteps):
         except Exception as exc:
             self._fault("deciding", exc)
         try:
-            view, selector = self._view(), self._selector()
-            for pending in list(self._queue):
+            for pending in list(self.scheduler.queue):
                 try:
-                    plan([self._as_waiting(pending)], view, selector)
+                    self._plan([self._as_waiting(pending)])
                 except Exception as exc:
-                    self._queue.remove(pending)
-                    fail(pending.future, self._fault(f"deciding for request {pending.request_id}", exc))
+                    error = self._fault(f"deciding for request {pending.request_id}", exc)
+                    self.scheduler.answer(pending, error)
             self._reconcile()
         except Exception as exc:
-            self._fail_waiters(self._fault("deciding", exc))
+            self.scheduler.fail_waiters(self._fault("deciding", exc))
 
     def _fault(self, doing: str, exc: Exception) -> GatewayError:
         """Log a fault (its traceback once per distinct cause) and make the error to answer."""
@@ -165,40 +269,7 @@ class Supervisor(EngineSteps, ControlSteps):
             log.error("supervisor fault while %s: %s", doing, cause, exc_info=exc)
         return GatewayError(f"internal error in the gateway's scheduler while {doing}: {cause}")
 
-    def _handle(self, event: ev.Event) -> None:
-        match event:
-            case ev.RequestArrived(pending):
-                self._arrive(pending)
-            case ev.RequestCancelled(pending):
-                if pending in self._queue:
-                    self._queue.remove(pending)
-                    self._count("cancelled_waiting", pending.model.name)
-            case ev.LeaseReleased(lease, requeue, served, abandoned):
-                self._release(lease, requeue, served, abandoned)
-            case ev.SlotsSeen(instance, busy, look):
-                self._slots_seen(instance, busy, look)
-            case ev.TokensCounted(lease_id, model, shape, tokens, fits):
-                self.estimator.observe(model, shape, tokens)
-                self._count("tokens_counted", model, tokens)
-                fits.set_result(self._recount(lease_id, tokens))
-            case ev.StartFinished(variant, instance, error):
-                self._start_finished(variant, instance, error)
-            case ev.StopFinished(instance, code):
-                self._stop_finished(instance, code)
-            case ev.EngineExited(instance, code):
-                self._engine_exited(instance, code)
-            case ev.EngineProbed(instance, problem):
-                self._engine_probed(instance, problem)
-            case ev.TimerFired(name, instance):
-                self._timer_fired(name, instance)
-            case ev.UnloadRequested(done):
-                self._unload(done)
-            case ev.ConfigReloaded(config):
-                self._reload(config)
-            case ev.LoadRequested(variant, done):
-                self._load(variant, done)
-            case ev.ShutdownRequested(done):
-                self._begin_shutdown(done)
+    # --- requests ------------------------------------------------------------------------------
 
     def _arrive(self, pending: PendingRequest) -> None:
         assert pending.future is not None
@@ -206,20 +277,7 @@ class Supervisor(EngineSteps, ControlSteps):
             return  # cancelled before it got here
         if self._shutdown is not None:
             pending.future.set_exception(Unavailable("the gateway is shutting down"))
-        elif len(self._queue) >= self.config.server.queue_limit and not pending.seq:
-            # (a requeued request, seq already set, was accepted before and keeps its place)
-            self._count("rejected_queue_full", pending.model.name)
-            pending.future.set_exception(
-                Unavailable(
-                    f"too many waiting requests ({self.config.server.queue_limit}); retry later",
-                    headers={"Retry-After": "1"},
-                )
-            )
-        else:
-            if not pending.seq:
-                pending.seq = next(self._seq)
-            self._queue.append(pending)
-            self._queue.sort(key=lambda p: p.seq)  # a requeued request keeps its place
+        elif self.scheduler.enqueue(pending, self.config.server.queue_limit):
             hopeless = self._hopeless(pending)
             if hopeless is not None:
                 self._reject(pending, hopeless)
@@ -235,238 +293,653 @@ class Supervisor(EngineSteps, ControlSteps):
         selection = self._selector().select(needs, pending.model, None)
         return selection if selection.outcome is Outcome.REJECTED else None
 
-    # --- deciding ------------------------------------------------------------------------
+    def _reject(self, pending: PendingRequest, selection: Selection) -> None:
+        self.scheduler.reject(pending, selection, self._selector().largest_capacity(pending.model))
+
+    def _release(self, lease_id: int, requeue_reason: str | None, served: bool, abandoned: bool) -> None:
+        lease = self.scheduler.release(lease_id, requeue_reason)
+        if lease is None:
+            return
+        slot = self.slots.get(lease.instance.model.name)
+        if abandoned and lease.instance.kv_budget is not None and slot and slot.instance is lease.instance:
+            slot.ghosts.append(Ghost(lease, look=slot.looks + 1))
+            slot.look_at_slots(self._effects)  # the probe armed at its grant goes on meanwhile
+        if served:
+            self._failures.pop(lease.instance.variant.key, None)  # the variant works again
+
+    def _recount(self, lease_id: int, tokens: int) -> bool:
+        """The lease now reserves its exact needs; do all on its engine still fit?"""
+        lease = self.scheduler.leases.get(lease_id)
+        if lease is None:
+            return True
+        running = _running(lease.instance)
+        lease.tokens = running.room.reservation(lease.pending.needs(tokens))
+        budget = lease.instance.kv_budget
+        return budget is None or sum(held.tokens for held in self._held(lease.instance)) <= budget
+
+    def _held(self, instance: EngineInstance) -> list[Lease]:
+        """What holds room on an engine: its leases and its ghosts."""
+        slot = self.slots.get(instance.model.name)
+        ghosts = [g.lease for g in slot.ghosts] if slot is not None and slot.instance is instance else []
+        return [*self.scheduler.on(instance), *ghosts]
+
+    def _at_work(self, slot: EngineSlot) -> bool:
+        """Requests in flight on the engine, or abandoned ones it has not let go of yet:
+        llama-server ignores SIGTERM while it still runs a request, so a stop waits."""
+        instance = slot.instance
+        return instance is not None and bool(self._held(instance))
+
+    # --- deciding ------------------------------------------------------------------------------
 
     def _reconcile(self) -> None:
-        """Apply the queue policy to the current state; called after every event."""
-        self._queue = [p for p in self._queue if p.future is not None and not p.future.done()]
-        if self.lifecycle.state in ("idle", "crashed"):
-            self._answer_unloads()
+        """After every event, in this order:
+
+        1. Forget waiters that have their answer; answer unloads whose engines are down.
+        2. Shutting down: wind every engine down; answer the shutdown once all are down.
+        3. Cut short starts nobody waits for any more.
+        4. Call off drains the queue asked for and no longer needs.
+        5. Plan: answer what can never be served (again, until nothing is answered),
+           grant, then evict or start for the head of the queue.
+        6. Stop drained engines with nothing at work; arm idle timers.
+        """
+        self.scheduler.prune()
+        self._answer_unloads()
         if self._shutdown is not None:
             self._continue_shutdown()
             return
-        if self.lifecycle.state == "draining" and self._swap_unneeded():
-            self._cancel_timer("drain")
-            self._fire("resume", "the requests that needed the swap are gone")
-        if self.lifecycle.state == "starting" and self._start_unneeded():
-            log.info("start of %s cut short: nobody waits for it any more", self._target.key)  # type: ignore[union-attr]
-            self._cancel_start()
-        self._apply(plan(self._waiting(), self._view(), self._selector()))
+        for slot in self.slots.values():
+            if isinstance(slot.phase, Starting) and not self._wants(slot):
+                log.info("start of %s cut short: nobody waits for it any more", slot.phase.variant.key)
+                slot.abort("nobody waits for it any more")
+        for slot in self.slots.values():
+            if isinstance(slot.phase, Draining) and slot.phase.resumable and self._drain_unneeded(slot):
+                slot.resume("the requests that needed the drain are gone")
+        decision = self._plan(self._waiting())
+        while decision.rejects or decision.unfit:
+            self._answer(decision)
+            decision = self._plan(self._waiting())
+        self._apply(decision)
+        self._settle()
+
+    def _plan(self, waiting: list[Waiting], views: dict[str, EngineView] | None = None) -> Plan:
+        now = time.monotonic()
+        return plan(
+            waiting,
+            views if views is not None else self._views(),
+            self._selector(),
+            limits=Limits(self.config.server.max_engines, self.config.server.memory_budget),
+            footprint=lambda variant: self.footprint(variant).reserved,
+            backing_off={key for key, at in self._retry_at.items() if at > now},
+            loads=[variant for variant, _ in self._wanted.values()],
+        )
+
+    def _answer(self, decision: Plan) -> None:
+        for item, selection in decision.rejects:
+            self._reject(self.scheduler.by_seq(item.seq), selection)
+        for item, why in decision.unfit:
+            self._count("rejected_no_room", item.model.name)
+            self.scheduler.answer(self.scheduler.by_seq(item.seq), Unavailable(why))
 
     def _apply(self, decision: Plan) -> None:
-        """Carry out the policy's plan: rejects, grants, then a swap, a stop or a start."""
-        for item, selection in decision.rejects:
-            self._reject(self._by_seq(item.seq), selection)
-        target = self._next_target(decision.next)
-        if self.lifecycle.state == "ready":
-            running = self._running()
-            assert running is not None
-            for item, selection in decision.grants:
-                pending = self._by_seq(item.seq)
-                self._grant(pending, selection, item.reservation(running), item.slot_use(running))
-            if target is not None:
-                self._swap_to(*target)  # now draining: it may end at once, below
-            elif not self._queue:
-                self._arm_idle_timer()
-        if self.lifecycle.state == "draining" and not self._engine_at_work():
-            self._finish_drain("no request in flight")
-        elif self.lifecycle.state in ("idle", "crashed") and target is not None:
-            self._start(*target)
+        """Grants first (on ready engines), then the start the plan asks for, or the
+        evictions that make room for it."""
+        for item, selection in decision.grants:
+            pending = self.scheduler.by_seq(item.seq)
+            slot = self.slots[pending.model.name]
+            instance = slot.ready
+            assert instance is not None
+            running = _running(instance)
+            self.scheduler.grant(
+                pending, selection, instance, item.reservation(running), item.slot_use(running)
+            )
+            slot.touch()
+            slot.cancel(Timer.IDLE)
+            self._watch_health(slot)
+        if decision.start is not None:
+            self._start_or_make_room(decision.start)
 
-    def _answer_unloads(self) -> None:
-        for done in self._unloading:
-            done.set_result(None)
-        self._unloading.clear()
+    def _start_or_make_room(self, start: Start) -> None:
+        variant = start.variant
+        pending = self.scheduler.by_seq(start.head[0].seq) if start.head else None
+        why = f"request {pending.request_id}" if pending is not None else "load requested"
+        if pending is not None and start.head is not None:
+            self.scheduler.log_selection(pending, start.head[1])
+        if start.now:
+            self._start(pending.model if pending is not None else self._model(variant.model), variant, why)
+            return
+        if not start.evict:
+            return  # room is being made already
+        self._count("swaps", variant.model)
+        self._room_made[variant.model] = (time.monotonic(), start.evict, f"swap to {variant.key} for {why}")
+        for model in start.evict:
+            slot = self.slots[model]
+            busy = self._at_work(slot)
+            if model != variant.model:
+                self.metrics.evictions.labels(model, "busy" if busy else "idle").inc()
+                self.counters["evictions"] += 1
+                log.info(
+                    "evict %s (%s, least recently used) to start %s for %s: frees %s",
+                    slot.variant.key if slot.variant else model,
+                    "busy: drained first" if busy else "idle",
+                    variant.key,
+                    why,
+                    human_bytes(slot.memory.reserved if slot.memory else 0),
+                )
+            self._drain(slot, f"swap to {variant.key} for {why}", resumable=True)
 
-    def _start_unneeded(self) -> bool:
-        """Starting an engine that no waiting request and no load wants any more."""
-        if self._target is None or self._effect is None or self._effect.done() or self._wanted is not None:
-            return False
-        return not any(p.model.name == self._target.model for p in self._queue)
+    def _start(self, model: Model, variant: Variant, why: str) -> None:
+        """(`model` is the request's: one a reload removed still serves what it accepted.)"""
+        delay = self._retry_at.get(variant.key, 0.0) - time.monotonic()
+        if delay > 0:
+            self._arm_retry(delay)  # backoff after failures; reconcile again then
+            return
+        slot = self._slot(variant.model)
+        slot.memory = self.footprint(variant)
+        self._count("starts", variant.model)
+        slot.start(model, variant, self._effects, f"{why} needs {variant.key}")
 
-    def _swap_unneeded(self) -> bool:
-        """Draining for a swap, but nothing waiting needs another engine any more."""
-        if not self._draining_for_swap or self._instance is None or self._wanted is not None:
-            return False
-        as_ready = EngineView("ready", self._running())
-        return plan(self._waiting(), as_ready, self._selector()).next is None
+    def _settle(self) -> None:
+        for slot in self.slots.values():
+            if isinstance(slot.phase, Draining) and not self._at_work(slot):
+                self._stop(slot, "no request in flight")
+            instance = slot.ready
+            if instance is None:
+                continue
+            idle = instance.variant.timeouts.idle
+            quiet = not self.scheduler.in_flight(instance) and not self.scheduler.queued_for(slot.model)
+            if idle > 0 and quiet and not slot.armed(Timer.IDLE):
+                slot.arm(Timer.IDLE, idle)
+            wanted = self._wanted.get(slot.model)
+            if wanted is not None and wanted[0] == instance.variant:
+                del self._wanted[slot.model]
+                if not wanted[1].done():
+                    wanted[1].set_result(None)
 
-    def _next_target(
-        self, head: tuple[Waiting, Selection] | None
-    ) -> tuple[Variant, str, PendingRequest | None, Selection | None] | None:
-        """The variant to run next: the queue's head decides, else a load asked for."""
-        if head is not None:
-            item, selection = head
-            pending = self._by_seq(item.seq)
-            assert selection.variant is not None
-            return selection.variant, f"request {pending.request_id}", pending, selection
-        if self._wanted is not None:
-            variant, done = self._wanted
-            if self._instance is not None and self._instance.variant == variant:
-                if self.lifecycle.state == "ready":
-                    done.set_result(None)
-                    self._wanted = None
-                return None
-            return variant, "load requested", None, None
-        return None
+    def _wants(self, slot: EngineSlot) -> bool:
+        """Someone waits for the engine this slot is starting: a request, or a load."""
+        return slot.model in self._wanted or self.scheduler.queued_for(slot.model) > 0
 
-    def _swap_to(
-        self, variant: Variant, why: str, pending: PendingRequest | None, selection: Selection | None
-    ) -> None:
-        if pending is not None and selection is not None:
-            self._log_selection(pending, selection)
-        assert self._instance is not None
-        self._count("swaps", self._instance.model.name)
-        self._drain(f"swap to {variant.key} for {why}", for_swap=True)
-
-    def _largest(self, model: Model) -> int:
-        return self._selector().largest_capacity(model)
+    def _drain_unneeded(self, slot: EngineSlot) -> bool:
+        """A drain the queue asked for that it no longer needs: the plan, with the engine
+        ready again, would neither evict it nor replace it."""
+        assert isinstance(slot.phase, Draining)
+        views = self._views()
+        views[slot.model] = self._view(slot, as_ready=slot.phase.instance)
+        start = self._plan(self._waiting(), views).start
+        return start is None or (start.variant.model != slot.model and slot.model not in start.evict)
 
     def _selector(self) -> ModelSelector:
         return ModelSelector(self.capacity)
-
-    def capacity(self, variant: Variant) -> Room:
-        model = self.config.resolve(variant.model)
-        if model is None or model.name != variant.model:  # removed by a reload meanwhile
-            return Room(variant.context)
-        return self._effects.capacity(variant, model)
 
     def _model(self, name: str) -> Model:
         model = self.config.resolve(name)
         assert model is not None and model.name == name
         return model
 
+    def _slot(self, model: str) -> EngineSlot:
+        slot = self.slots.get(model)
+        if slot is None:
+            slot = self.slots[model] = EngineSlot(model, self._post, self.history.append)
+        return slot
+
     def _waiting(self) -> list[Waiting]:
-        return [self._as_waiting(p) for p in self._queue]
+        return [self._as_waiting(p) for p in self.scheduler.queue]
 
     def _as_waiting(self, pending: PendingRequest) -> Waiting:
-        needs = self._needs(pending)
-        instance = self._instance
-        if needs.exact or instance is None or instance.model.name != pending.model.name:
+        needs = pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
+        slot = self.slots.get(pending.model.name)
+        instance = slot.ready if slot is not None else None
+        if needs.exact or instance is None:
             return Waiting(pending.seq, pending.model, needs)
         # Granted on an estimate, it is counted only after the grant: reserve the bound.
         bound = instance.upper_bound(pending.kind, pending.shape)
         return Waiting(pending.seq, pending.model, needs, bound or 0)
 
-    def _needs(self, pending: PendingRequest) -> Needs:
-        return pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
+    def _views(self) -> dict[str, EngineView]:
+        return {model: self._view(slot, slot.ready) for model, slot in self.slots.items()}
 
-    def _running(self) -> RunningEngine | None:
-        instance = self._instance
-        if instance is None:
-            return None
-        return RunningEngine(instance.variant, instance.slot_context, instance.kv_budget, instance.slots)
+    def _keep_loaded(self, name: str) -> bool:
+        model = self.config.resolve(name)
+        return model is not None and model.name == name and model.keep_loaded
 
-    def _view(self) -> EngineView:
-        now = time.monotonic()
-        backing_off = {key for key, at in self._retry_at.items() if at > now}
-        instance = self._instance
-        if instance is None or self.lifecycle.state != "ready":
-            return EngineView(self.lifecycle.state, None, backing_off=backing_off)
-        held, budget = self._held(instance), instance.kv_budget
-        return EngineView(
-            "ready",
-            self._running(),
-            free_tokens=None if budget is None else budget - sum(lease.tokens for lease in held),
-            free_slots=None if budget is None else instance.slots - sum(lease.slots for lease in held),
-            idle=not held,
-            backing_off=backing_off,
-        )
-
-    def _by_seq(self, seq: int) -> PendingRequest:
-        return next(p for p in self._queue if p.seq == seq)
-
-    # --- granting and rejecting ---------------------------------------------------------------
-
-    def _grant(self, pending: PendingRequest, selection: Selection, tokens: int, slots: int) -> None:
-        assert self._instance is not None and pending.future is not None
-        self._cancel_timer("idle")
-        self._watch_health()
-        grant = Grant(self._instance, selection)
-        self._leases[grant.lease] = Lease(pending, self._instance, tokens, slots)
-        self._queue.remove(pending)
-        pending.future.set_result(grant)
-        self.counters["granted"] += 1
-        self.metrics.queue_wait.labels(pending.model.name).observe(time.monotonic() - pending.arrived)
-        self._log_selection(pending, selection)
-
-    def _reject(self, pending: PendingRequest, selection: Selection) -> None:
-        assert pending.future is not None
-        self._log_selection(pending, selection)
-        self._queue.remove(pending)
-        needs = selection.needs
-        each = f" for each of its {needs.sequences} sequences" if needs.sequences > 1 else ""
-        least = "at least " if needs.method == "floor" else ""
-        pending.future.set_exception(
-            ContextLengthExceeded(
-                f"this request needs {least}{needs.total} tokens of context{each} ({needs.prompt_tokens} "
-                f"prompt tokens + {needs.reserve} reserved for the answer), but the largest context "
-                f"of model {pending.model.name!r} is {self._largest(pending.model)}",
-                param=PROMPT_PARAM.get(pending.kind),
+    def _view(self, slot: EngineSlot, as_ready: EngineInstance | None) -> EngineView:
+        keep = self._keep_loaded(slot.model)
+        memory = slot.memory.reserved if slot.memory is not None and slot.active else 0
+        if as_ready is None:
+            return EngineView(
+                slot.model, slot.state, memory=memory, last_used=slot.last_used, keep_loaded=keep
             )
+        held, budget = self._held(as_ready), as_ready.kv_budget
+        return EngineView(
+            slot.model,
+            EngineState.READY,
+            _running(as_ready),
+            free_tokens=None if budget is None else budget - sum(lease.tokens for lease in held),
+            free_slots=None if budget is None else as_ready.slots - sum(lease.slots for lease in held),
+            idle=not held,
+            memory=memory,
+            last_used=slot.last_used,
+            keep_loaded=keep,
         )
 
-    def _release(self, lease_id: int, requeue_reason: str | None, served: bool, abandoned: bool) -> None:
-        lease = self._leases.pop(lease_id, None)
-        if lease is None:
-            return
-        if abandoned and lease.instance.kv_budget is not None and lease.instance is self._instance:
-            self._haunt(lease)
-        if served:
-            self._failures.pop(lease.instance.variant.key, None)  # the variant works again
-        if requeue_reason is not None:
-            self._count("requeued", lease.pending.model.name)
-            log.info("request %s goes back to the queue: %s", lease.pending.request_id, requeue_reason)
+    # --- engine steps: each fires the slot's trigger and launches its effect ----------------------
 
-    def _recount(self, lease_id: int, tokens: int) -> bool:
-        """The lease now reserves its exact needs; do all on its engine still fit?"""
-        lease = self._leases.get(lease_id)
-        if lease is None:
-            return True
-        running = self._running()
-        if running is not None and lease.instance is self._instance:
-            lease.tokens = running.room.reservation(lease.pending.needs(tokens))
-        budget = lease.instance.kv_budget
-        return budget is None or sum(held.tokens for held in self._held(lease.instance)) <= budget
+    def _drain(self, slot: EngineSlot, reason: str, resumable: bool) -> None:
+        instance = slot.ready
+        assert instance is not None
+        self._measure(slot, instance)
+        slot.drain(reason, resumable, instance.variant.timeouts.drain)
 
-    def _log_selection(self, pending: PendingRequest, selection: Selection) -> None:
-        """One line per decision: a start or grant that carries out a logged one is not new."""
-        if selection.variant is not None and selection.variant == pending.logged:
+    def _stop(self, slot: EngineSlot, reason: str) -> None:
+        slot.stop(self._effects, reason)
+
+    def _start_finished(
+        self, slot: EngineSlot, variant: Variant, instance: EngineInstance | None, error: StartFailed | None
+    ) -> None:
+        if isinstance(slot.phase, Stopping):  # cut short meanwhile
+            if instance is not None:
+                slot.phase = Stopping(instance, slot.phase.task)
+                self._stop_unwanted(slot, instance)
+            else:
+                slot.stopped("engine killed while starting")
             return
-        pending.logged = selection.variant
-        entry = {
-            "request_id": pending.request_id,
-            "model": pending.model.name,
-            "prompt_tokens": selection.needs.prompt_tokens,
-            "method": selection.needs.method,
-            "reserve": selection.needs.reserve,
-            "context": selection.variant.context if selection.variant else None,
-            "outcome": selection.outcome.value,
-            "at": time.time(),
-        }
-        self.selections.append(entry)
-        self.counters[f"selection_{selection.outcome.value}"] += 1
-        self.metrics.selections.labels(
-            pending.model.name, selection.outcome.value, selection.needs.method
-        ).inc()
-        log.info("select %s %s: %s", pending.request_id, pending.model.name, selection.describe())
+        if instance is not None:
+            self._on_ready(slot, instance)
+        elif error is not None:
+            self._on_start_failed(slot, variant, error)
+
+    def _stop_unwanted(self, slot: EngineSlot, instance: EngineInstance) -> None:
+        """A start that was cut short just as it succeeded: stop what it started."""
+
+        async def stopping() -> None:
+            self._post(ev.StopFinished(instance, await self._effects.stop(instance)))
+
+        slot.phase = Stopping(instance, asyncio.create_task(stopping(), name=f"engine {slot.model}"))
+
+    def _on_ready(self, slot: EngineSlot, instance: EngineInstance) -> None:
+        slot.healthy(instance)
+        self._measure(slot, instance)
+        variant = instance.variant
+        self.metrics.startup.labels(variant.model, str(variant.context)).observe(instance.startup_seconds)
+        log.info(
+            "engine ready %s pid=%s port=%d slot_context=%d startup=%.0fms memory=%s",
+            variant.key,
+            instance.process.pid,
+            instance.port,
+            instance.slot_context,
+            instance.startup_seconds * 1000,
+            _memory_text(slot.memory),
+        )
+        self._log_swap_done(slot, variant)
+        if self._outdated(instance):
+            self._drain(slot, f"config reload changed {variant.key}", resumable=False)
+        elif any(model in (None, slot.model) for model, _ in self._unloading):
+            self._drain(slot, "unload requested", resumable=False)
+
+    def _measure(self, slot: EngineSlot, instance: EngineInstance) -> None:
+        """Keep the largest figure an engine of this variant measured."""
+        measured = self._effects.measure(instance)
+        if measured is None:
+            return
+        key = instance.variant.key
+        self._measured[key] = max(measured, self._measured.get(key, 0))
+        slot.memory = self.footprint(instance.variant)
+        self.metrics.engine_memory.labels(slot.model, "measured").set(self._measured[key])
+        self.metrics.engine_memory.labels(slot.model, "estimate").set(slot.memory.estimate)
+
+    def _log_swap_done(self, slot: EngineSlot, variant: Variant) -> None:
+        """One line for an operator: a swap that just ended, with its phases timed from
+        the machines' own histories."""
+        made = self._room_made.pop(variant.model, None)
+        if made is None:
+            return
+        began, evicted, reason = made
+        records = [r for r in self.history if r.model in evicted and r.monotonic >= began]
+        drained = max((r.monotonic for r in records if r.trigger == "drained"), default=began)
+        stopped = max((r.monotonic for r in records if r.trigger == "stopped"), default=drained)
+        at = time.monotonic()
+        log.info(
+            "swap to %s done in %.0f ms: drain %.0f ms, stop %.0f ms, start %.0f ms (%s)",
+            variant.key,
+            (at - began) * 1000,
+            (drained - began) * 1000,
+            (stopped - drained) * 1000,
+            (at - stopped) * 1000,
+            reason,
+        )
+
+    def _on_start_failed(self, slot: EngineSlot, variant: Variant, error: StartFailed) -> None:
+        self.last_engine_lines = error.last_lines
+        self._count("start_failures", variant.model)
+        slot.start_failed(error)
+        log.error("engine start failed %s: %s", variant.key, error)
+        self._fail_variant(variant, _start_error(error))
+        self._count_failure(slot, variant)
+
+    def _fail_variant(self, variant: Variant, error: GatewayError) -> None:
+        """A start of this variant failed: the waiters it was for (and a load of it) get
+        the error; those another variant of the model serves keep waiting for theirs."""
+        wanted = self._wanted.get(variant.model)
+        if wanted is not None and wanted[0] == variant:
+            del self._wanted[variant.model]
+            fail(wanted[1], error)
+        selector = self._selector()
+
+        def needs_it(pending: PendingRequest) -> bool:
+            needs = pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
+            return (
+                pending.model.name == variant.model
+                and selector.select(needs, pending.model, None).variant == variant
+            )
+
+        self.scheduler.fail_waiters(error, needs_it)
+
+    def _count_failure(self, slot: EngineSlot, variant: Variant) -> None:
+        """One more failed start or crash in a row of this variant: back off; at the
+        limit, its waiters get 503 and the machine is reset."""
+        failures = self._failures[variant.key] = self._failures[variant.key] + 1
+        delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX)
+        self._retry_at[variant.key] = time.monotonic() + delay
+        if failures < self.config.server.max_start_failures:
+            return
+        self._failures.pop(variant.key)
+        slot.reset(f"{variant.key}: {failures} failures in a row")
+        tail = "\n".join(self.last_engine_lines[-10:])
+        self._fail_variant(
+            variant,
+            Unavailable(
+                f"the engine {variant.key} keeps failing "
+                f"({self.config.server.max_start_failures} times in a row); last engine output:\n{tail}"
+            ),
+        )
+
+    def _stop_finished(self, instance: EngineInstance, code: int) -> None:
+        slot = self.slots.get(instance.model.name)
+        if slot is None or not isinstance(slot.phase, Stopping) or slot.phase.instance is not instance:
+            return
+        self._forget(slot, instance, "stopped", code)
+        slot.stopped(f"pid {instance.process.pid} exited with {code}")
+
+    def _forget(self, slot: EngineSlot, instance: EngineInstance, how: str, code: int | None) -> None:
+        """The engine is gone: keep its last words, log one line."""
+        self.last_engine_lines = instance.process.last_lines()
+        uptime = time.monotonic() - instance.process.started_monotonic
+        level = logging.INFO if how == "stopped" else logging.ERROR
+        log.log(
+            level,
+            "engine %s %s pid=%s exit=%s uptime=%.1fs in_flight=%d",
+            how,
+            instance.variant.key,
+            instance.process.pid,
+            code,
+            uptime,
+            self.scheduler.in_flight(instance),
+        )
+
+    def _engine_exited(self, instance: EngineInstance, code: int) -> None:
+        slot = self.slots.get(instance.model.name)
+        if slot is None or slot.instance is not instance or slot.state not in _RUNNING:
+            return  # a stop we asked for (the stop effect reports it), or killed as frozen
+        self._forget(slot, instance, "crashed", code)
+        self._crashed(slot, instance, f"pid {instance.process.pid} exited with {code}")
+
+    def _watch_health(self, slot: EngineSlot) -> None:
+        """Probe the engine while it is at work: requests in flight, or abandoned ones it
+        has not let go of (a frozen engine never answers their look at /slots)."""
+        if not slot.armed(Timer.PROBE) and slot.probing is None:
+            slot.arm(Timer.PROBE, PROBE_INTERVAL)
+
+    def _engine_probed(self, instance: EngineInstance, problem: str | None) -> None:
+        slot = self.slots.get(instance.model.name)
+        if slot is None or slot.instance is not instance:
+            return  # its engine is gone (which cancelled the probe's task)
+        slot.probing = None
+        if slot.state not in _RUNNING:
+            return
+        if problem is None:
+            if self._at_work(slot):
+                self._watch_health(slot)
+            return
+        # Frozen: its requests would wait forever. Killed, its connections break: those
+        # that got no byte are retried once, streams end with an error event.
+        instance.process.kill_now()
+        self._forget(slot, instance, "frozen", None)
+        self._count("frozen", instance.model.name)
+        self._crashed(slot, instance, f"pid {instance.process.pid} frozen, killed: {problem}")
+
+    def _crashed(self, slot: EngineSlot, instance: EngineInstance, reason: str) -> None:
+        self._count("crashes", instance.model.name)
+        slot.died(reason)
+        self._count_failure(slot, instance.variant)
+
+    def _slots_seen(self, instance: EngineInstance, busy: frozenset[int] | None, look: int) -> None:
+        """A ghost is laid once none of the tasks that ran after it was abandoned runs."""
+        slot = self.slots.get(instance.model.name)
+        if slot is None or slot.instance is not instance:
+            return  # its engine is gone (which cancelled the look's task)
+        slot.looking = None
+        for ghost in [g for g in slot.ghosts if busy is not None and g.look <= look]:
+            if ghost.running is None:
+                ghost.running = busy
+            if not ghost.running & busy:  # type: ignore[operator]
+                slot.ghosts.remove(ghost)
+        if slot.ghosts:
+            slot.arm(Timer.SLOTS, SLOTS_LOOK_INTERVAL)
+
+    def _timer_fired(self, model: str | None, name: str, instance: EngineInstance | None) -> None:
+        if model is None:
+            self._retry = None  # the backoff ended; the reconcile after this event starts it
+            return
+        slot = self.slots.get(model)
+        timer = Timer(name)
+        if slot is None or (instance is not None and instance is not slot.instance):
+            return  # armed for an engine that is gone
+        slot.timers.pop(timer, None)
+        if timer is Timer.IDLE and instance is not None and slot.ready is instance:
+            if not self.scheduler.in_flight(instance) and not self.scheduler.queued_for(model):
+                self._count("idle_unloads", model)
+                self._drain(slot, f"idle for {instance.variant.timeouts.idle:g}s", resumable=False)
+        elif timer is Timer.DRAIN and isinstance(slot.phase, Draining):
+            cut = self.scheduler.in_flight(slot.phase.instance)
+            slot.phase.instance.cut_off()  # their answers end now; the engine is free to stop
+            self._stop(slot, f"drain_timeout: {cut} request(s) still in flight are cut off")
+        elif timer is Timer.PROBE and instance is not None and slot.state in _RUNNING and self._at_work(slot):
+            slot.probe(self._effects, instance)
+        elif timer is Timer.SLOTS:
+            slot.look_at_slots(self._effects)
+
+    def _arm_retry(self, delay: float) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = asyncio.get_running_loop().call_later(
+            delay, self._post, ev.TimerFired(None, "retry", None)
+        )
+
+    # --- control: load ahead of traffic, reload, unload, shut down ---------------------------
+
+    def _load(self, variant: Variant, done: asyncio.Future[None]) -> None:
+        if self._shutdown is not None:
+            done.set_exception(Unavailable("the gateway is shutting down"))
+            return
+        previous = self._wanted.pop(variant.model, None)
+        if previous is not None:
+            fail(previous[1], Unavailable(f"superseded by a load of {variant.key}"))
+        self._wanted[variant.model] = (variant, done)
+
+    def _reload(self, config: GatewayConfig) -> None:
+        """New requests see the new config now; an engine is swapped only if its own
+        model or variant changed (after its in-flight requests finish)."""
+        self.config = config
+        for pending in self.scheduler.queue:
+            model = config.resolve(pending.model.name)
+            if model is not None and model.name == pending.model.name:
+                pending.model = model
+            # else: accepted under the old config, it is served under the old one; nothing
+            # queued is lost
+        for name, (variant, done) in list(self._wanted.items()):
+            current = self._current(name, variant.context)
+            if current is None:
+                del self._wanted[name]
+                fail(done, Unavailable("the model or variant to load was removed by a reload"))
+            else:
+                self._wanted[name] = (current[1], done)  # load it as the config now says
+        for slot in self.slots.values():
+            instance = slot.instance
+            if instance is None or isinstance(slot.phase, Stopping):
+                continue  # an engine still starting is checked when it is ready
+            if not self._outdated(instance):
+                current = self._current(instance.model.name, instance.variant.context)
+                if current is not None:
+                    instance.model, instance.variant = current  # the same engine, new rules
+                continue
+            log.info("config reload changed %s: it is replaced once idle", instance.variant.key)
+            self._wind_down(slot, f"config reload changed {instance.variant.key}")
+
+    def _current(self, model_name: str, context: int) -> tuple[Model, Variant] | None:
+        """A variant as the config now defines it."""
+        model = self.config.resolve(model_name)
+        variant = model.variant_for(context) if model and model.name == model_name else None
+        return (model, variant) if model and variant else None
+
+    def _outdated(self, instance: EngineInstance) -> bool:
+        """The config now starts this model's variant differently. (An engine of a model
+        the reload removed keeps serving the requests accepted for it; an eviction or the
+        idle timeout ends it.)"""
+        current = self._current(instance.model.name, instance.variant.context)
+        model = self.config.resolve(instance.model.name)
+        if current is None:
+            return model is not None and model.name == instance.model.name  # variant removed
+        return _engine_spec(*current) != _engine_spec(instance.model, instance.variant)
+
+    def _unload(self, model: str | None, done: asyncio.Future[None]) -> None:
+        """Stop one model's engine or every engine (after a drain); `done` resolves when
+        they are down."""
+        for name in [n for n in self._wanted if model in (None, n)]:
+            fail(self._wanted.pop(name)[1], Unavailable("cancelled by an unload"))
+        for slot in self.slots.values():
+            if model in (None, slot.model):
+                self._wind_down(slot, "unload requested")
+        self._unloading.append((model, done))
+
+    def _answer_unloads(self) -> None:
+        def down(model: str | None) -> bool:
+            return all(not s.active for s in self.slots.values() if model in (None, s.model))
+
+        for model, done in [u for u in self._unloading if down(u[0])]:
+            self._unloading.remove((model, done))
+            if not done.done():
+                done.set_result(None)
+
+    def _begin_shutdown(self, done: asyncio.Future[None]) -> None:
+        self._shutdown = done
+        for name in list(self._wanted):
+            fail(self._wanted.pop(name)[1], Unavailable("the gateway is shutting down"))
+        self.scheduler.fail_waiters(Unavailable("the gateway is shutting down"))
+        if self._retry is not None:
+            self._retry.cancel()
+        for slot in self.slots.values():
+            slot.cancel(Timer.IDLE)
+            self._wind_down(slot, "shutdown")
+
+    def _wind_down(self, slot: EngineSlot, reason: str) -> None:
+        """Bring an engine down for good: drain it, keep a drain going, or cut a start."""
+        if slot.ready is not None:
+            self._drain(slot, reason, resumable=False)
+        elif isinstance(slot.phase, Draining):
+            slot.phase.resumable = False  # no `resume` may undo this one
+        elif isinstance(slot.phase, Starting):
+            slot.abort(reason)
+
+    def _continue_shutdown(self) -> None:
+        for slot in self.slots.values():
+            if slot.ready is not None:  # ready while the shutdown began (a start that ended)
+                self._drain(slot, "shutdown", resumable=False)
+            if isinstance(slot.phase, Draining) and not self._at_work(slot):
+                self._stop(slot, "shutdown: no request in flight")
+        if all(not s.active for s in self.slots.values()) and self._shutdown and not self._shutdown.done():
+            self._shutdown.set_result(None)
+
+    # --- counting and showing -----------------------------------------------------------------
+
+    def _count(self, name: str, model: str, amount: int = 1) -> None:
+        self.counters[name] += amount
+        self.metrics.count(name, model, amount)
 
     def snapshot(self) -> dict[str, Any]:
         """The state for /gateway/state (read between events; the loop is single-threaded)."""
-        instance = self._instance
-        variant = instance.variant if instance else self._target
-        waiting = Counter(p.model.name for p in self._queue)
+        shown = (s for s in self.slots.values() if s.active or s.state is EngineState.CRASHED)
+        engines = [self._engine_json(slot) for slot in shown]
+        budget = self.config.server.memory_budget
+        reserved = sum(slot.memory.reserved for slot in self.slots.values() if slot.active and slot.memory)
+        waiting = Counter(p.model.name for p in self.scheduler.queue)
         return {
-            "state": self.lifecycle.state,
-            "model": variant.model if variant else None,
+            "engines": engines,
+            "memory": {
+                "budget": budget,
+                "reserved": reserved,
+                "free": None if budget is None else budget - reserved,
+                "max_engines": self.config.server.max_engines,
+            },
+            "in_flight": len(self.scheduler.leases),
+            "queued": {"count": len(self.scheduler.queue), "models": dict(waiting)},
+            "history": [record.as_json() for record in self.history],
+            "counters": dict(self.counters),
+            "selections": list(self.scheduler.selections),
+            "engine_log": self.last_engine_lines,
+        }
+
+    def _engine_json(self, slot: EngineSlot) -> dict[str, Any]:
+        instance, variant = slot.instance, slot.variant
+        return {
+            "model": slot.model,
+            "state": slot.state.value,
             "variant": {"context": variant.context, "key": variant.key} if variant else None,
             "slot_context": instance.slot_context if instance else None,
             "pid": instance.process.pid if instance else None,
             "port": instance.port if instance else None,
-            "in_flight": len(self._leases),
-            "queued": {"count": len(self._queue), "models": dict(waiting)},
-            "history": [record.as_json() for record in self.lifecycle.history],
-            "counters": dict(self.counters),
-            "selections": list(self.selections),
-            "engine_log": instance.process.last_lines() if instance else self.last_engine_lines,
+            "in_flight": self.scheduler.in_flight(instance) if instance else 0,
+            "queued": self.scheduler.queued_for(slot.model),
+            "memory": slot.memory.as_json() if slot.memory and slot.active else None,
+            "keep_loaded": self._keep_loaded(slot.model),
+            "last_used": slot.last_used_wall,
+            "history": [record.as_json() for record in slot.lifecycle.history],
+            "engine_log": instance.process.last_lines() if instance else slot.last_lines,
         }
+
+
+_RUNNING = (EngineState.READY, EngineState.DRAINING)
+
+
+def _running(instance: EngineInstance) -> RunningEngine:
+    return RunningEngine(instance.variant, instance.slot_context, instance.kv_budget, instance.slots)
+
+
+def _memory_text(memory: Memory | None) -> str:
+    if memory is None:
+        return "unknown"
+    measured = human_bytes(memory.measured) if memory.measured is not None else "unmeasured"
+    return f"{human_bytes(memory.estimate)} estimated, {measured} measured"
+
+
+def _start_error(error: StartFailed) -> GatewayError:
+    tail = "\n".join(error.last_lines[-10:])
+    message = f"{error}" + (f"; last engine output:\n{tail}" if tail else "")
+    if error.kind == "timeout":
+        return EngineTimeout(message)
+    if error.kind == "spawn":
+        return Unavailable(message)
+    return EngineFailed(message)
+
+
+def _engine_spec(model: Model, variant: Variant) -> tuple[Any, ...]:
+    """What starting an engine depends on; a reload that keeps it keeps the engine."""
+    return (
+        model.engine,
+        model.binary,
+        model.args,
+        sorted(model.env.items()),
+        variant.context,
+        variant.args,
+        variant.binary,
+        variant.memory,
+    )

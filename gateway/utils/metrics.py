@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -19,7 +19,8 @@ SUPERVISOR_COUNTERS: dict[str, str] = {
     "start_failures": "Engine starts that never became healthy",
     "crashes": "Engines that exited on their own, or froze, while ready or draining",
     "frozen": "Engines killed because they did not answer /health with requests in flight",
-    "swaps": "Engines stopped because the head of the queue needed another variant",
+    "swaps": "Starts that had to stop engines first (another variant of the model, or evictions)",
+    "rejected_no_room": "Requests refused because their engine can never fit the memory budget",
     "idle_unloads": "Engines stopped after engine_idle_timeout",
     "requeued": "Requests sent back to the queue (upgrade after counting, engine failure)",
     "rejected_queue_full": "Requests refused because the queue was full",
@@ -56,6 +57,15 @@ class Metrics:
         self.startup = self._histogram(
             "engine_startup_seconds", "Engine spawn to healthy", "model", "context"
         )
+        self.evictions = self._counter(
+            "evictions", "Engines stopped to make room for another model's (idle or busy)", "model", "reason"
+        )
+        self.engine_memory = Gauge(
+            f"{PREFIX}_engine_memory_bytes",
+            "An engine's memory: estimate (before its start) and measured (after)",
+            ["model", "kind"],
+            registry=self.registry,
+        )
 
     def _counter(self, name: str, text: str, *labels: str) -> Counter:
         return Counter(f"{PREFIX}_{name}", text, labels, registry=self.registry)
@@ -82,16 +92,20 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state = self._snapshot()
         engine = GaugeMetricFamily(
-            f"{PREFIX}_engine_state", "1 for the engine state machine's current state", labels=["state"]
+            f"{PREFIX}_engine_state", "1 for each engine's current state", labels=["model", "state"]
         )
-        for name in self._states:
-            engine.add_metric([name], 1.0 if state["state"] == name else 0.0)
-        yield engine
-        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting", value=state["queued"]["count"])
-        yield GaugeMetricFamily(f"{PREFIX}_in_flight", "Requests holding a lease", value=state["in_flight"])
         running = GaugeMetricFamily(
             f"{PREFIX}_engine_context", "Context of the running variant", labels=["model"]
         )
-        if state["variant"] is not None and state["pid"] is not None:
-            running.add_metric([state["model"]], state["variant"]["context"])
+        for entry in state["engines"]:
+            for name in self._states:
+                engine.add_metric([entry["model"], name], 1.0 if entry["state"] == name else 0.0)
+            if entry["variant"] is not None and entry["pid"] is not None:
+                running.add_metric([entry["model"]], entry["variant"]["context"])
+        yield engine
         yield running
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting", value=state["queued"]["count"])
+        yield GaugeMetricFamily(f"{PREFIX}_in_flight", "Requests holding a lease", value=state["in_flight"])
+        yield GaugeMetricFamily(
+            f"{PREFIX}_engines", "Engines running or starting", value=len(state["engines"])
+        )

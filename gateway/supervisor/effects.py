@@ -1,0 +1,39 @@
+"""The narrow interface through which the supervisor acts on the world: the
+EngineManager, or a fake in tests."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.config.schema import Model, Variant
+from gateway.engine.manager import EngineInstance
+from gateway.models import Room
+
+
+class Effects(Protocol):
+    def capacity(self, variant: Variant, model: Model) -> Room: ...
+
+    def longest_token(self, variant: Variant) -> int | None:
+        """The UTF-8 length of the longest token of the variant's model, when known."""
+        ...
+
+    def footprint(self, variant: Variant) -> int | None:
+        """The bytes the variant's engine is predicted to take (declared, or estimated
+        from its model file and context); None when unknown."""
+        ...
+
+    def measure(self, instance: EngineInstance) -> int | None:
+        """The bytes the engine takes now (GPU memory, else resident); None if unknown."""
+        ...
+
+    async def start(self, model: Model, variant: Variant) -> EngineInstance: ...
+
+    async def stop(self, instance: EngineInstance) -> int: ...
+
+    async def busy_tasks(self, instance: EngineInstance) -> frozenset[int]:
+        """The ids of the tasks the engine's slots are processing now."""
+        ...
+
+    async def probe(self, instance: EngineInstance) -> str | None:
+        """None when the engine answers /health within its health_check timeout, else why not."""
+        ...
