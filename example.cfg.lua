@@ -26,7 +26,8 @@ server = {
 
   -- Several engines under a memory budget. Sizes are "20GiB", "512MiB", "1.5GiB" (KiB, MiB,
   -- GiB, TiB: powers of 1024), "800MB" (KB, MB, GB, TB: powers of 1000) or a number of bytes.
-  -- max_engines = 1,                -- engines that may run at once; 1: a new one replaces the last
+  max_engines = 2,                   -- engines that may run at once (default 1: a new one replaces the last);
+                                     --   the demo keeps both tiny models resident
   -- memory_budget = "20GiB",        -- what the running engines may take together; "auto": the
   --                                 --   GPUs' memory (NVML), else the machine's RAM, less 10%.
   --                                 --   Default: no limit. Each variant's need is estimated from
