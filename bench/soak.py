@@ -1,22 +1,25 @@
-"""Fault and load at once: many clients, both models, every variant, while engines get
-killed and the config keeps changing.
+"""Fault and load at once: many clients, three models on two engines, every variant, while
+engines get killed and the config keeps changing.
 
 Run as `.venv/bin/python bench/soak.py --seconds 60 --clients 32` (it starts its own
-gateway in front of the tiny demo models, on loopback), or import `run_soak` and point it
-at a running gateway (tests/test_soak.py does, for a short run).
+gateway in front of three tiny models with `server.max_engines = 2`, on loopback), or
+import `run_soak` and point it at a running gateway started with `soak_models()` and
+`SERVER` (tests/test_soak.py does, for a short run).
 
-Concurrent aiohttp clients send a random mix: chat and completions for `tiny` (variants
-512/2048/8192) and `tiny-b`, prompts of every size class, streamed and not, streams that
-the client closes after a few events, streams with a large `max_tokens` that force the
-larger variants and are closed early as well, chat with `n` = 2-3 (streamed and not),
-chat and completions whose `n_predict` is larger than their `max_tokens`, chat with a
-role string of 200-800 bytes, completions of a list of 2-3 prompts (not streamed:
-llama-server starts that stream with `data: null`), and now and then a bad request
-(malformed JSON, an unknown model, `max_tokens: 0`). Every good request fits the
-model's largest variant, its sequences (`n`, the prompts) together. A killer SIGKILLs
-the running engine every 2-5 s; given the config file, a reloader rewrites it every
-0.7-2 s with the `tiny` model's engine arguments alternating between two sets that
-change how the engine starts but not what it answers, and POSTs /gateway/reload.
+Concurrent aiohttp clients send a random mix, spread evenly over three models so that the
+gateway evicts one engine for another all the time: chat and completions for `tiny`
+(variants 512/2048/8192), `tiny-b` (2048) and `tiny-c` (4096), prompts of every size
+class, streamed and not, streams that the client closes after a few events, streams with
+a large `max_tokens` that force the larger variants and are closed early as well, chat
+with `n` = 2-3 (streamed and not), chat and completions whose `n_predict` is larger than
+their `max_tokens`, chat with a role string of 200-800 bytes, completions of a list of
+2-3 prompts (not streamed: llama-server starts that stream with `data: null`), and now
+and then a bad request (malformed JSON, an unknown model, `max_tokens: 0`). Every good
+request fits the model's largest variant, its sequences (`n`, the prompts) together. A
+killer SIGKILLs one of the running engines, at random, every 2-5 s; given the config
+file, a reloader rewrites it every 0.7-2 s with the `tiny` model's engine arguments
+alternating between two sets that change how the engine starts but not what it answers,
+and POSTs /gateway/reload.
 
 Then it checks, and `SoakReport.problems()` lists what failed:
 
@@ -30,12 +33,20 @@ Then it checks, and `SoakReport.problems()` lists what failed:
   error. No request took longer than `REQUEST_TIMEOUT`;
 - no engine died that the killer did not kill (the gateway's crash, failed-start and
   frozen counters), the supervisor had no fault, every reload answered 200;
-- afterwards no engine is left but the gateway's current one, the gateway's open file
-  descriptors did not grow beyond `FD_SLACK` over a baseline taken after warm-up, the
-  state machine history (polled during the run) has only legal, chained transitions, the
-  gateway is healthy and serves both models again (with the config it started with);
+- afterwards no engine is left but the gateway's current ones, the gateway's open file
+  descriptors did not grow beyond `FD_SLACK` over a baseline taken after warm-up, every
+  engine's state machine history (polled during the run) has only legal, chained
+  transitions, the gateway is healthy and serves all three models again (with the config
+  it started with);
+- at no poll did more engines run than `max_engines` (neither in /gateway/state nor as
+  llama-server processes of the gateway);
 - if `/metrics` exists: `llm_gateway_requests_total` counted at least the 200 answers the
-  clients saw complete.
+  clients saw complete, `llm_gateway_evictions_total` and `llm_gateway_starts_total` agree
+  with the gateway's own counters, and (when the polls saw every transition since the
+  gateway started) each model's starts are its `start` transitions.
+
+The report adds what the run did: engine starts, evictions (from /metrics) and each
+model's transitions.
 """
 
 from __future__ import annotations
@@ -83,9 +94,13 @@ RELOADED_MODEL = "tiny"
 # how its engine starts (so the gateway drains and restarts it), never what it answers.
 RELOAD_ARGS = (("--batch-size", "1024"), ("-ub", "256"))
 
-VARIANTS = {"tiny": (512, 2048, 8192), "tiny-b": (2048,)}
+VARIANTS = {"tiny": (512, 2048, 8192), "tiny-b": (2048,), "tiny-c": (4096,)}
+MODELS = tuple(VARIANTS)  # requests spread evenly over them
 LARGEST = {model: max(contexts) for model, contexts in VARIANTS.items()}
 ALIASES = {"tiny": "tiny-chat"}
+MAX_ENGINES = 2  # fewer than the models: requests keep evicting engines
+SERVER = {"max_engines": MAX_ENGINES}  # the soak gateway's server settings (beside lua_config's)
+BAD_MODELS = ("no-such-model", "tiny-d", "TINY", "tiny ")  # names the gateway does not serve
 LEGAL = frozenset((source, dest, trigger) for trigger, sources, dest, _ in TRANSITIONS for source in sources)
 
 # The gateway's own answers to an engine that died under a request: with the killer on, a
@@ -167,6 +182,8 @@ class SoakReport:
     fd_final: int = 0
     fd_slack: int = FD_SLACK
     transitions: int = 0
+    transitions_by_model: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> trigger -> n
+    history_complete: bool = False  # the polls saw every transition since the gateway started
     history_gaps: int = 0
     illegal_transitions: list[str] = field(default_factory=list)
     broken_chain: list[str] = field(default_factory=list)
@@ -174,6 +191,13 @@ class SoakReport:
     metrics_200: float | None = None
     clients_200: int = 0  # complete 200 answers, warm-up and recovery included
     metrics_problem: str | None = None
+    # From /metrics, grown from the baseline after warm-up to the end (recovery included).
+    starts: dict[str, int] = field(default_factory=dict)  # model -> llm_gateway_starts_total
+    evictions: dict[str, int] = field(default_factory=dict)  # "model/reason" -> llm_gateway_evictions_total
+    max_engines: int | None = None
+    peak_engines: int = 0
+    peak_processes: int = 0
+    crowded: list[str] = field(default_factory=list)
     health_after: int | None = None
     recovery_failures: list[str] = field(default_factory=list)
     shutdown: str | None = None  # main(): how the gateway it started ended
@@ -198,6 +222,8 @@ class SoakReport:
             out.append(
                 f"open descriptors grew from {self.fd_baseline} to {self.fd_final} (> {self.fd_slack})"
             )
+        if self.crowded:
+            out.append(f"{len(self.crowded)} polls saw more engines than max_engines: {self.crowded[:3]}")
         if self.illegal_transitions:
             out.append(f"illegal transitions: {self.illegal_transitions[:5]}")
         if self.broken_chain:
@@ -234,7 +260,8 @@ class SoakReport:
 
     def summary(self) -> str:
         lines = [
-            f"soak: {self.seconds:g}s, {self.clients} clients, seed {self.seed}, "
+            f"soak: {self.seconds:g}s, {self.clients} clients, models {', '.join(MODELS)} on "
+            f"max_engines {self.max_engines}, seed {self.seed}, "
             f"kills {'on' if self.kill_engines else 'off'}; wall {self.wall_seconds:.1f}s",
             f"requests   {self.requests}: {dict(sorted(self.kinds.items()))}",
             f"statuses   {dict(sorted(self.statuses.items()))}",
@@ -244,11 +271,20 @@ class SoakReport:
             f"killed     {len(self.kills)} engines (in {dict(self.kill_states)})",
             f"reloads    {self.reloads}, failed {len(self.reload_failures)}",
             f"counters   grew {dict(sorted(self.counter_growth.items()))}",
-            f"engines    {self.engines_seen} seen, left over: {self.leftover_engines or 'none'}",
+            f"engines    {self.engines_seen} seen, at once at most {self.peak_engines} in the state and "
+            f"{self.peak_processes} processes (max_engines {self.max_engines}), "
+            f"left over: {self.leftover_engines or 'none'}",
+            f"starts     {sum(self.starts.values())}: {dict(sorted(self.starts.items()))}",
+            f"evictions  {sum(self.evictions.values())}: {dict(sorted(self.evictions.items()))}",
             f"fds        baseline {self.fd_baseline}, peak {self.fd_peak}, final {self.fd_final} "
             f"(growth {self.fd_growth()}, allowed {self.fd_slack})",
-            f"history    {self.transitions} transitions ({self.history_gaps} gaps), "
+            f"history    {self.transitions} transitions ({self.history_gaps} gaps, "
+            f"{'complete' if self.history_complete else 'not all seen'}), "
             f"illegal {len(self.illegal_transitions)}, chain breaks {len(self.broken_chain)}",
+            *(
+                f"  {model:<8} {sum(triggers.values())}: {dict(sorted(triggers.items()))}"
+                for model, triggers in sorted(self.transitions_by_model.items())
+            ),
             f"metrics    /metrics {self.metrics_status}: 200s counted {self.metrics_200}, "
             f"seen complete {self.clients_200}",
             f"after      /health {self.health_after}, recovery failures {self.recovery_failures or 'none'}"
@@ -324,7 +360,7 @@ class Kinds:
 
 
 def make_spec(rng: random.Random, kind: str) -> Spec:
-    model = rng.choice(["tiny", "tiny", "tiny-b"])
+    model = rng.choice(MODELS)
     name = ALIASES.get(model, model) if rng.random() < 0.2 else model
     spec = Spec(kind, name, stream=kind in ("stream", "stream-cancel", "big-cancel"))
     spec.max_tokens = rng.randint(1, 64)
@@ -332,8 +368,8 @@ def make_spec(rng: random.Random, kind: str) -> Spec:
     role = "user"
     if kind == "big-cancel":  # a large answer forces a large variant; closed after a few events
         spec.max_tokens = rng.choice([rng.randint(1000, 1600), rng.randint(3000, 7600)])
-        if model == "tiny-b":
-            spec.max_tokens = rng.randint(600, 1600)
+        if len(VARIANTS[model]) == 1:  # no larger variant to force: most of its context
+            spec.max_tokens = rng.randint(int(LARGEST[model] * 0.3), int(LARGEST[model] * 0.78))
         spec.cancel_after = rng.randint(1, 4)
     elif kind == "stream-cancel":
         spec.cancel_after = rng.randint(1, 4)
@@ -363,7 +399,7 @@ def make_spec(rng: random.Random, kind: str) -> Spec:
     else:
         body["messages"] = [{"role": role, "content": prompts[0]}]
     if kind == "bad-model":
-        body["model"] = rng.choice(["no-such-model", "tiny-c", "TINY", "tiny "])
+        body["model"] = rng.choice(BAD_MODELS)
     elif kind == "bad-max-tokens":
         spec.max_tokens = body["max_tokens"] = 0
     spec.data = json.dumps(body).encode()
@@ -662,10 +698,18 @@ class Watch:
     fd_peak: int = 0
     kills: list[int] = field(default_factory=list)
     kill_states: Counter[str] = field(default_factory=Counter)
+    # Whether the first poll held the whole history since the gateway started (it was not
+    # full); with no gaps after it, the polls saw every transition.
+    from_start: bool | None = None
+    peak_engines: int = 0  # engines in /gateway/state that were not idle or crashed, at once
+    peak_processes: int = 0  # live llama-server children of the gateway, at once
+    crowded: list[str] = field(default_factory=list)  # polls that saw more than max_engines
 
     def absorb(self, state: dict[str, Any]) -> None:
         entries = state.get("history") or []
         known = max((key[0] for key in self.history), default=None)
+        if self.from_start is None:
+            self.from_start = len(entries) < HISTORY_LENGTH
         if (
             known is not None
             and len(entries) >= HISTORY_LENGTH
@@ -680,6 +724,18 @@ class Watch:
                 self.engines[int(engine["pid"])] = start_time(int(engine["pid"]))
         with contextlib.suppress(OSError):
             self.fd_peak = max(self.fd_peak, fd_count(self.gateway_pid))
+        self.count_engines(state)
+
+    def count_engines(self, state: dict[str, Any]) -> None:
+        """More engines at once than max_engines allows, in the state or as processes."""
+        limit = (state.get("memory") or {}).get("max_engines")
+        active = [e for e in state.get("engines", []) if e["state"] not in ("idle", "crashed")]
+        processes = sorted(p for p in engine_children(self.gateway_pid) if live(p))
+        self.peak_engines = max(self.peak_engines, len(active))
+        self.peak_processes = max(self.peak_processes, len(processes))
+        if limit is not None and (len(active) > limit or len(processes) > limit):
+            shown = ", ".join(f"{e['model']} {e['state']} pid {e['pid']}" for e in active)
+            self.crowded.append(f"max_engines {limit}: state [{shown}], llama-server processes {processes}")
 
 
 async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
@@ -834,6 +890,7 @@ async def _soak(url: str, report: SoakReport, gateway_pid: int, config_path: Pat
         await settle(session, url)
         report.fd_baseline = fd_count(gateway_pid)
         counters_before = (await get_json(session, url + "/gateway/state")).get("counters", {})
+        metrics_before = await get_metrics(session, url)
         watch.fd_peak = report.fd_baseline
         started = time.monotonic()
         deadline = started + report.seconds
@@ -872,20 +929,25 @@ async def _soak(url: str, report: SoakReport, gateway_pid: int, config_path: Pat
             if (grown := value - counters_before.get(name, 0))
         }
         report.health_after = await status_of(session, url + "/health")
-        await check_metrics(session, url, report, outcomes)
+        report.max_engines = (state.get("memory") or {}).get("max_engines")
+        metrics = await check_metrics(session, url, report, outcomes)
     tally(report, results, outcomes)
     report.kills = watch.kills
     report.kill_states = watch.kill_states
     report.engines_seen = len(watch.engines)
+    report.peak_engines, report.peak_processes = watch.peak_engines, watch.peak_processes
+    report.crowded = watch.crowded[:MAX_LISTED]
     check_history(report, watch)
+    if metrics is not None:
+        check_engine_metrics(report, metrics, metrics_before or "", report.counters)
     await check_leftovers(report, watch, {int(e["pid"]) for e in state["engines"] if e["pid"]})
     await check_descriptors(report, watch)
 
 
 async def warm_up(session: aiohttp.ClientSession, url: str, rng: random.Random) -> list[Outcome]:
-    """Both models, a stream and a cancelled stream, so pools and caches exist for the baseline."""
+    """Every model, a stream and a cancelled stream, so pools and caches exist for the baseline."""
     out = []
-    for model in ("tiny-b", "tiny"):
+    for model in reversed(MODELS):
         out.append(await send(session, url, _good_chat(model), kills=False))
     for kind in ("chat", "stream", "stream-cancel", "completion"):
         out.append(await send(session, url, make_spec(random.Random(rng.random()), kind), kills=False))
@@ -901,9 +963,9 @@ def _good_chat(model: str, stream: bool = False) -> Spec:
 
 
 async def recover(session: aiohttp.ClientSession, url: str, report: SoakReport) -> list[Outcome]:
-    """After the storm both models answer again, plain and streamed."""
+    """After the storm every model answers again, plain and streamed."""
     out = []
-    for model, stream in (("tiny", False), ("tiny-b", True), ("tiny", True), ("tiny-b", False)):
+    for model, stream in [*((m, False) for m in MODELS), *((m, True) for m in reversed(MODELS))]:
         outcome = await send(session, url, _good_chat(model, stream), kills=False)
         out.append(outcome)
         if outcome.result != "complete" or outcome.problem:
@@ -923,7 +985,9 @@ async def status_of(session: aiohttp.ClientSession, url: str) -> int | None:
 
 
 async def settle(session: aiohttp.ClientSession, url: str) -> None:
-    """Wait (bounded) until nothing is in flight or queued and the engine is ready or idle."""
+    """Wait (bounded) until nothing is in flight or queued and no engine is on its way
+    (starting, draining, stopping): each is ready, or down (idle, or crashed with nobody
+    asking for it since)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while time.monotonic() < deadline:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
@@ -931,7 +995,7 @@ async def settle(session: aiohttp.ClientSession, url: str) -> None:
             if (
                 not state["in_flight"]
                 and not state["queued"]["count"]
-                and all(engine["state"] == "ready" for engine in state["engines"])
+                and all(engine["state"] in ("ready", "idle", "crashed") for engine in state["engines"])
             ):
                 return
         await asyncio.sleep(0.1)
@@ -973,7 +1037,11 @@ def check_history(report: SoakReport, watch: Watch) -> None:
         step = (entry["from"], entry["to"], entry["trigger"])
         if step not in LEGAL:
             report.illegal_transitions.append(f"{step[0]} -{step[2]}-> {step[1]} ({entry.get('reason')})")
-    complete = not watch.gaps and len(entries) < HISTORY_LENGTH
+    report.history_complete = complete = bool(watch.from_start) and not watch.gaps
+    by_model: dict[str, Counter[str]] = {}
+    for entry in entries:
+        by_model.setdefault(entry["model"], Counter())[entry["trigger"]] += 1
+    report.transitions_by_model = {model: dict(triggers) for model, triggers in sorted(by_model.items())}
     for model in sorted({entry["model"] for entry in entries}):
         chain = [entry for entry in entries if entry["model"] == model]
         if complete and chain[0]["from"] != "idle":
@@ -1018,25 +1086,78 @@ async def check_descriptors(report: SoakReport, watch: Watch) -> None:
         report.fd_final = min(report.fd_final, fd_count(watch.gateway_pid))
 
 
-_SAMPLE = re.compile(r"^llm_gateway_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)")
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The (labels, value) samples of one metric in Prometheus' text format."""
+    out = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match["name"] == name:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
+            out.append((labels, float(match["value"])))
+    return out
 
 
 def requests_total_200(text: str) -> float:
     """The sum of `llm_gateway_requests_total` samples labelled status="200"."""
-    total = 0.0
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"]))
-            if labels.get("status") == "200":
-                total += float(match["value"])
-    return total
+    return sum(
+        v for labels, v in samples(text, "llm_gateway_requests_total") if labels.get("status") == "200"
+    )
+
+
+def by_labels(text: str, name: str, *labels: str) -> Counter[str]:
+    """A counter's samples summed by the given labels ("a/b" keys)."""
+    out: Counter[str] = Counter()
+    for found, value in samples(text, name):
+        out["/".join(found.get(label, "") for label in labels)] += int(value)
+    return out
+
+
+def grown(after: Counter[str], before: Counter[str]) -> dict[str, int]:
+    return {key: n for key, value in sorted(after.items()) if (n := value - before.get(key, 0))}
+
+
+def check_engine_metrics(report: SoakReport, text: str, before: str, counters: dict[str, int]) -> None:
+    """Starts and evictions during the run from /metrics; they agree with the gateway's own
+    counters and, when the polls saw every transition, with each model's `start` edges."""
+    starts = by_labels(text, "llm_gateway_starts_total", "model")
+    evictions = by_labels(text, "llm_gateway_evictions_total", "model", "reason")
+    report.starts = grown(starts, by_labels(before, "llm_gateway_starts_total", "model"))
+    report.evictions = grown(evictions, by_labels(before, "llm_gateway_evictions_total", "model", "reason"))
+    problems = []
+    for name, metric in (("starts", starts), ("evictions", evictions)):
+        if sum(metric.values()) != counters.get(name, 0):
+            problems.append(
+                f"llm_gateway_{name}_total sums to {sum(metric.values())}, /gateway/state's counters "
+                f"say {counters.get(name, 0)}"
+            )
+    if report.history_complete:
+        for model, triggers in report.transitions_by_model.items():
+            if triggers.get("start", 0) != starts.get(model, 0):
+                problems.append(
+                    f"{model}: {triggers.get('start', 0)} start transitions, "
+                    f"llm_gateway_starts_total says {starts.get(model, 0)}"
+                )
+    if problems:
+        report.metrics_problem = "; ".join(filter(None, [report.metrics_problem, *problems]))
+
+
+async def get_metrics(session: aiohttp.ClientSession, url: str) -> str | None:
+    """The /metrics text, None when there is none."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status == 200:
+                return await resp.text()
+    return None
 
 
 async def check_metrics(
     session: aiohttp.ClientSession, url: str, report: SoakReport, outcomes: list[Outcome]
-) -> None:
-    """Counted 200s >= the complete 200 answers we saw (cancelled and cut streams left out)."""
+) -> str | None:
+    """Counted 200s >= the complete 200 answers we saw (cancelled and cut streams left out).
+    The /metrics text, when there is one."""
     report.clients_200 = sum(1 for o in outcomes if o.status == 200 and o.result == "complete")
     try:
         async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
@@ -1044,21 +1165,39 @@ async def check_metrics(
             text = await resp.text()
     except (aiohttp.ClientError, TimeoutError) as exc:
         report.metrics_problem = f"GET /metrics failed: {exc}"
-        return
+        return None
     if resp.status == 404:
-        return  # not built yet: nothing to compare
+        return None  # not built yet: nothing to compare
     if resp.status != 200:
         report.metrics_problem = f"GET /metrics: HTTP {resp.status}: {text[:200]}"
-        return
+        return None
     report.metrics_200 = requests_total_200(text)
     if report.metrics_200 < report.clients_200:
         report.metrics_problem = (
             f"llm_gateway_requests_total counts {report.metrics_200:g} answers with status 200, "
             f"the clients saw {report.clients_200} complete ones"
         )
+    return text
 
 
 # --- main: its own gateway ----------------------------------------------------------------------------
+
+
+def soak_models(models: dict[str, Path]) -> list[dict[str, Any]]:
+    """The soak's three models: the two demo models (tiny with three variants, tiny-b) and
+    tiny-c, one 4096 variant (on `models["tiny-c"]`, else on tiny-b's file)."""
+    if str(ROOT) not in sys.path:  # `python bench/soak.py`: tests/ is importable from the root
+        sys.path.insert(0, str(ROOT))
+    from tests.conftest import tiny_model_config
+
+    tiny_c = {
+        "name": "tiny-c",
+        "args": ["-m", str(models.get("tiny-c", models["tiny-b"])), "-t", "1"],
+        "default_max_tokens": 64,
+        "request": {"defaults": {"temperature": 0}},
+        "variants": [{"context": context} for context in VARIANTS["tiny-c"]],
+    }
+    return [*tiny_model_config(models), tiny_c]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1070,18 +1209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
 
-    if str(ROOT) not in sys.path:  # `python bench/soak.py`: tests/ is importable from the root
-        sys.path.insert(0, str(ROOT))
-    from tests.conftest import tiny_model_config
-
     folder = Path(tempfile.mkdtemp(prefix="llm-gateway-soak-"))
     models = {
         "tiny": write_tiny_model(folder / "tiny.gguf", seed=1),
         "tiny-b": write_tiny_model(folder / "tiny-b.gguf", seed=2),
+        "tiny-c": write_tiny_model(folder / "tiny-c.gguf", seed=3),
     }
     port = free_port()
     config = folder / "soak.cfg.lua"
-    config.write_text(lua_config(port, tiny_model_config(models)))
+    config.write_text(lua_config(port, soak_models(models), **SERVER))
     log_path = folder / "gateway.log"
     process = spawn_gateway(config, log_path)
     url = f"http://127.0.0.1:{port}"

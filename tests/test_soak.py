@@ -1,10 +1,14 @@
-"""The short fault-and-load run (bench/soak.py): 8 clients for about 12 s while engines get
-SIGKILLed and the config's engine arguments change, then every check of its report."""
+"""The short fault-and-load run (bench/soak.py): 8 clients for about 12 s on three models
+that share two engines (max_engines = 2), while engines get SIGKILLed and the config's
+engine arguments change, then every check of its report."""
 
 from __future__ import annotations
 
-from bench.soak import MIXES, REQUEST_TIMEOUT, run_soak
-from tests.conftest import Gateway, tiny_model_config
+from pathlib import Path
+
+from bench.soak import MAX_ENGINES, MIXES, MODELS, REQUEST_TIMEOUT, SERVER, run_soak, soak_models
+from gateway.demo.tinymodel import write_tiny_model
+from tests.conftest import Gateway
 
 SECONDS = 12
 CLIENTS = 8
@@ -12,8 +16,9 @@ SEED = 20261126  # the mix is reproducible; the timing of kills, reloads and swa
 NEW_KINDS = ("chat-n", "n-predict", "long-role", "prompts")  # #10: two of each in every bag
 
 
-def test_soak_with_engine_kills(start_gateway, tiny_models) -> None:
-    gateway: Gateway = start_gateway(tiny_model_config(tiny_models))
+def test_soak_with_engine_kills(start_gateway, tiny_models, tmp_path: Path) -> None:
+    models = {**tiny_models, "tiny-c": write_tiny_model(tmp_path / "tiny-c.gguf", seed=3)}
+    gateway: Gateway = start_gateway(soak_models(models), **SERVER)
     report = run_soak(
         gateway.url,
         SECONDS,
@@ -32,13 +37,19 @@ def test_soak_with_engine_kills(start_gateway, tiny_models) -> None:
     # more requests than a bag of kinds holds: each kind #10 asked for came at least twice
     assert all(report.kinds[kind] >= dict(MIXES)[kind] for kind in NEW_KINDS), summary
     assert report.outcomes["complete"] > 0 and report.outcomes["cancelled"] > 0, summary
-    assert len(report.served) >= 3, f"too few model variants served\n{summary}"
+    assert len(report.served) >= 4, f"too few model variants served\n{summary}"
+    # all three models served, on two engines: engines were evicted for others
+    assert {served.split("@")[0] for served in report.served} == set(MODELS), summary
+    assert report.max_engines == MAX_ENGINES and report.peak_engines == MAX_ENGINES, summary
+    assert not report.crowded, "\n".join(report.crowded)
+    assert sum(report.evictions.values()) > 0 and sum(report.starts.values()) > 0, summary
+    assert set(report.transitions_by_model) == set(MODELS), summary
     # every request: a complete, well-formed answer or a clear error, and none hung
     assert report.bad_answer_count == 0, "\n".join([summary, *report.bad_answers])
     assert report.hung_count == 0, "\n".join([f"over {REQUEST_TIMEOUT:g}s:", *report.hung])
     # no engine died that the killer did not kill, the supervisor had no fault
     assert not report.engine_problems(), summary
-    # afterwards: one engine at most, no descriptor leak, a legal history, healthy
+    # afterwards: the current engines only, no descriptor leak, a legal history, healthy
     assert not report.leftover_engines, summary
     assert report.fd_growth() <= report.fd_slack, summary
     assert report.transitions > 0, summary
