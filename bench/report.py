@@ -369,6 +369,10 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Hit rate: {e['hits']}/{e['total']} ({e['hit_rate'] * 100:.0f}%): the first started variant was the",
         'final one (no "upgraded" selection for the request).',
+    ]
+    if "engines" in r:
+        lines += ["", *engines_markdown(r["engines"], t)]
+    lines += [
         "",
         f"Shutdown: gateway exit code {sd['gateway_exit_code']} (asyncio gateway "
         f"{sd['asyncio_gateway_exit_code']}, router {sd['router_exit_code']}), llama-server left over: "
@@ -381,3 +385,70 @@ def markdown(r: dict[str, Any]) -> str:
 def count_reps(k: dict[str, Any]) -> str:
     first = next(iter(k["engine_count"].values()))
     return str(first["ms"]["n"])
+
+
+def _ms(s: dict[str, float] | None, key: str = "median", n: bool = False) -> str:
+    if not s:
+        return "-"
+    return f"{s[key]:.1f}" + (f" (n={s['n']})" if n else "")
+
+
+def engines_markdown(e: dict[str, Any], t: str) -> list[str]:
+    """Section 7: several engines side by side (also printed by `bench/run.py --only engines`)."""
+    mix = ", ".join(f"{model} {count}" for model, count in sorted(e["mix"].items()))
+    lines = [
+        f"## 7. Several engines (three models in a random mix, {e['requests']} streamed requests of "
+        f"{e['max_tokens']} tokens, {t})",
+        "",
+        f"The same sequence of requests on every side (seed {e['seed']}: {mix}; prompts of 20-400 bytes),",
+        "one request at a time, each in turn on the gateway with `max_engines = 1`, the gateway with",
+        "`max_engines = 3` and llama-server's router with `--models-max 3`. Every model has one",
+        f"variant ({e['context']} tokens). Each side first got one request per model (its warm-up, not",
+        f"counted); the single-model TTFT is {e['single_requests']} requests of the mix's first prompts,",
+        "all to `tiny`, afterwards on the same side.",
+        "",
+        "| side | starts per 100 requests | TTFT p50, ms | TTFT p99, ms | single-model TTFT p50 (p99), ms "
+        "| TTFT with its engine resident, p50 | TTFT that needed a start, p50 | engine spawn to healthy, "
+        "p50 | gateway's share of a start (evicting / with room), p50 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, x in e["sides"].items():
+        single = x["single_ttft_ms"]
+        single_cell = f"{single['median']:.1f} ({single['p99']:.1f})" if single else "-"
+        if x["router"]:
+            start_cells = ["-", "-", "- (not comparable, see section 5)"]
+        else:
+            share = f"{_ms(x['start_share_ms'], n=True)} / {_ms(x['start_share_room_ms'], n=True)}"
+            start_cells = [_ms(x["start_ttft_ms"], n=True), _ms(x["startup_ms"]), share]
+        lines.append(
+            f"| {name} | {x['starts_per_100']:.0f} | {_ms(x['ttft_ms'])} | {_ms(x['ttft_ms'], 'p99')} "
+            f"| {single_cell} | {_ms(x.get('resident_ttft_ms'))} | " + " | ".join(start_cells) + " |"
+        )
+    one, three = e["sides"].get("gateway, max_engines 1"), e["sides"].get("gateway, max_engines 3")
+    if one and three and one["ttft_ms"] and three["ttft_ms"] and three["single_ttft_ms"]:
+        a, b = three["ttft_ms"]["median"], three["single_ttft_ms"]["median"]
+        lines += [
+            "",
+            f"With every model resident (`max_engines = 3`) the gateway started {three['starts']} engines in "
+            f"the mix and its median time to first token was {a:.1f} ms against {b:.1f} ms for one model "
+            f"alone ({a - b:+.1f} ms); with `max_engines = 1` the same mix started "
+            f"{one['starts_per_100']:.0f} engines per 100 requests and the median rose to "
+            f"{one['ttft_ms']['median']:.1f} ms.",
+        ]
+    warm = "; ".join(
+        f"{name}: " + ", ".join(f"{ms:.0f}" for ms in x["warmup_ttft_ms"]) for name, x in e["sides"].items()
+    )
+    lines += [
+        "",
+        "The gateway's share of a start is the request's time to its first token minus the engine's",
+        'own spawn-to-healthy (its "healthy" transition): stopping the evicted engine (when one was',
+        "evicted), the probes, and the request's own first token. Warm-up requests (each model's first,",
+        f"a cold start) took, in ms to the first token: {warm}.",
+    ]
+    errors = {name: x["errors"] for name, x in e["sides"].items() if x["errors"]}
+    if errors:
+        lines += ["", f"Failed requests: {errors}"]
+    codes = e.get("exit_codes", {})
+    if any(code != 0 for code in codes.values()):
+        lines += ["", f"Exit codes: {codes}"]
+    return lines

@@ -17,18 +17,25 @@ def binary() -> str:
 
 
 def spawn_router(
-    folder: Path, models: dict[str, Path], port: int, context: int, threads: int
+    folder: Path,
+    models: dict[str, Path],
+    port: int,
+    context: int,
+    threads: int,
+    models_max: int = 1,
+    name: str = "router",
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    """`llama-server --models-preset P --models-max 1` on 127.0.0.1:port; its log path."""
-    preset = folder / "router-preset.ini"
+    """`llama-server --models-preset P --models-max N` on 127.0.0.1:port; its log path.
+    `name` names its preset and log files in `folder` (two routers may share it)."""
+    preset = folder / f"{name}-preset.ini"
     preset.write_text(
         "".join(
-            f"[{name}]\nmodel = {path}\nctx-size = {context}\nthreads = {threads}\n\n"
-            for name, path in models.items()
+            f"[{model}]\nmodel = {path}\nctx-size = {context}\nthreads = {threads}\n\n"
+            for model, path in models.items()
         )
     )
-    log_path = folder / "router.log"
-    argv = [binary(), "--models-preset", str(preset), "--models-max", "1"]
+    log_path = folder / f"{name}.log"
+    argv = [binary(), "--models-preset", str(preset), "--models-max", str(models_max)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(
         argv, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True

@@ -2,20 +2,26 @@
 
 Sections: proxy overhead (direct / gateway / llama-server router mode), gateway CPU per
 streamed chunk (uvloop and asyncio), exact counting (its own cost, and what the byte bound
-saves), swaps (gateway and router), estimate hit rate, concurrency (1 to 256 streams).
+saves), swaps (gateway and router), estimate hit rate, concurrency (1 to 256 streams),
+several engines (three models in a random mix: max_engines 1 and 3, router --models-max 3).
 
 Run as `.venv/bin/python bench/run.py` (`make bench`). Writes bench/results.json,
 docs/benchmarks.md and the plots in docs/. Generates the tiny demo models, starts the
-gateways and the router as subprocesses, always stops them.
+gateways and the routers as subprocesses, always stops them.
+
+`bench/run.py --only engines` runs the several-engines section alone (it starts its own
+gateways and router) and prints it; it leaves bench/results.json and docs/ alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -23,11 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from report import markdown, plots
+from report import engines_markdown, markdown, plots
 from router import child_listening_ms, spawn_router
 
 from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_process, wait_healthy
@@ -142,6 +150,23 @@ async def state(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
         return await resp.json()
 
 
+def running(st: dict[str, Any], model: str) -> dict[str, Any] | None:
+    """`model`'s engine in a /gateway/state answer when it has a process, else None."""
+    return next((e for e in st["engines"] if e["model"] == model and e["pid"]), None)
+
+
+def engine_of(st: dict[str, Any], model: str) -> dict[str, Any]:
+    """`model`'s running engine (it must run)."""
+    engine = running(st, model)
+    if engine is None:
+        raise RuntimeError(f"no engine of {model} runs: {st['engines']}")
+    return engine
+
+
+def engine_url(engine: dict[str, Any]) -> str:
+    return f"http://127.0.0.1:{engine['port']}"
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -171,7 +196,7 @@ async def slot_context(session: aiohttp.ClientSession, engine: str) -> int:
 
 async def proxy_overhead(session: aiohttp.ClientSession, gw: str, router: str | None) -> dict[str, Any]:
     await plain(session, gw, chat("tiny", "hello", 8, False))  # engine up (2048 variant)
-    engine = f"http://127.0.0.1:{(await state(session, gw))['port']}"
+    engine = engine_url(engine_of(await state(session, gw), "tiny"))
     sides = [("direct", engine), ("gateway", gw)] + ([("router", router)] if router else [])
     body_s = chat("tiny", "Tell me a story.", GEN_TOKENS, True)
     body_p = chat("tiny", "Tell me a story.", GEN_TOKENS, False)
@@ -253,9 +278,9 @@ async def count_on_engine(session: aiohttp.ClientSession, engine: str, body: dic
 async def counting(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
     # The largest prompt first: the BIG_CONTEXT variant starts and then serves every size.
     await plain(session, gw, chat("tiny", filler(max(COUNT_SIZES)), 1, False))
-    st = await state(session, gw)
-    engine = f"http://127.0.0.1:{st['port']}"
-    variant = st["variant"]["context"]
+    tiny = engine_of(await state(session, gw), "tiny")
+    engine = engine_url(tiny)
+    variant = tiny["variant"]["context"]
     ctx = await slot_context(session, engine)  # llama.cpp rounds n_ctx up (to 256s)
     out: dict[str, Any] = {"variant": variant, "slot_context": ctx, "engine_count": {}, "added": []}
     # (a) POST /apply-template then POST /tokenize, straight against the engine.
@@ -315,10 +340,10 @@ async def counting(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
                 "requeued": after.get("requeued", 0) - before.get("requeued", 0),
             }
         )
-    st = await state(session, gw)
+    now = running(await state(session, gw), "tiny")
     out["template"] = {"fixed": fixed, "per_message": per_message}
-    if st["variant"]["context"] != variant:
-        out["warning"] = f"engine changed to {st['variant']}"
+    if now is None or now["variant"]["context"] != variant:
+        out["warning"] = f"engine changed to {now['variant'] if now else 'none'}"
     return out
 
 
@@ -403,12 +428,12 @@ async def one_level(
 
 
 async def concurrency(session: aiohttp.ClientSession, gw: str, pid: int) -> dict[str, Any]:
-    st = await state(session, gw)
-    if st.get("model") != "tiny" or (st.get("variant") or {}).get("context") != BIG_CONTEXT:
+    tiny = running(await state(session, gw), "tiny")
+    if tiny is None or tiny["variant"]["context"] != BIG_CONTEXT:
         async with session.post(gw + "/gateway/load", json={"model": "tiny", "context": BIG_CONTEXT}) as resp:
             await resp.read()
-        st = await state(session, gw)
-    engine = f"http://127.0.0.1:{st['port']}"
+        tiny = engine_of(await state(session, gw), "tiny")
+    engine = engine_url(tiny)
     prompt_tokens = await count_on_engine(
         session, engine, chat("tiny", "Tell me a story.", CONC_TOKENS, True)
     )
@@ -421,7 +446,7 @@ async def concurrency(session: aiohttp.ClientSession, gw: str, pid: int) -> dict
             f"  {c} clients: direct {direct['tok_s']:.0f} tok/s, gateway {via['tok_s']:.0f} tok/s", flush=True
         )
     return {
-        "context": (await state(session, gw))["variant"]["context"],
+        "context": engine_of(await state(session, gw), "tiny")["variant"]["context"],
         "prompt_tokens": prompt_tokens,
         "gen_tokens": CONC_TOKENS,
         "levels": levels,
@@ -432,9 +457,10 @@ async def concurrency(session: aiohttp.ClientSession, gw: str, pid: int) -> dict
 # 5. Swaps: alternating two models, through the gateway and through the router.
 
 
-def last_healthy_ms(st: dict[str, Any]) -> float | None:
+def last_healthy_ms(st: dict[str, Any], model: str) -> float | None:
+    """Spawn to healthy of `model`'s latest start (its "healthy" transition's reason)."""
     for record in reversed(st["history"]):
-        if record["trigger"] == "healthy":
+        if record["trigger"] == "healthy" and record["model"] == model:
             m = re.search(r"in (\d+) ms", record["reason"] or "")
             return float(m.group(1)) if m else None
     return None
@@ -446,11 +472,11 @@ async def swaps(
     totals, startups, overheads = [], [], []
     r_totals: list[float] = []
     r_startups: list[float] = []
-    model = "tiny-b" if (await state(session, gw))["model"] == "tiny" else "tiny"
+    model = "tiny-b" if running(await state(session, gw), "tiny") else "tiny"
     r_model = "tiny-b"  # the router serves tiny since section 1
     for _ in range(SWAPS):
         t = await plain(session, gw, chat(model, "hi", 1, False))
-        startup = last_healthy_ms(await state(session, gw))
+        startup = last_healthy_ms(await state(session, gw), model)
         totals.append(t)
         if startup is not None:
             startups.append(startup)
@@ -507,6 +533,204 @@ async def estimates(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
     return {"requests": rows, "hits": hits, "total": len(rows), "hit_rate": hits / len(rows)}
 
 
+# 7. Several engines: three models in a random mix, on a gateway with max_engines 1 and one
+# with max_engines 3, and on llama-server's router with --models-max 3.
+
+ENGINE_MODELS = ("tiny", "tiny-b", "tiny-c")
+ENGINES_SEED = 11  # the mix: the same sequence of (model, prompt) on every side
+ENGINES_MIX = 90  # requests in the mix
+ENGINES_SINGLE = 30  # then the mix's first prompts, all to tiny: the single-model TTFT
+ENGINES_TOKENS = 16  # streamed tokens per request
+ENGINES_CONTEXT = 2048  # every model's one variant (the router's ctx-size)
+
+
+@dataclass
+class Side:
+    name: str
+    url: str
+    router_log: Path | None = None  # a router's; None: a gateway
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # phase -> requests
+    errors: list[str] = field(default_factory=list)
+    marks: dict[str, Any] = field(default_factory=dict)  # the gateway's counters and state, last seen
+
+
+def engines_mix(seed: int = ENGINES_SEED) -> list[tuple[str, str]]:
+    """(model, prompt) pairs: models drawn evenly at random, prompts of 20-400 random bytes."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz     "
+    return [
+        (rng.choice(ENGINE_MODELS), "".join(rng.choice(letters) for _ in range(rng.randint(20, 400))))
+        for _ in range(ENGINES_MIX)
+    ]
+
+
+def engines_config(port: int, models: dict[str, Path], max_engines: int) -> str:
+    return lua_config(
+        port,
+        [
+            {
+                "name": name,
+                "args": ["-m", str(models[name]), "-t", str(THREADS)],
+                "default_max_tokens": 64,
+                "request": {"defaults": {"temperature": 0}},
+                "variants": [{"context": ENGINES_CONTEXT}],
+            }
+            for name in ENGINE_MODELS
+        ],
+        max_engines=max_engines,
+        engine_startup_timeout=60,
+    )
+
+
+async def gateway_marks(session: aiohttp.ClientSession, side: Side) -> dict[str, Any]:
+    st = await state(session, side.url)
+    counted = st.get("counters") or {}
+    return {"starts": counted.get("starts", 0), "evictions": counted.get("evictions", 0), "state": st}
+
+
+async def engines_request(
+    session: aiohttp.ClientSession, side: Side, phase: str, model: str, prompt: str
+) -> None:
+    """One streamed request; on a gateway also whether it started an engine (the gateway's
+    counters before and after), whether that start evicted one, and its spawn-to-healthy."""
+    try:
+        r = await streamed(session, side.url, chat(model, prompt, ENGINES_TOKENS, True))
+    except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
+        side.errors.append(f"{phase} {model}: {type(exc).__name__}: {str(exc)[:200]}")
+        return
+    row: dict[str, Any] = {"model": model, "ttft_ms": r["ttft_ms"], "total_ms": r["total_ms"]}
+    if side.router_log is None:
+        before, side.marks = side.marks, await gateway_marks(session, side)
+        row["starts"] = side.marks["starts"] - before["starts"]
+        row["evictions"] = side.marks["evictions"] - before["evictions"]
+        if row["starts"]:
+            row["startup_ms"] = last_healthy_ms(side.marks["state"], model)
+    side.rows.setdefault(phase, []).append(row)
+
+
+async def router_starts(side: Side) -> int:
+    """Children the router has started so far (their "listening" lines in its log)."""
+    assert side.router_log is not None
+    await asyncio.sleep(0.2)  # the router relays its children's lines a little later
+    return len(child_listening_ms(side.router_log))
+
+
+async def engines_phase(
+    session: aiohttp.ClientSession, sides: list[Side], phase: str, requests: list[tuple[str, str]]
+) -> dict[str, int]:
+    """The requests in turn on every side (the order of the sides rotating); the starts
+    each side made meanwhile."""
+    before = {s.name: (await router_starts(s) if s.router_log else s.marks["starts"]) for s in sides}
+    for i, (model, prompt) in enumerate(requests):
+        for side in sides[i % len(sides) :] + sides[: i % len(sides)]:
+            await engines_request(session, side, phase, model, prompt)
+    return {
+        s.name: (await router_starts(s) if s.router_log else s.marks["starts"]) - before[s.name]
+        for s in sides
+    }
+
+
+def maybe_stats(values: list[float]) -> dict[str, float] | None:
+    return stats(values) if values else None
+
+
+def side_results(side: Side, starts: dict[str, dict[str, int]]) -> dict[str, Any]:
+    mix, single, warm = (side.rows.get(phase, []) for phase in ("mix", "single", "warm-up"))
+    out: dict[str, Any] = {
+        "router": side.router_log is not None,
+        "requests": len(mix),
+        "starts": starts["mix"][side.name],
+        "starts_per_100": starts["mix"][side.name] / ENGINES_MIX * 100,
+        "ttft_ms": maybe_stats([r["ttft_ms"] for r in mix]),
+        "total_ms": maybe_stats([r["total_ms"] for r in mix]),
+        "single_ttft_ms": maybe_stats([r["ttft_ms"] for r in single]),
+        "warmup_ttft_ms": [r["ttft_ms"] for r in warm],
+        "warmup_starts": starts["warm-up"][side.name],
+        "errors": side.errors,
+    }
+    if side.router_log is None:
+        rows = warm + mix
+        started = [r for r in mix if r["starts"]]
+        out["evictions"] = sum(r["evictions"] for r in mix)
+        out["start_ttft_ms"] = maybe_stats([r["ttft_ms"] for r in started])
+        out["resident_ttft_ms"] = maybe_stats([r["ttft_ms"] for r in mix if not r["starts"]])
+        # The gateway's share of a start: the request's time to its first token minus the
+        # engine's own spawn-to-healthy (warm-up starts included), with and without eviction.
+        for key, evicting in (("start_share_ms", True), ("start_share_room_ms", False)):
+            out[key] = maybe_stats(
+                [
+                    r["ttft_ms"] - r["startup_ms"]
+                    for r in rows
+                    if r["starts"] == 1
+                    and r.get("startup_ms") is not None
+                    and bool(r["evictions"]) == evicting
+                ]
+            )
+        out["startup_ms"] = maybe_stats([r["startup_ms"] for r in rows if r.get("startup_ms") is not None])
+    elif not starts["mix"][side.name]:
+        out["resident_ttft_ms"] = out["ttft_ms"]
+    return out
+
+
+async def several_engines(
+    session: aiohttp.ClientSession, folder: Path, models: dict[str, Path]
+) -> dict[str, Any]:
+    """Starts its two gateways and its router, measures, stops them."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    sides: list[Side] = []
+    out: dict[str, Any] = {}
+    try:
+        for max_engines in (1, 3):
+            port = free_port()
+            config = folder / f"engines-{max_engines}.cfg.lua"
+            config.write_text(engines_config(port, models, max_engines))
+            name = f"gateway, max_engines {max_engines}"
+            procs[name] = spawn_gateway(config, folder / f"gateway-engines-{max_engines}.log", "warning")
+            sides.append(Side(name, f"http://127.0.0.1:{port}"))
+        rport = free_port()
+        router, router_log = spawn_router(
+            folder,
+            {m: models[m] for m in ENGINE_MODELS},
+            rport,
+            ENGINES_CONTEXT,
+            THREADS,
+            3,
+            "router-engines",
+        )
+        procs["router, --models-max 3"] = router
+        sides.append(Side("router, --models-max 3", f"http://127.0.0.1:{rport}", router_log))
+        for side in sides:
+            path = "/v1/models" if side.router_log else "/health"
+            await asyncio.to_thread(wait_healthy, side.url, procs[side.name], 30, path)
+            if side.router_log is None:
+                side.marks = await gateway_marks(session, side)
+        mix = engines_mix()
+        starts = {
+            "warm-up": await engines_phase(session, sides, "warm-up", [(m, "hello") for m in ENGINE_MODELS]),
+            "mix": await engines_phase(session, sides, "mix", mix),
+        }
+        await engines_phase(session, sides, "tiny first", [("tiny", "hello")])
+        starts["single"] = await engines_phase(
+            session, sides, "single", [("tiny", prompt) for _, prompt in mix[:ENGINES_SINGLE]]
+        )
+        out = {
+            "models": list(ENGINE_MODELS),
+            "mix": dict(Counter(model for model, _ in mix)),
+            "requests": ENGINES_MIX,
+            "single_requests": ENGINES_SINGLE,
+            "max_tokens": ENGINES_TOKENS,
+            "context": ENGINES_CONTEXT,
+            "seed": ENGINES_SEED,
+            "sides": {side.name: side_results(side, starts) for side in sides},
+            "single_starts": starts["single"],
+        }
+    finally:
+        out["exit_codes"] = {
+            name: await asyncio.to_thread(stop_process, proc, 10) for name, proc in procs.items()
+        }
+    return out
+
+
 def engine_pids(folder: Path) -> list[int]:
     """This run's llama-server processes (their model or preset is in our temp folder)."""
     out = subprocess.run(["pgrep", "-x", "llama-server"], capture_output=True, text=True)
@@ -520,13 +744,32 @@ def engine_pids(folder: Path) -> list[int]:
     return pids
 
 
-async def run_all(
-    gw: str, pid: int, gw_asyncio: str, pid_asyncio: int, router: str | None, router_log: Path | None
-) -> dict[str, Any]:
-    # A fresh connection per request on both sides: a pooled keep-alive connection that the
+def bench_session() -> aiohttp.ClientSession:
+    # A fresh connection per request on every side: a pooled keep-alive connection that the
     # other side has closed fails the next request. No connection limit (256 streams).
     connector = aiohttp.TCPConnector(force_close=True, limit=0)
-    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
+    return aiohttp.ClientSession(timeout=TIMEOUT, connector=connector)
+
+
+def bench_models(folder: Path) -> dict[str, Path]:
+    return {
+        "tiny": write_tiny_model(folder / "tiny.gguf", seed=1, context_length=65536),
+        "tiny-b": write_tiny_model(folder / "tiny-b.gguf", seed=2),
+        "tiny-c": write_tiny_model(folder / "tiny-c.gguf", seed=3),
+    }
+
+
+async def run_all(
+    gw: str,
+    pid: int,
+    gw_asyncio: str,
+    pid_asyncio: int,
+    router: str | None,
+    router_log: Path | None,
+    folder: Path,
+    models: dict[str, Path],
+) -> dict[str, Any]:
+    async with bench_session() as session:
         results: dict[str, Any] = {}
         loops = {"uvloop": (gw, pid), "asyncio": (gw_asyncio, pid_asyncio)}
         for name, step in (
@@ -536,6 +779,7 @@ async def run_all(
             ("concurrency", lambda: concurrency(session, gw, pid)),
             ("swaps", lambda: swaps(session, gw, router, router_log)),
             ("estimates", lambda: estimates(session, gw)),
+            ("engines", lambda: several_engines(session, folder, models)),
         ):
             t = time.perf_counter()
             results[name] = await step()
@@ -548,12 +792,25 @@ async def run_all(
 ASYNCIO_GW: list[subprocess.Popen[bytes]] = []
 
 
-def main() -> int:
+ONLY = ("engines",)  # sections that run alone (--only): they start what they measure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--only",
+        choices=ONLY,
+        help="run this section alone and print it; bench/results.json and docs/ stay as they are "
+        "(the full run writes them)",
+    )
+    args = parser.parse_args(argv)
+    if args.only:
+        return run_only(args.only)
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
         folder = Path(tmp)
-        tiny = write_tiny_model(folder / "tiny.gguf", seed=1, context_length=65536)
-        tiny_b = write_tiny_model(folder / "tiny-b.gguf", seed=2)
+        models = bench_models(folder)
+        tiny, tiny_b = models["tiny"], models["tiny-b"]
         port, port2, rport = free_port(), free_port(), free_port()
         config = folder / "bench.cfg.lua"
         config.write_text(config_text(port, tiny, tiny_b))
@@ -584,9 +841,16 @@ def main() -> int:
             results = asyncio.run(
                 asyncio.wait_for(
                     run_all(
-                        gw, process.pid, gw2, process2.pid, router_url, router_log if router_url else None
+                        gw,
+                        process.pid,
+                        gw2,
+                        process2.pid,
+                        router_url,
+                        router_log if router_url else None,
+                        folder,
+                        models,
                     ),
-                    timeout=420,
+                    timeout=540,
                 )
             )
             results["runtime_s"] = time.perf_counter() - started
@@ -601,9 +865,7 @@ def main() -> int:
             while engine_pids(folder) and time.monotonic() < deadline:
                 time.sleep(0.05)
             leftover = engine_pids(folder)
-            for log in (log_path, log2, folder / "router.log"):  # kept for a look afterwards
-                if log.exists():
-                    shutil.copy(log, Path(tempfile.gettempdir()) / f"llm-gateway-bench-{log.name}")
+            keep_logs(folder)
     results["machine"] = {
         "nproc": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)),
@@ -627,7 +889,46 @@ def main() -> int:
     REPORT.write_text(markdown(results))
     print(markdown(results))
     print(f"load average: start {load_start}, end {results['machine']['loadavg_end']}")
-    return 0 if code == 0 and code2 == 0 and not leftover else 1
+    engine_codes = results.get("engines", {}).get("exit_codes", {}).values()
+    ok = code == 0 and code2 == 0 and all(c == 0 for c in engine_codes)
+    return 0 if ok and not leftover else 1
+
+
+def keep_logs(folder: Path) -> None:
+    """The gateways' and routers' logs, kept for a look afterwards."""
+    for log in folder.glob("*.log"):
+        shutil.copy(log, Path(tempfile.gettempdir()) / f"llm-gateway-bench-{log.name}")
+
+
+def run_only(section: str) -> int:
+    """One section alone (one of ONLY): printed, and written to a file in the temp folder."""
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+        folder = Path(tmp)
+        models = bench_models(folder)
+
+        async def run() -> dict[str, Any]:
+            async with bench_session() as session:
+                return await several_engines(session, folder, models)
+
+        started = time.perf_counter()
+        try:
+            result = asyncio.run(asyncio.wait_for(run(), timeout=300))
+        finally:
+            deadline = time.monotonic() + 10
+            while engine_pids(folder) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            leftover = engine_pids(folder)
+            keep_logs(folder)
+    result["runtime_s"] = time.perf_counter() - started
+    result["leftover_llama_server"] = leftover
+    result["loadavg"] = {"start": load_start, "end": os.getloadavg()}
+    out = Path(tempfile.gettempdir()) / f"llm-gateway-bench-{section}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(engines_markdown(result, f"`-t {THREADS}`")))
+    print(f"\n{section}: {result['runtime_s']:.1f} s; raw numbers in {out}; load average {result['loadavg']}")
+    codes = result.get("exit_codes", {}).values()
+    return 0 if all(code == 0 for code in codes) and not leftover else 1
 
 
 def cpu_model() -> str:
