@@ -1,12 +1,15 @@
-"""EngineClient.stalls: only an engine that never answers is frozen, not one that drops a
-connection (llama-server does while all its HTTP threads serve streams)."""
+"""EngineClient against raw sockets: `stalls` (only an engine that never answers is
+frozen, not one that drops a connection, as llama-server does while all its HTTP threads
+serve streams), and JSON calls to an engine that dies mid-answer."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from gateway.engine.client import EngineClient, new_session
+import pytest
+
+from gateway.engine.client import EngineClient, EngineRequestError, new_session
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -43,3 +46,27 @@ async def test_a_dropped_connection_or_an_answer_is_no_stall() -> None:
 
     assert not await _stalls(drop)
     assert not await _stalls(answer)
+
+
+async def test_an_answer_cut_mid_body_is_an_engine_request_error() -> None:
+    """An engine killed while it sends a JSON answer (a token count, say): the caller gets
+    EngineRequestError, which it treats as an engine failure (retry), not an unexpected
+    exception (the 12 s soak got a 500 for a good request this way)."""
+
+    async def dies_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 27090\r\n\r\n{")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(dies_mid_body, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pooled, fresh = new_session(reuse=True), new_session(reuse=False)
+    try:
+        client = EngineClient(pooled, fresh, f"http://127.0.0.1:{port}")
+        with pytest.raises(EngineRequestError, match="POST /tokenize"):
+            await client.post_json("/tokenize", {"content": "hi"})
+    finally:
+        await pooled.close()
+        await fresh.close()
+        server.close()

@@ -96,7 +96,10 @@ class EngineClient:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         resp = await self.open(method, path, data, headers)
         async with resp:
-            text = await resp.text()
+            try:
+                text = await resp.text()
+            except aiohttp.ClientError as exc:  # the engine died mid-answer
+                raise EngineRequestError(f"{method} {path}: {exc}") from exc
             if resp.status != 200:
                 raise EngineAnswered(f"{method} {path}: HTTP {resp.status}: {text[:500]}", resp.status, text)
             try:
