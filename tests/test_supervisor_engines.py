@@ -254,3 +254,17 @@ async def test_shutdown_stops_every_engine(rig: Rig) -> None:
     await asyncio.wait_for(rig.sup.shutdown(), 2)
     assert set(rig.fx.stops) == {rig.engines["a"], rig.engines["b"]}
     assert rig.state("a") == rig.state("b") == "idle"
+
+
+async def test_an_engine_s_memory_gauges_go_with_it(rig: Rig) -> None:
+    rig.fx.memory.update({"a@512": GiB})
+    rig.fx.measured["a@512"] = 2 * GiB
+
+    def gauge(kind: str) -> float | None:
+        labels = {"model": "a", "kind": kind}
+        return rig.sup.metrics.registry.get_sample_value("llm_gateway_engine_memory_bytes", labels)
+
+    await rig.serve("a")
+    assert (gauge("estimate"), gauge("measured")) == (GiB, 2 * GiB)
+    await asyncio.wait_for(rig.sup.unload("a"), 2)
+    assert (gauge("estimate"), gauge("measured")) == (None, None)

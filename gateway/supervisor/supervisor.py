@@ -661,8 +661,9 @@ class Supervisor:
         slot.stopped(f"pid {instance.process.pid} exited with {code}")
 
     def _forget(self, slot: EngineSlot, instance: EngineInstance, how: str, code: int | None) -> None:
-        """The engine is gone: keep its last words, log one line."""
+        """The engine is gone: keep its last words, log one line, drop its memory gauges."""
         self.last_engine_lines = instance.process.last_lines()
+        self.metrics.forget_engine(slot.model)
         uptime = time.monotonic() - instance.process.started_monotonic
         level = logging.INFO if how == "stopped" else logging.ERROR
         log.log(

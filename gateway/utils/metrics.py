@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -72,6 +73,12 @@ class Metrics:
 
     def _histogram(self, name: str, text: str, *labels: str) -> Histogram:
         return Histogram(f"{PREFIX}_{name}", text, labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def forget_engine(self, model: str) -> None:
+        """A stopped engine takes no memory: its gauges go."""
+        for kind in ("estimate", "measured"):
+            with contextlib.suppress(KeyError):
+                self.engine_memory.remove(model, kind)
 
     def count(self, name: str, model: str, amount: int = 1) -> None:
         self._counters[name].labels(model=model).inc(amount)
