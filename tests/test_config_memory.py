@@ -43,9 +43,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert (v.memory, v.mmproj_file, v.cache_type_k, v.cache_type_v) == (None, None, "f16", "f16")
 
 
-def test_the_example_keeps_one_engine_and_no_budget() -> None:
+def test_the_example_keeps_both_demo_models_resident_without_a_budget() -> None:
     config = load_config(EXAMPLE)
-    assert (config.server.max_engines, config.server.memory_budget) == (1, None)
+    assert (config.server.max_engines, config.server.memory_budget) == (2, None)
     assert [m.keep_loaded for m in config.models] == [False, False]
     assert [(v.key, v.cache_type_k) for v in config.models[0].variants] == [
         ("tiny@512", "f16"),
