@@ -136,8 +136,21 @@ def test_variants_that_fit_the_budget_load(tmp_path: Path, tiny_models: dict[str
     need = estimate(load(tmp_path, f"models = {{ {tiny(tiny_models)} }}").models[0].variants[0])
     assert need is not None and need.total > ENGINE_OVERHEAD
     a, b = tiny(tiny_models, extra="keep_loaded = true,"), model("b", extra='memory = "1KiB",')
-    config = load(tmp_path, cfg(a, b, server=f"memory_budget = {need.total}, max_engines = 2"))
-    assert config.server.memory_budget == need.total
+    budget = need.total + 1024  # a (kept loaded) and b (1 KiB) together, exactly
+    config = load(tmp_path, cfg(a, b, server=f"memory_budget = {budget}, max_engines = 2"))
+    assert config.server.memory_budget == budget
+
+
+def test_a_model_that_never_fits_beside_the_keep_loaded_ones_is_refused(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    need = estimate(load(tmp_path, f"models = {{ {tiny(tiny_models)} }}").models[0].variants[0])
+    assert need is not None
+    a, b = tiny(tiny_models, extra="keep_loaded = true,"), model("b", extra='memory = "1KiB",')
+    text = cfg(a, b, server=f"memory_budget = {need.total + 1023}, max_engines = 2")
+    message = load_error(write(tmp_path, text))
+    assert "models[2] b@1024" in message and "never fits beside the keep_loaded models" in message
+    assert "models[1] a@1024" in message and "server.memory_budget" in message
 
 
 # Refused -----------------------------------------------------------------------------------
@@ -147,6 +160,7 @@ def test_variants_that_fit_the_budget_load(tmp_path: Path, tiny_models: dict[str
     ("text", "key", "shown"),
     [
         ("server = { max_engines = 0 } models = { MODEL }", "server.max_engines", "(got 0)"),
+        ("server = { max_engines = 2^63 } models = { MODEL }", "server.max_engines", "at most 1024"),
         ("server = { max_engines = 1.5 } models = { MODEL }", "server.max_engines", "(got 1.5)"),
         ('server = { max_engines = "2" } models = { MODEL }', "server.max_engines", '(got "2")'),
         ('server = { memory_budget = "lots" } models = { MODEL }', "server.memory_budget", '"lots"'),
@@ -313,3 +327,14 @@ def test_check_config_runs_the_memory_checks(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result
     assert "models[1].variants[1] (a@1024): needs 1.9 GiB (declared)" in result.stdout + result.stderr
+
+
+def test_a_model_file_given_by_the_engine_environment_is_estimated(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    env_model = model("a", f'env = {{ LLAMA_ARG_MODEL = "{tiny_models["tiny"]}" }},')
+    config = load(tmp_path, cfg(env_model, server='memory_budget = "1GiB"'))
+    variant = config.models[0].variants[0]
+    assert variant.model_file == str(tiny_models["tiny"])
+    estimated = estimate(variant)
+    assert estimated is not None and estimated.weights == tiny_models["tiny"].stat().st_size

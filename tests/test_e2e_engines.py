@@ -388,11 +388,13 @@ def test_a_model_larger_than_the_budget_is_refused_at_load(tiny_models, tmp_path
 def test_a_model_that_never_fits_beside_a_keep_loaded_one_gets_503_at_once(
     start_gateway, tiny_models
 ) -> None:
-    models = three_models(
-        tiny_models, tiny={"memory": "200MiB", "keep_loaded": True}, tiny_b={"memory": "100MiB"}
-    )[:2]
+    # tiny's small variant fits beside tiny-b (the config is accepted); its large one does not.
+    models = three_models(tiny_models, (512, 2048), tiny={"keep_loaded": True}, tiny_b={"memory": "100MiB"})[
+        :2
+    ]
+    models[0]["variants"] = [{"context": 512, "memory": "100MiB"}, {"context": 2048, "memory": "200MiB"}]
     gateway = start_gateway(models, max_engines=2, memory_budget="250MiB")
-    assert ask(gateway, "tiny").status == 200
+    assert gateway.post("/gateway/load", {"model": "tiny", "context": 2048}).status == 200
     tiny = pid_of(gateway, "tiny")
 
     started = time.monotonic()
@@ -453,3 +455,28 @@ def test_unload_one_model_then_all(start_gateway, tiny_models) -> None:
     assert not any(alive(pid) for pid in pids.values())
     assert gateway.state()["engines"] == []
     assert ask(gateway, "tiny-b").status == 200  # and it starts again on demand
+
+
+def test_unload_refuses_a_body_that_names_no_model(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(three_models(tiny_models), max_engines=3)
+    assert ask(gateway, "tiny").status == 200
+    pid = pid_of(gateway, "tiny")
+    for body in ({"model": None}, {"modle": "tiny"}, {"model": "tiny", "all": True}):
+        refused = gateway.post("/gateway/unload", body)
+        assert refused.status == 400, (body, refused.body[:300])
+        assert refused.json()["error"]["param"] == "model"
+    assert gateway.post("/gateway/unload", {"model": "nope"}).status == 404
+    assert pid_of(gateway, "tiny") == pid and alive(pid)  # nothing was unloaded
+
+
+def test_an_engine_of_a_model_a_reload_removed_can_be_unloaded_by_name(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(three_models(tiny_models), max_engines=3)
+    assert ask(gateway, "tiny-c").status == 200
+    pid = pid_of(gateway, "tiny-c")
+    port = int(gateway.url.rsplit(":", 1)[1])
+    gateway.config_path.write_text(lua_config(port, three_models(tiny_models)[:2], max_engines=3))
+    assert gateway.post("/gateway/reload", {}).status == 200
+    assert gateway.engine("tiny-c")["state"] == "ready"  # it still runs, serving what it took
+    unloaded = gateway.post("/gateway/unload", {"model": "tiny-c"})
+    assert unloaded.status == 200 and unloaded.json()["unloaded"] == "tiny-c", unloaded.body[:300]
+    assert not alive(pid)

@@ -4,6 +4,7 @@ memory budget, one machine per engine, and what /gateway/state shows of them."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ import pytest
 
 from gateway.config.schema import GatewayConfig, Model
 from gateway.errors import Unavailable
+from gateway.supervisor.machine import STATES
 from gateway.supervisor.supervisor import Supervisor
 from tests.test_supervisor import FakeEffects, FakeInstance, ask, handled, make_config, until
 
@@ -188,7 +190,7 @@ async def test_a_measured_footprint_larger_than_the_estimate_counts(rig: Rig) ->
     await rig.serve("a")
     await rig.serve("b")
     entry = rig.engines_json()["a"]["memory"]
-    assert entry == {"estimate": GiB, "measured": 2 * GiB, "reserved": 2 * GiB}
+    assert entry == {"estimate": GiB, "measured": 2 * GiB, "reserved": 2 * GiB, "declared": False}
     await rig.serve("c")  # 2 + 1 + 1 > 3: a goes
     assert rig.fx.stops == [rig.engines["a"]]
     assert rig.sup.footprint(rig.engines["a"].variant).reserved == 2 * GiB  # remembered
@@ -268,3 +270,138 @@ async def test_an_engine_s_memory_gauges_go_with_it(rig: Rig) -> None:
     assert (gauge("estimate"), gauge("measured")) == (GiB, 2 * GiB)
     await asyncio.wait_for(rig.sup.unload("a"), 2)
     assert (gauge("estimate"), gauge("measured")) == (None, None)
+
+
+# --- found by a hostile run against the real gateway ---------------------------------------------
+
+
+def reloaded(rig: Rig, **server) -> GatewayConfig:
+    """The rig's config with other server keys, or with `a`'s 2048 variant changed."""
+    config = rig.sup.config
+    return replace(config, server=replace(config.server, **server))
+
+
+async def test_a_request_requeued_after_a_reload_starts_the_variant_as_the_config_now_says(rig: Rig) -> None:
+    await rig.serve("a")
+    pending, task = ask(rig.sup, "a", tokens=100)
+    await until(task.done)
+    grant = task.result()
+    config = rig.sup.config
+    a = config.models[0]
+    changed = replace(
+        a, variants=tuple(replace(v, args=("--new",)) if v.context == 2048 else v for v in a.variants)
+    )
+    rig.sup.reload(replace(config, models=(changed, *config.models[1:])))
+    await rig.sup.quiesce()
+    pending.exact_tokens = 1500  # counted on a@512: it needs a@2048 (requeued, keeps its place)
+    rig.sup.release(grant, requeue_reason="upgrade")
+    again = asyncio.ensure_future(rig.sup.acquire(pending))
+    await until(lambda: len(rig.fx.starts) == 2)
+    assert rig.fx.starts[-1].variant.args == ("--new",)
+    rig.fx.starts[-1].succeed()
+    await until(again.done)
+    await rig.sup.quiesce()
+    assert rig.state("a") == "ready" and len(rig.fx.starts) == 2  # no restart loop
+    rig.sup.release(again.result(), served=True)
+
+
+async def test_unload_all_is_answered_while_requests_keep_restarting_engines(rig: Rig) -> None:
+    await rig.serve("a")
+    await rig.serve("b")
+    _, on_a = ask(rig.sup, "a")
+    await until(on_a.done)
+    unloaded = rig.sup.unload()
+    _, for_b = ask(rig.sup, "b")  # arrives while b drains: it starts b again after the stop
+    await until(lambda: len(rig.fx.starts) == 3)
+    assert not unloaded.done()  # a still drains its request
+    rig.fx.starts[-1].succeed()
+    await until(for_b.done)
+    rig.sup.release(on_a.result(), served=True)
+    await asyncio.wait_for(unloaded, 2)  # the engines that ran are down; b runs for its request
+    assert rig.state("a") == "idle" and rig.state("b") == "ready"
+    rig.sup.release(for_b.result(), served=True)
+
+
+@pytest.mark.parametrize("settings", [{"max_engines": 3, "budget": 2 * GiB, "keep": ("a",)}])
+async def test_a_load_that_can_never_fit_gets_503_at_once(rig: Rig) -> None:
+    rig.fx.memory.update({"a@512": GiB, "b@4096": int(1.5 * GiB)})
+    await rig.serve("a")
+    variant = rig.sup.config.resolve("b").variants[0]  # type: ignore[union-attr]
+    loading = rig.sup.load(variant)
+    with pytest.raises(Unavailable, match="does not fit the memory budget"):
+        await asyncio.wait_for(loading, 2)
+    assert rig.fx.started_keys == ["a@512"]
+
+
+async def test_loads_of_the_same_variant_are_all_answered(rig: Rig) -> None:
+    variant = rig.sup.config.resolve("b").variants[0]  # type: ignore[union-attr]
+    loads = [rig.sup.load(variant) for _ in range(3)]
+    await until(lambda: len(rig.fx.starts) == 1)
+    rig.fx.starts[0].succeed()
+    await asyncio.wait_for(asyncio.gather(*loads), 2)
+
+
+@pytest.mark.parametrize("settings", [{"max_engines": 3, "budget": 3 * GiB}])
+async def test_a_declared_footprint_wins_over_the_measured_one(rig: Rig) -> None:
+    config = rig.sup.config
+    declared = tuple(
+        replace(m, variants=tuple(replace(v, memory=GiB) for v in m.variants)) for m in config.models
+    )
+    rig.sup.reload(replace(config, models=declared))
+    rig.fx.memory.update({"a@512": GiB, "b@4096": GiB, "c@4096": GiB})  # (what the manager gives)
+    rig.fx.measured.update({"a@512": 2 * GiB, "b@4096": 2 * GiB})
+    await rig.serve("a")
+    await rig.serve("b")
+    await rig.serve("c")  # 1 + 1 + 1 GiB as declared: all three fit
+    assert rig.fx.stops == [] and rig.sup.snapshot()["memory"]["reserved"] == 3 * GiB
+
+
+@pytest.mark.parametrize("settings", [{"max_engines": 3, "budget": GiB}])
+async def test_an_engine_alone_always_fits_even_when_it_measured_more(rig: Rig) -> None:
+    rig.fx.memory.update({"a@512": GiB})
+    rig.fx.measured["a@512"] = 2 * GiB
+    await rig.serve("a")
+    await asyncio.wait_for(rig.sup.unload(), 2)
+    await rig.serve("a")  # 2 GiB measured > 1 GiB budget, but nothing else runs
+    assert rig.fx.started_keys == ["a@512", "a@512"]
+
+
+async def test_a_reload_lowering_max_engines_stops_the_least_recently_used_idle_engine(rig: Rig) -> None:
+    await rig.serve("a")
+    await rig.serve("b")
+    rig.sup.reload(reloaded(rig, max_engines=1))
+    await until(lambda: rig.state("a") == "idle")
+    assert rig.state("b") == "ready"
+
+
+@pytest.mark.parametrize("settings", [{"max_engines": 3, "budget": 3 * GiB}])
+async def test_a_reload_changing_only_memory_keeps_the_engine(rig: Rig) -> None:
+    rig.fx.memory.update({"a@512": GiB})
+    await rig.serve("a")
+    config = rig.sup.config
+    a = config.models[0]
+    bigger = replace(a, variants=tuple(replace(v, memory=2 * GiB) for v in a.variants))
+    rig.sup.reload(replace(config, models=(bigger, *config.models[1:])))
+    await rig.sup.quiesce()
+    assert rig.state("a") == "ready" and rig.fx.stops == []
+    assert rig.engines_json()["a"]["memory"]["reserved"] == 2 * GiB
+
+
+async def test_the_engines_gauge_counts_running_engines_not_crashed_ones(rig: Rig) -> None:
+    rig.sup.metrics.watch(rig.sup.snapshot, STATES)
+    await rig.serve("a")
+    await rig.serve("b")
+    rig.engines["b"].crash()
+    await until(lambda: rig.state("b") == "crashed")
+    assert rig.sup.metrics.registry.get_sample_value("llm_gateway_engines") == 1
+
+
+async def test_a_load_nobody_awaits_any_more_leaves_no_unseen_exception(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    variant = rig.sup.config.resolve("b").variants[0]  # type: ignore[union-attr]
+    rig.sup.load(variant)  # its caller left: nobody awaits it
+    await until(lambda: len(rig.fx.starts) == 1)
+    await asyncio.wait_for(rig.sup.shutdown(), 2)
+    gc.collect()
+    assert "never retrieved" not in caplog.text

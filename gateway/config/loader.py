@@ -431,6 +431,7 @@ def _memory_problem(config: GatewayConfig, tree: dict[str, Any]) -> str | None:
         return None
     budget_text = f"server.memory_budget {human_bytes(budget)} ({server.memory_budget_source})"
     smallest: dict[str, tuple[str, Footprint]] = {}  # keep_loaded model -> its smallest variant
+    others: dict[str, tuple[str, Footprint]] = {}  # any other model -> its smallest variant
     for i, (m, model) in enumerate(zip(tree["models"], config.models, strict=True), 1):
         for j, v in enumerate(m["variants"], 1):
             variant = model.variant_for(v["context"])
@@ -445,15 +446,18 @@ def _memory_problem(config: GatewayConfig, tree: dict[str, Any]) -> str | None:
                 )
             if footprint.total > budget:
                 return f"{where}: needs {footprint.describe()}, more than {budget_text}"
-            if model.keep_loaded and (
-                model.name not in smallest or footprint.total < smallest[model.name][1].total
-            ):
-                smallest[model.name] = (f"models[{i}] {variant.key} needs {footprint.describe()}", footprint)
+            into = smallest if model.keep_loaded else others
+            if model.name not in into or footprint.total < into[model.name][1].total:
+                into[model.name] = (f"models[{i}] {variant.key} needs {footprint.describe()}", footprint)
     together = sum(footprint.total for _, footprint in smallest.values())
+    names = "; ".join(name for name, _ in smallest.values())
     if together > budget:
-        names = "; ".join(name for name, _ in smallest.values())
         return (
             f"the keep_loaded models need {human_bytes(together)} together even in their smallest "
             f"variants, more than {budget_text}: {names}"
         )
+    for what, footprint in others.values():
+        if smallest and together + footprint.total > budget:
+            # once the keep_loaded models run, this one could never start: every request 503
+            return f"{what}, which never fits beside the keep_loaded models ({names}) within {budget_text}"
     return None

@@ -405,6 +405,9 @@ local function api_keys(path, v)
   return keys
 end
 
+-- Engines at once: each is a process with its own port and memory; more than this is a typo.
+local MAX_ENGINES = 1024
+
 local function validate_server(s)
   if s == nil then s = {} end
   check_type("server", s, "table")
@@ -422,6 +425,9 @@ local function validate_server(s)
   out.queue_limit = positive_integer("server.queue_limit", s.queue_limit or server_defaults.queue_limit)
   out.max_body_bytes = size("server.max_body_bytes", s.max_body_bytes or server_defaults.max_body_bytes)
   out.max_engines = positive_integer("server.max_engines", s.max_engines or server_defaults.max_engines)
+  if out.max_engines > MAX_ENGINES then
+    fail("server.max_engines", "must be at most %d (got %s)", MAX_ENGINES, show(s.max_engines))
+  end
   -- Absent: no memory limit. "auto" is resolved by the Python loader (GPU or RAM, less 10%).
   if s.memory_budget ~= nil then
     out.memory_budget = s.memory_budget == "auto" and "auto" or size("server.memory_budget", s.memory_budget)

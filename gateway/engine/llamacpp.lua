@@ -94,10 +94,10 @@ return function(fail, show)
     { "-kvu", "--kv-unified", negated = { "-no-kvu", "--no-kv-unified" }, env = "LLAMA_ARG_KV_UNIFIED",
       key = "kv_unified" },
     { "-a", "--alias", key = "alias", value = alias },
-    { "-m", "--model", key = "model_file", value = text },
+    { "-m", "--model", env = "LLAMA_ARG_MODEL", key = "model_file", value = text },
     -- Read for the memory estimate only: "--mmproj=FILE", which llama-server refuses when
     -- the engine starts, is passed on as it stands (and not counted).
-    { "-mm", "--mmproj", key = "mmproj_file", value = text, equals_passes = true },
+    { "-mm", "--mmproj", env = "LLAMA_ARG_MMPROJ", key = "mmproj_file", value = text, equals_passes = true },
     { "-ctk", "--cache-type-k", env = "LLAMA_ARG_CACHE_TYPE_K", key = "cache_type_k", value = cache_type },
     { "-ctv", "--cache-type-v", env = "LLAMA_ARG_CACHE_TYPE_V", key = "cache_type_v", value = cache_type },
     { "--embedding", "--embeddings", env = "LLAMA_ARG_EMBEDDINGS", key = "embeddings" },

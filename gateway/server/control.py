@@ -120,19 +120,30 @@ class ControlHandler:
         )
 
     async def unload(self, request: web.Request) -> web.Response:
-        """Stop one model's engine (`{"model": ...}`), or every engine (no body)."""
+        """Stop one model's engine (`{"model": ...}`), or every engine (no body, or `{}`);
+        anything else is refused, so that a typo never unloads everything."""
         name = None
-        if request.can_read_body:
-            body, _ = await read_json_object(request)
+        body, _ = await read_json_object(request) if request.can_read_body else ({}, None)
+        if body:
             name = body.get("model")
-        model = None
-        if name is not None:
-            model = self._config().resolve(name) if isinstance(name, str) else None
-            if model is None:
-                raise ModelNotFound(f"no model is named {name!r}", param="model")
-        await asyncio.shield(self._supervisor.unload(model.name if model else None))
+            if not isinstance(name, str) or set(body) != {"model"}:
+                raise InvalidRequest(
+                    'give {"model": "<name>"} to unload one model, or no body to unload all', param="model"
+                )
+            name = self._engine_model(name)
+        await asyncio.shield(self._supervisor.unload(name))
         engines = self._supervisor.snapshot()["engines"]
-        return web.json_response({"unloaded": model.name if model else "all", "engines": engines})
+        return web.json_response({"unloaded": name or "all", "engines": engines})
+
+    def _engine_model(self, name: str) -> str:
+        """The model a name means: by name or alias, or one whose engine still runs
+        though a reload removed it."""
+        model = self._config().resolve(name)
+        if model is not None:
+            return model.name
+        if self._engine(name) is not None:
+            return name
+        raise ModelNotFound(f"no model is named {name!r}", param="model")
 
     def _engine(self, model: str) -> dict[str, Any] | None:
         return next((e for e in self._supervisor.snapshot()["engines"] if e["model"] == model), None)

@@ -79,8 +79,9 @@ class Start:
 class Plan:
     grants: list[tuple[Waiting, Selection]] = field(default_factory=list)
     rejects: list[tuple[Waiting, Selection]] = field(default_factory=list)
-    # Requests no placement can ever serve (the budget, keep_loaded engines): why not.
+    # Requests (and loads) no placement can ever serve (the budget, keep_loaded engines): why not.
     unfit: list[tuple[Waiting, str]] = field(default_factory=list)
+    unfit_loads: list[tuple[Variant, str]] = field(default_factory=list)
     start: Start | None = None
 
 
@@ -153,9 +154,10 @@ def plan(
             if running is None or running.variant == variant:
                 continue  # under way, or loaded: nothing to start
         placement = place(variant, engines, limits, footprint, disrupt=not waiting, grants=result.grants)
-        if isinstance(placement, Start):
+        if isinstance(placement, str):
+            result.unfit_loads.append((variant, placement))
+        elif placement is not None and result.start is None:
             result.start = placement
-            break
     return result
 
 
@@ -187,8 +189,12 @@ def place(
 
     def fits(removed: Collection[str]) -> bool:
         staying = [e for m, e in active.items() if m not in removed]
-        within_memory = limits.memory_budget is None or sum(e.memory for e in staying) + needed <= (
-            limits.memory_budget
+        # Alone it always fits the budget: the config's check proved its estimate does;
+        # a measurement above it is what this machine ran before.
+        within_memory = (
+            limits.memory_budget is None
+            or not staying
+            or sum(e.memory for e in staying) + needed <= limits.memory_budget
         )
         return len(staying) + 1 <= limits.max_engines and within_memory
 
@@ -215,6 +221,30 @@ def place(
     return Start(variant, None, evict=tuple(m for m in removed if m not in leaving))
 
 
+def excess(engines: Mapping[str, EngineView], limits: Limits) -> tuple[str, ...]:
+    """Engines to stop because the running ones exceed the limits (a reload lowered them):
+    idle ones first, then busy ones, least recently used first, never a keep_loaded one.
+    Engines already leaving count as gone; one engine alone is always within the budget."""
+    staying = sorted((e for e in engines.values() if e.active and not e.leaving), key=lambda e: e.last_used)
+
+    def within(kept: list[EngineView]) -> bool:
+        memory = sum(e.memory for e in kept)
+        budget = limits.memory_budget
+        return len(kept) <= limits.max_engines and (budget is None or len(kept) <= 1 or memory <= budget)
+
+    chosen: list[str] = []
+    for candidates in (
+        [e for e in staying if _idle(e, ())],
+        [e for e in staying if e.state is EngineState.READY and not e.keep_loaded],
+    ):
+        for engine in candidates:
+            if within([e for e in staying if e.model not in chosen]):
+                return tuple(chosen)
+            if engine.model not in chosen:
+                chosen.append(engine.model)
+    return tuple(chosen)
+
+
 def _idle(engine: EngineView, granted: Collection[str]) -> bool:
     return (
         engine.state is EngineState.READY
@@ -227,10 +257,11 @@ def _idle(engine: EngineView, granted: Collection[str]) -> bool:
 def _never_fits(variant: Variant, needed: int, active: Mapping[str, EngineView], limits: Limits) -> str:
     kept = [e for m, e in active.items() if e.keep_loaded and m != variant.model]
     held = ", ".join(f"{e.model} {human_bytes(e.memory)}" for e in kept) or "none"
-    if limits.memory_budget is not None and needed + sum(e.memory for e in kept) > limits.memory_budget:
+    budget = limits.memory_budget
+    if kept and budget is not None and needed + sum(e.memory for e in kept) > budget:
         return (
             f"{variant.key} needs {human_bytes(needed)}, which does not fit the memory budget of "
-            f"{human_bytes(limits.memory_budget)} beside the keep_loaded engines ({held})"
+            f"{human_bytes(budget)} beside the keep_loaded engines ({held})"
         )
     return (
         f"{variant.key} cannot start: max_engines is {limits.max_engines} and the keep_loaded "

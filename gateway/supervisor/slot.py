@@ -90,16 +90,22 @@ class Ghost:
 class Memory:
     """A variant's footprint in bytes: predicted before its start, measured after."""
 
-    estimate: int
+    estimate: int  # the config's `memory` when declared
     measured: int | None = None
+    declared: bool = False
 
     @property
     def reserved(self) -> int:
-        """What decisions count: the larger of the two."""
-        return max(self.estimate, self.measured or 0)
+        """What decisions count: a declared footprint, else the larger of the two."""
+        return self.estimate if self.declared else max(self.estimate, self.measured or 0)
 
-    def as_json(self) -> dict[str, int | None]:
-        return {"estimate": self.estimate, "measured": self.measured, "reserved": self.reserved}
+    def as_json(self) -> dict[str, int | bool | None]:
+        return {
+            "estimate": self.estimate,
+            "measured": self.measured,
+            "reserved": self.reserved,
+            "declared": self.declared,
+        }
 
 
 @dataclass(eq=False)
@@ -116,6 +122,7 @@ class EngineSlot:
     last_used_wall: float = field(default_factory=time.time)  # the same, as wall time
     ghosts: list[Ghost] = field(default_factory=list)
     looks: int = 0  # looks at /slots sent
+    stops: int = 0  # times its engine went away (stopped, crashed, or a start cut short)
     looking: asyncio.Task[None] | None = None  # a look at /slots under way
     probing: asyncio.Task[None] | None = None  # a health probe under way
     last_lines: list[str] = field(default_factory=list)  # the last engine's last words
@@ -179,9 +186,9 @@ class EngineSlot:
         self._watch_exit(instance)
 
     def start_failed(self, error: StartFailed) -> None:
-        self.last_lines = error.last_lines
         self.lifecycle.fire("fail", str(error))
-        self.phase = Down()
+        self._gone()
+        self.last_lines = error.last_lines
 
     def drain(self, reason: str, resumable: bool, drain_timeout: float) -> None:
         instance = self.ready
@@ -216,6 +223,7 @@ class EngineSlot:
         self.lifecycle.fire("reset", reason)
 
     def _gone(self) -> None:
+        self.stops += 1
         instance = self.instance
         if instance is not None:
             self.last_lines = instance.process.last_lines()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.config.schema import GatewayConfig, Model, Variant
@@ -31,7 +32,7 @@ from gateway.models.selector import Outcome
 from gateway.supervisor import events as ev
 from gateway.supervisor.effects import Effects
 from gateway.supervisor.machine import HISTORY_LENGTH, EngineState, TransitionRecord
-from gateway.supervisor.policy import EngineView, Limits, Plan, Start, Waiting, plan
+from gateway.supervisor.policy import EngineView, Limits, Plan, Start, Waiting, excess, plan
 from gateway.supervisor.requests import Grant, Lease, PendingRequest
 from gateway.supervisor.scheduler import Scheduler, fail
 from gateway.supervisor.slot import Draining, EngineSlot, Ghost, Memory, Starting, Stopping, Timer
@@ -48,6 +49,34 @@ BACKOFF_MAX = 8.0
 PROBE_INTERVAL = 1.0
 # Seconds between looks at an engine's /slots while abandoned requests may still run.
 SLOTS_LOOK_INTERVAL = 0.02
+
+
+@dataclass
+class Load:
+    """A load asked for ahead of traffic: the variant, and who waits for it to be ready."""
+
+    variant: Variant
+    waiters: list[asyncio.Future[None]]
+
+    def answer(self, error: GatewayError | None = None) -> None:
+        for done in self.waiters:
+            if error is None and not done.done():
+                done.set_result(None)
+            else:
+                fail(done, error or Unavailable("load ended"))
+
+
+@dataclass
+class Unload:
+    """An unload: the engines that ran when it was asked for, each with its count of stops
+    then; it is answered once each has stopped since (engines started later for waiting
+    requests are not its business)."""
+
+    stops: dict[EngineSlot, int]
+    done: asyncio.Future[None]
+
+    def finished(self) -> bool:
+        return all(slot.stops > count for slot, count in self.stops.items())
 
 
 class Supervisor:
@@ -68,10 +97,10 @@ class Supervisor:
         self._failures: Counter[str] = Counter()  # failed starts or crashes in a row, per variant
         self._retry_at: dict[str, float] = {}  # per variant key: no restart before (monotonic)
         self._retry: asyncio.TimerHandle | None = None
-        self._wanted: dict[str, tuple[Variant, asyncio.Future[None]]] = {}  # loads, by model
-        self._unloading: list[tuple[str | None, asyncio.Future[None]]] = []  # (model or all, done)
+        self._wanted: dict[str, Load] = {}  # loads asked for, by model
+        self._unloading: list[Unload] = []
         self._room_made: dict[str, tuple[float, tuple[str, ...], str]] = {}  # swaps under way
-        self._measured: dict[str, int] = {}  # the most an engine of each variant took, in bytes
+        self._measured: dict[Variant, int] = {}  # the most an engine of each variant took, in bytes
         self._shutdown: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._faults_seen: set[str] = set()  # causes whose traceback was logged
@@ -154,6 +183,7 @@ class Supervisor:
     def load(self, variant: Variant) -> asyncio.Future[None]:
         """Start `variant` ahead of traffic (queued requests go first); resolves when ready."""
         done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieved)  # its caller may have left (the load goes on)
         self._post(ev.LoadRequested(variant, done))
         return done
 
@@ -165,7 +195,9 @@ class Supervisor:
 
     def footprint(self, variant: Variant) -> Memory:
         """The variant's memory: the estimate, and what an engine of it measured."""
-        measured = self._measured.get(variant.key)
+        measured = self._measured.get(variant)
+        if variant.memory is not None:
+            return Memory(variant.memory, measured, declared=True)
         return Memory(self._effects.footprint(variant) or 0, measured)
 
     # --- the run loop --------------------------------------------------------------------------
@@ -278,6 +310,7 @@ class Supervisor:
         if self._shutdown is not None:
             pending.future.set_exception(Unavailable("the gateway is shutting down"))
         elif self.scheduler.enqueue(pending, self.config.server.queue_limit):
+            self._refresh(pending)
             hopeless = self._hopeless(pending)
             if hopeless is not None:
                 self._reject(pending, hopeless)
@@ -338,9 +371,10 @@ class Supervisor:
         2. Shutting down: wind every engine down; answer the shutdown once all are down.
         3. Cut short starts nobody waits for any more.
         4. Call off drains the queue asked for and no longer needs.
-        5. Plan: answer what can never be served (again, until nothing is answered),
+        5. Engines over the limits (a reload lowered them) are drained.
+        6. Plan: answer what can never be served (again, until nothing is answered),
            grant, then evict or start for the head of the queue.
-        6. Stop drained engines with nothing at work; arm idle timers.
+        7. Stop drained engines with nothing at work; arm idle timers.
         """
         self.scheduler.prune()
         self._answer_unloads()
@@ -354,8 +388,10 @@ class Supervisor:
         for slot in self.slots.values():
             if isinstance(slot.phase, Draining) and slot.phase.resumable and self._drain_unneeded(slot):
                 slot.resume("the requests that needed the drain are gone")
+        for model in excess(self._views(), self._limits()):
+            self._drain(self.slots[model], "over max_engines or memory_budget after a config reload", False)
         decision = self._plan(self._waiting())
-        while decision.rejects or decision.unfit:
+        while decision.rejects or decision.unfit or decision.unfit_loads:
             self._answer(decision)
             decision = self._plan(self._waiting())
         self._apply(decision)
@@ -367,11 +403,14 @@ class Supervisor:
             waiting,
             views if views is not None else self._views(),
             self._selector(),
-            limits=Limits(self.config.server.max_engines, self.config.server.memory_budget),
+            limits=self._limits(),
             footprint=lambda variant: self.footprint(variant).reserved,
             backing_off={key for key, at in self._retry_at.items() if at > now},
-            loads=[variant for variant, _ in self._wanted.values()],
+            loads=[load.variant for load in self._wanted.values()],
         )
+
+    def _limits(self) -> Limits:
+        return Limits(self.config.server.max_engines, self.config.server.memory_budget)
 
     def _answer(self, decision: Plan) -> None:
         for item, selection in decision.rejects:
@@ -379,6 +418,8 @@ class Supervisor:
         for item, why in decision.unfit:
             self._count("rejected_no_room", item.model.name)
             self.scheduler.answer(self.scheduler.by_seq(item.seq), Unavailable(why))
+        for variant, why in decision.unfit_loads:
+            self._wanted.pop(variant.model).answer(Unavailable(why))
 
     def _apply(self, decision: Plan) -> None:
         """Grants first (on ready engines), then the start the plan asks for, or the
@@ -450,10 +491,9 @@ class Supervisor:
             if idle > 0 and quiet and not slot.armed(Timer.IDLE):
                 slot.arm(Timer.IDLE, idle)
             wanted = self._wanted.get(slot.model)
-            if wanted is not None and wanted[0] == instance.variant:
+            if wanted is not None and wanted.variant == instance.variant:
                 del self._wanted[slot.model]
-                if not wanted[1].done():
-                    wanted[1].set_result(None)
+                wanted.answer()
 
     def _wants(self, slot: EngineSlot) -> bool:
         """Someone waits for the engine this slot is starting: a request, or a load."""
@@ -573,18 +613,16 @@ class Supervisor:
         self._log_swap_done(slot, variant)
         if self._outdated(instance):
             self._drain(slot, f"config reload changed {variant.key}", resumable=False)
-        elif any(model in (None, slot.model) for model, _ in self._unloading):
-            self._drain(slot, "unload requested", resumable=False)
 
     def _measure(self, slot: EngineSlot, instance: EngineInstance) -> None:
         """Keep the largest figure an engine of this variant measured."""
         measured = self._effects.measure(instance)
         if measured is None:
             return
-        key = instance.variant.key
-        self._measured[key] = max(measured, self._measured.get(key, 0))
-        slot.memory = self.footprint(instance.variant)
-        self.metrics.engine_memory.labels(slot.model, "measured").set(self._measured[key])
+        variant = instance.variant
+        self._measured[variant] = max(measured, self._measured.get(variant, 0))
+        slot.memory = self.footprint(variant)
+        self.metrics.engine_memory.labels(slot.model, "measured").set(self._measured[variant])
         self.metrics.engine_memory.labels(slot.model, "estimate").set(slot.memory.estimate)
 
     def _log_swap_done(self, slot: EngineSlot, variant: Variant) -> None:
@@ -620,9 +658,9 @@ class Supervisor:
         """A start of this variant failed: the waiters it was for (and a load of it) get
         the error; those another variant of the model serves keep waiting for theirs."""
         wanted = self._wanted.get(variant.model)
-        if wanted is not None and wanted[0] == variant:
+        if wanted is not None and wanted.variant == variant:
             del self._wanted[variant.model]
-            fail(wanted[1], error)
+            wanted.answer(error)
         selector = self._selector()
 
         def needs_it(pending: PendingRequest) -> bool:
@@ -762,28 +800,29 @@ class Supervisor:
         if self._shutdown is not None:
             done.set_exception(Unavailable("the gateway is shutting down"))
             return
-        previous = self._wanted.pop(variant.model, None)
+        previous = self._wanted.get(variant.model)
+        if previous is not None and previous.variant == variant:
+            previous.waiters.append(done)  # the same load asked for again
+            return
         if previous is not None:
-            fail(previous[1], Unavailable(f"superseded by a load of {variant.key}"))
-        self._wanted[variant.model] = (variant, done)
+            previous.answer(Unavailable(f"superseded by a load of {variant.key}"))
+        self._wanted[variant.model] = Load(variant, [done])
 
     def _reload(self, config: GatewayConfig) -> None:
         """New requests see the new config now; an engine is swapped only if its own
         model or variant changed (after its in-flight requests finish)."""
         self.config = config
         for pending in self.scheduler.queue:
-            model = config.resolve(pending.model.name)
-            if model is not None and model.name == pending.model.name:
-                pending.model = model
-            # else: accepted under the old config, it is served under the old one; nothing
-            # queued is lost
-        for name, (variant, done) in list(self._wanted.items()):
-            current = self._current(name, variant.context)
+            self._refresh(pending)
+        for pending in [lease.pending for lease in self.scheduler.leases.values()]:
+            self._refresh(pending)  # (requeued, it starts the variant the config now defines)
+        for name, load in list(self._wanted.items()):
+            current = self._current(name, load.variant.context)
             if current is None:
                 del self._wanted[name]
-                fail(done, Unavailable("the model or variant to load was removed by a reload"))
+                load.answer(Unavailable("the model or variant to load was removed by a reload"))
             else:
-                self._wanted[name] = (current[1], done)  # load it as the config now says
+                load.variant = current[1]  # load it as the config now says
         for slot in self.slots.values():
             instance = slot.instance
             if instance is None or isinstance(slot.phase, Stopping):
@@ -792,9 +831,17 @@ class Supervisor:
                 current = self._current(instance.model.name, instance.variant.context)
                 if current is not None:
                     instance.model, instance.variant = current  # the same engine, new rules
+                    slot.memory = self.footprint(instance.variant)  # (a declared `memory` may change)
                 continue
             log.info("config reload changed %s: it is replaced once idle", instance.variant.key)
             self._wind_down(slot, f"config reload changed {instance.variant.key}")
+
+    def _refresh(self, pending: PendingRequest) -> None:
+        """A request sees its model as the config now defines it. (One accepted for a model
+        a reload removed is served under the old definition: nothing queued is lost.)"""
+        model = self.config.resolve(pending.model.name)
+        if model is not None and model.name == pending.model.name:
+            pending.model = model
 
     def _current(self, model_name: str, context: int) -> tuple[Model, Variant] | None:
         """A variant as the config now defines it."""
@@ -816,25 +863,22 @@ class Supervisor:
         """Stop one model's engine or every engine (after a drain); `done` resolves when
         they are down."""
         for name in [n for n in self._wanted if model in (None, n)]:
-            fail(self._wanted.pop(name)[1], Unavailable("cancelled by an unload"))
-        for slot in self.slots.values():
-            if model in (None, slot.model):
-                self._wind_down(slot, "unload requested")
-        self._unloading.append((model, done))
+            self._wanted.pop(name).answer(Unavailable("cancelled by an unload"))
+        targets = [s for s in self.slots.values() if model in (None, s.model) and s.active]
+        for slot in targets:
+            self._wind_down(slot, "unload requested")
+        self._unloading.append(Unload({slot: slot.stops for slot in targets}, done))
 
     def _answer_unloads(self) -> None:
-        def down(model: str | None) -> bool:
-            return all(not s.active for s in self.slots.values() if model in (None, s.model))
-
-        for model, done in [u for u in self._unloading if down(u[0])]:
-            self._unloading.remove((model, done))
-            if not done.done():
-                done.set_result(None)
+        for unload in [u for u in self._unloading if u.finished()]:
+            self._unloading.remove(unload)
+            if not unload.done.done():
+                unload.done.set_result(None)
 
     def _begin_shutdown(self, done: asyncio.Future[None]) -> None:
         self._shutdown = done
         for name in list(self._wanted):
-            fail(self._wanted.pop(name)[1], Unavailable("the gateway is shutting down"))
+            self._wanted.pop(name).answer(Unavailable("the gateway is shutting down"))
         self.scheduler.fail_waiters(Unavailable("the gateway is shutting down"))
         if self._retry is not None:
             self._retry.cancel()
@@ -911,6 +955,12 @@ class Supervisor:
 _RUNNING = (EngineState.READY, EngineState.DRAINING)
 
 
+def _retrieved(done: asyncio.Future[None]) -> None:
+    """Mark an outcome nobody may await as seen (asyncio logs unseen exceptions)."""
+    if not done.cancelled():
+        done.exception()
+
+
 def _running(instance: EngineInstance) -> RunningEngine:
     return RunningEngine(instance.variant, instance.slot_context, instance.kv_budget, instance.slots)
 
@@ -942,5 +992,4 @@ def _engine_spec(model: Model, variant: Variant) -> tuple[Any, ...]:
         variant.context,
         variant.args,
         variant.binary,
-        variant.memory,
     )

@@ -113,6 +113,5 @@ class _StateCollector(Collector):
         yield running
         yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting", value=state["queued"]["count"])
         yield GaugeMetricFamily(f"{PREFIX}_in_flight", "Requests holding a lease", value=state["in_flight"])
-        yield GaugeMetricFamily(
-            f"{PREFIX}_engines", "Engines running or starting", value=len(state["engines"])
-        )
+        live = [e for e in state["engines"] if e["state"] != "crashed"]
+        yield GaugeMetricFamily(f"{PREFIX}_engines", "Engines running or starting", value=len(live))
