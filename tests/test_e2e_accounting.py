@@ -21,7 +21,7 @@ from gateway.config import load_config
 from gateway.demo.harness import free_port, lua_config
 from gateway.engine.manager import EngineManager
 from gateway.server.endpoints import ENDPOINTS
-from tests.conftest import Gateway, tiny_model_config
+from tests.conftest import Gateway, tiny_model_config, wait_until
 
 LOAD_SECONDS = 12.0
 CLIENTS = 12
@@ -209,3 +209,32 @@ def test_streams_of_several_answers_after_long_ones_never_break(gateway: Gateway
         reply = gateway.post("/v1/chat/completions", four)
         assert reply.status == 200 and b'"error"' not in reply.body, (attempt, reply.body[-300:])
         assert reply.body.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_what_an_idle_slot_keeps_is_erased_before_a_request_needs_the_room(gateway: Gateway) -> None:
+    """A finished request's cells stay in its idle slot of the unified cache until a new
+    prompt is processed there, and llama-server processes a lower slot's long prompt
+    first: the 600 s soak saw three requests overflow an 8192 cache that way. Before a
+    grant that needs that room, the gateway has the engine erase its idle slots."""
+    url = gateway.url + "/v1/completions"
+    async with aiohttp.ClientSession() as session:
+
+        async def complete(prompt: str, max_tokens: int, stream: bool = False) -> tuple[int, str]:
+            body = {"model": "tiny-b", "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
+            async with session.post(url, json=body) as resp:
+                return resp.status, await resp.text()
+
+        letters = random.Random(7)
+
+        def text(size: int) -> str:
+            return "".join(letters.choice("abcdefghij ") for _ in range(size))
+
+        assert (await complete(text(1500), 4))[0] == 200  # leaves ~1500 tokens in an idle slot
+        long = asyncio.create_task(complete(text(300), 700, stream=True))  # ~1000 reserved
+        await asyncio.to_thread(wait_until, lambda: gateway.state()["in_flight"] >= 1)
+        status, answer = await complete(text(500), 4)  # ~500: fits 2048 - 1000, not beside 1500
+        assert status == 200, answer[:300]
+        assert (await long)[0] == 200
+    counters = gateway.state()["counters"]
+    assert counters["idle_slot_clears"] >= 1
+    assert OVERFLOW not in gateway.log()

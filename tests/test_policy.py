@@ -223,3 +223,21 @@ def test_a_load_starts_when_the_queue_needs_nothing() -> None:
     # the queue goes first
     result = plan([waiting(1, A)], {}, SELECTOR, loads=[b])
     assert start_of(result) == ("a@512", (), True)
+
+
+def test_what_idle_slots_keep_is_erased_before_a_grant_that_needs_the_room() -> None:
+    a = make_model("a", 1024)
+    queue = [waiting(1, a, 500)]
+    kept = ready(a, free_tokens=1000, idle=False, residue=600)
+    result = plan(queue, engines(kept), SELECTOR)
+    assert result.grants == [] and result.clear == {"a"}  # 500 > 1000 - 600
+    erasing = ready(a, free_tokens=1000, idle=False, residue=600, clearing=True)
+    assert plan(queue, engines(erasing), SELECTOR).clear == set()  # one erase at a time
+    assert seqs(
+        plan(queue, engines(ready(a, free_tokens=1000, idle=False, residue=400)), SELECTOR).grants
+    ) == [1]
+    # an idle engine takes one whatever its slots keep (alone, its prompt clears its slot)
+    assert seqs(plan(queue, engines(ready(a, free_tokens=1000, residue=900)), SELECTOR).grants) == [1]
+    # too large even with nothing kept: it waits for requests in flight, no erase
+    full = plan([waiting(1, a, 1000)], engines(ready(a, free_tokens=600, idle=False, residue=300)), SELECTOR)
+    assert full.grants == [] and full.clear == set()

@@ -154,6 +154,7 @@ class FakeEffects:
         self.measured: dict[str, int] = {}  # variant key -> what its engine measures
         self.busy: frozenset[int] = frozenset()  # the engine's busy tasks, as /slots shows them
         self.looks = 0
+        self.clears: list[FakeInstance] = []  # engines told to erase their idle slots
 
     def capacity(self, variant: Variant, model: Model) -> Room:
         return Room(self._capacity_of(variant))
@@ -187,6 +188,9 @@ class FakeEffects:
             instance.exited.set_result(0)  # like a real engine: it exits, then stop returns
         await asyncio.sleep(0)
         return 0
+
+    async def clear_idle_slots(self, instance: FakeInstance) -> None:
+        self.clears.append(instance)
 
     async def probe(self, instance: FakeInstance) -> str | None:
         self.probes.append(instance)

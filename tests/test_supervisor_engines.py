@@ -405,3 +405,21 @@ async def test_a_load_nobody_awaits_any_more_leaves_no_unseen_exception(
     await asyncio.wait_for(rig.sup.shutdown(), 2)
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_grant_that_needs_what_idle_slots_keep_waits_for_their_erase(rig: Rig) -> None:
+    _, first = ask(rig.sup, "a", tokens=200)  # 300 of a unified 512
+    await until(lambda: len(rig.fx.starts) == 1)
+    engine = rig.fx.starts[0].succeed(kv_budget=512)
+    await until(first.done)
+    rig.sup.release(first.result(), served=True)  # its 300 tokens may stay in an idle slot
+    _, second = ask(rig.sup, "a", tokens=50)  # 150: granted, the engine was idle
+    await until(second.done)
+    _, third = ask(rig.sup, "a", tokens=50)  # 150 more: fits 512 - 150, but not beside the 300 kept
+    await handled(rig.sup, third)
+    await until(lambda: rig.fx.clears == [engine])
+    await until(third.done)
+    assert rig.sup.counters["idle_slot_clears"] == 1
+    assert rig.sup.slots["a"].residue == []
+    for task in (second, third):
+        rig.sup.release(task.result(), served=True)

@@ -6,6 +6,8 @@ it says a prompt did not fit.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,9 @@ from gateway.models import Room
 # Slots llama-server runs when `-np` is not given (b11434: "auto" is 4, on one unified cache).
 AUTO_SLOTS = 4
 LISTENING_PATTERN = r"listening on http://127\.0\.0\.1:(\d+)"
+# Seconds an erase of an idle slot may take (it takes milliseconds) before the slot is
+# taken to have become busy meanwhile (llama-server then defers the erase).
+ERASE_WAIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -105,12 +110,20 @@ class LlamaCppEngine:
         return int(props["default_generation_settings"]["n_ctx"]), int(props["total_slots"])
 
     async def clear_idle_slots(self, client: EngineClient) -> None:
-        """Erase what idle slots keep. llama-server gives the extra answers of an `n > 1`
-        request idle slots without clearing the cells a finished answer left there, and
-        then fails the batch ("Invalid input batch") even mid-stream."""
-        for slot in await client.get_json("/slots"):
-            if not slot.get("is_processing"):
-                await client.post_json(f"/slots/{int(slot['id'])}?action=erase", {})
+        """Erase what idle slots keep: cells of finished requests, which a unified cache
+        holds until a new prompt is processed in that slot. (llama-server also gives the
+        extra answers of an `n > 1` request idle slots without clearing them, and then
+        fails the batch, "Invalid input batch", even mid-stream.)
+
+        A slot idle when /slots was read may have taken a request since; llama-server
+        defers its erase until that request ends, which is not waited for."""
+        idle = [int(slot["id"]) for slot in await client.get_json("/slots") if not slot.get("is_processing")]
+
+        async def erase(slot: int) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.post_json(f"/slots/{slot}?action=erase", {}), ERASE_WAIT)
+
+        await asyncio.gather(*(erase(slot) for slot in idle))
 
     async def busy_tasks(self, client: EngineClient) -> frozenset[int]:
         """The ids of the tasks its slots are processing now."""

@@ -214,6 +214,10 @@ class EngineManager:
         """The ids of the tasks the engine's slots are processing now."""
         return await self.llamacpp.busy_tasks(instance.client)
 
+    async def clear_idle_slots(self, instance: EngineInstance) -> None:
+        """Have the engine erase what its idle slots keep."""
+        await self.llamacpp.clear_idle_slots(instance.client)
+
     async def probe(self, instance: EngineInstance) -> str | None:
         """None unless the engine leaves /health unanswered for its health_check timeout."""
         timeout = instance.variant.timeouts.health_check

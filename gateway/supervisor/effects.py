@@ -34,6 +34,10 @@ class Effects(Protocol):
         """The ids of the tasks the engine's slots are processing now."""
         ...
 
+    async def clear_idle_slots(self, instance: EngineInstance) -> None:
+        """Have the engine erase what its idle slots keep."""
+        ...
+
     async def probe(self, instance: EngineInstance) -> str | None:
         """None when the engine answers /health within its health_check timeout, else why not."""
         ...

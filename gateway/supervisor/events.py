@@ -75,6 +75,12 @@ class SlotsSeen:
 
 
 @dataclass(frozen=True)
+class IdleSlotsCleared:
+    instance: EngineInstance
+    cleared: bool  # False: the engine did not answer (it is probed)
+
+
+@dataclass(frozen=True)
 class TimerFired:
     model: str | None  # the engine's; None for the supervisor's own ("retry")
     name: str  # "idle", "drain", "probe", "slots" (an engine's), or "retry"
@@ -113,6 +119,7 @@ Event = (
     | EngineExited
     | EngineProbed
     | SlotsSeen
+    | IdleSlotsCleared
     | TimerFired
     | UnloadRequested
     | ConfigReloaded

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 from gateway.config.schema import Model, Variant
 from gateway.models import ModelSelector, Needs, RunningEngine, Selection
@@ -46,6 +47,11 @@ class EngineView:
     free_tokens: int | None = None
     free_slots: int | None = None
     idle: bool = True
+    # Tokens finished requests may have left in idle engine slots (a unified cache keeps
+    # them until a new task's prompt is processed there), and whether the gateway is
+    # having the engine erase them now (no grants meanwhile).
+    residue: int = 0
+    clearing: bool = False
     memory: int = 0  # bytes it holds (or will, while starting)
     last_used: float = 0.0  # its last grant (monotonic)
     keep_loaded: bool = False
@@ -83,6 +89,8 @@ class Plan:
     unfit: list[tuple[Waiting, str]] = field(default_factory=list)
     unfit_loads: list[tuple[Variant, str]] = field(default_factory=list)
     start: Start | None = None
+    # Engines whose idle slots must be erased before the next grant fits.
+    clear: set[str] = field(default_factory=set)
 
 
 Footprint = Callable[[Variant], int]
@@ -105,7 +113,8 @@ def plan(
        cache has the tokens and a slot for each of its sequences (an idle engine always
        takes one, to count it at least); when it does not, it and every later request for
        that engine wait, so an engine serves its requests in arrival order and none waits
-       inside the engine, unseen.
+       inside the engine, unseen. When it would fit but for what finished requests left
+       in idle engine slots, the engine erases them first (`clear`).
     2. A request whose model's engine is starting, draining or stopping waits for it.
     3. The first request that needs an engine started (its model runs none, or a variant
        too small) decides the next start: the first whose variant is not backing off
@@ -115,7 +124,7 @@ def plan(
     5. `place` finds room for that start (see there).
     """
     result = Plan()
-    free = {m: (e.free_tokens, e.free_slots, e.idle) for m, e in engines.items()}
+    free = {m: Room(e.free_tokens, e.free_slots, e.idle, e.residue) for m, e in engines.items()}
     blocked: set[str] = set()  # engines whose next request waits for room
     candidates: list[tuple[Waiting, Selection, bool]] = []  # (item, selection, is the head)
     waited = False  # an earlier request still waits
@@ -128,9 +137,12 @@ def plan(
             continue
         if selection.outcome is Outcome.REUSED:
             assert running is not None
-            if item.model.name not in blocked and _take(free, item, running):
+            fit = Fit.BLOCKED if engine is None or engine.clearing else _take(free, item, running)
+            if item.model.name not in blocked and fit is Fit.GRANTED:
                 result.grants.append((item, selection))
                 continue
+            if item.model.name not in blocked and fit is Fit.AFTER_CLEARING:
+                result.clear.add(item.model.name)
             blocked.add(item.model.name)
         elif engine is None or not engine.active or engine.state is EngineState.READY:
             candidates.append((item, selection, not waited))
@@ -269,21 +281,45 @@ def _never_fits(variant: Variant, needed: int, active: Mapping[str, EngineView],
     )
 
 
-def _take(
-    free: dict[str, tuple[int | None, int | None, bool]], item: Waiting, running: RunningEngine
-) -> bool:
-    """Grant `item` on its engine if it has room; count what it takes."""
-    tokens, slots, idle = free[item.model.name]
+@dataclass(frozen=True)
+class Room:
+    """What an engine has left while the plan grants on it."""
+
+    tokens: int | None
+    slots: int | None
+    idle: bool
+    residue: int
+
+
+class Fit(Enum):
+    GRANTED = "granted"
+    AFTER_CLEARING = "after clearing"  # it fits once idle slots are erased
+    BLOCKED = "blocked"
+
+
+def _take(free: dict[str, Room], item: Waiting, running: RunningEngine) -> Fit:
+    """Grant `item` on its engine if it has room; count what it takes.
+
+    1. No room for its slots, or for its tokens even with idle slots erased: blocked
+       (unless nothing is in flight: an idle engine always takes one).
+    2. Room only once idle slots are erased: after clearing.
+    3. Else granted.
+    """
+    room = free[item.model.name]
     reservation, use = item.reservation(running), item.slot_use(running)
-    full = (tokens is not None and reservation > tokens) or (slots is not None and use > slots)
-    if full and not idle:
-        return False
-    free[item.model.name] = (
-        None if tokens is None else tokens - reservation,
-        None if slots is None else slots - use,
+    no_slot = room.slots is not None and use > room.slots
+    no_tokens = room.tokens is not None and reservation > room.tokens
+    if (no_slot or no_tokens) and not room.idle:
+        return Fit.BLOCKED
+    if room.tokens is not None and reservation > room.tokens - room.residue and not room.idle:
+        return Fit.AFTER_CLEARING
+    free[item.model.name] = Room(
+        None if room.tokens is None else room.tokens - reservation,
+        None if room.slots is None else room.slots - use,
         False,
+        room.residue,
     )
-    return True
+    return Fit.GRANTED
 
 
 def _first_not_backing_off(

@@ -124,6 +124,12 @@ class EngineSlot:
     looks: int = 0  # looks at /slots sent
     stops: int = 0  # times its engine went away (stopped, crashed, or a start cut short)
     looking: asyncio.Task[None] | None = None  # a look at /slots under way
+    # Tokens of finished requests that idle engine slots may still hold (a unified cache
+    # keeps a slot's cells until a new task's prompt is processed there, and a longer
+    # prompt in a lower slot is processed first): at most one stale prompt per engine
+    # slot, so the largest `slots` of them bound it. Emptied when the engine erases them.
+    residue: list[int] = field(default_factory=list)
+    clearing: asyncio.Task[None] | None = None  # an erase of idle slots under way
     probing: asyncio.Task[None] | None = None  # a health probe under way
     last_lines: list[str] = field(default_factory=list)  # the last engine's last words
     timers: dict[Timer, asyncio.TimerHandle] = field(default_factory=dict)
@@ -229,12 +235,13 @@ class EngineSlot:
             self.last_lines = instance.process.last_lines()
         self.phase = Down()
         self.ghosts.clear()  # gone with their engine
+        self.residue.clear()
         for timer in list(self.timers):
             self.cancel(timer)
-        for task in (self.probing, self.looking):
+        for task in (self.probing, self.looking, self.clearing):
             if task is not None:
                 task.cancel()
-        self.probing = self.looking = None
+        self.probing = self.looking = self.clearing = None
 
     # --- effects: tasks whose results come back as events ------------------------------------
 
@@ -293,9 +300,29 @@ class EngineSlot:
 
         self.looking = asyncio.create_task(looking(), name=f"slots {self.model}")
 
+    def leave_residue(self, tokens: int, slots: int) -> None:
+        """A request on the engine ended: its cells may stay in an idle slot."""
+        self.residue = sorted([*self.residue, tokens], reverse=True)[:slots]
+
+    def clear_idle_slots(self, effects: Effects) -> None:
+        """Have the engine erase its idle slots (one erase at a time)."""
+        instance = self.instance
+        if self.clearing is not None or instance is None:
+            return
+
+        async def clearing() -> None:
+            try:
+                await effects.clear_idle_slots(instance)
+            except Exception:  # a dead engine's residue goes with it; a live one's stays
+                self.post(ev.IdleSlotsCleared(instance, cleared=False))
+            else:
+                self.post(ev.IdleSlotsCleared(instance, cleared=True))
+
+        self.clearing = asyncio.create_task(clearing(), name=f"clear {self.model}")
+
     def tasks(self) -> list[asyncio.Task[Any]]:
         """Its effects under way (for the supervisor's close)."""
-        running = [self.probing, self.looking]
+        running = [self.probing, self.looking, self.clearing]
         if isinstance(self.phase, Starting | Stopping):
             running.append(self.phase.task)
         return [task for task in running if task is not None]

@@ -231,6 +231,8 @@ class Supervisor:
                 self._release(lease, requeue, served, abandoned)
             case ev.SlotsSeen(instance, busy, look):
                 self._slots_seen(instance, busy, look)
+            case ev.IdleSlotsCleared(instance, cleared):
+                self._idle_slots_cleared(instance, cleared)
             case ev.TokensCounted(lease_id, model, shape, tokens, fits):
                 self.estimator.observe(model, shape, tokens)
                 self._count("tokens_counted", model, tokens)
@@ -334,9 +336,12 @@ class Supervisor:
         if lease is None:
             return
         slot = self.slots.get(lease.instance.model.name)
-        if abandoned and lease.instance.kv_budget is not None and slot and slot.instance is lease.instance:
-            slot.ghosts.append(Ghost(lease, look=slot.looks + 1))
-            slot.look_at_slots(self._effects)  # the probe armed at its grant goes on meanwhile
+        if lease.instance.kv_budget is not None and slot and slot.instance is lease.instance:
+            if abandoned:
+                slot.ghosts.append(Ghost(lease, look=slot.looks + 1))
+                slot.look_at_slots(self._effects)  # the probe armed at its grant goes on meanwhile
+            else:
+                slot.leave_residue(lease.tokens, lease.instance.slots)
         if served:
             self._failures.pop(lease.instance.variant.key, None)  # the variant works again
 
@@ -436,6 +441,12 @@ class Supervisor:
             slot.touch()
             slot.cancel(Timer.IDLE)
             self._watch_health(slot)
+        for model in decision.clear:
+            slot = self.slots[model]
+            if slot.clearing is None:
+                self._count("idle_slot_clears", model)
+                log.info("erase the idle slots of %s: they may keep %d tokens", model, sum(slot.residue))
+            slot.clear_idle_slots(self._effects)
         if decision.start is not None:
             self._start_or_make_room(decision.start)
 
@@ -557,6 +568,8 @@ class Supervisor:
             free_tokens=None if budget is None else budget - sum(lease.tokens for lease in held),
             free_slots=None if budget is None else as_ready.slots - sum(lease.slots for lease in held),
             idle=not held,
+            residue=sum(slot.residue),
+            clearing=slot.clearing is not None,
             memory=memory,
             last_used=slot.last_used,
             keep_loaded=keep,
@@ -762,8 +775,21 @@ class Supervisor:
                 ghost.running = busy
             if not ghost.running & busy:  # type: ignore[operator]
                 slot.ghosts.remove(ghost)
+                slot.leave_residue(ghost.lease.tokens, instance.slots)
         if slot.ghosts:
             slot.arm(Timer.SLOTS, SLOTS_LOOK_INTERVAL)
+
+    def _idle_slots_cleared(self, instance: EngineInstance, cleared: bool) -> None:
+        slot = self.slots.get(instance.model.name)
+        if slot is None or slot.instance is not instance:
+            return  # its engine is gone (which cancelled the erase)
+        slot.clearing = None
+        if cleared:
+            slot.residue.clear()
+        else:
+            log.warning("erasing the idle slots of %s failed; its engine is probed", instance.variant.key)
+            self._watch_health(slot)
+            slot.residue.clear()  # (a live engine clears a slot as its next prompt starts)
 
     def _timer_fired(self, model: str | None, name: str, instance: EngineInstance | None) -> None:
         if model is None:

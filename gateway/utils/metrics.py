@@ -27,6 +27,7 @@ SUPERVISOR_COUNTERS: dict[str, str] = {
     "rejected_queue_full": "Requests refused because the queue was full",
     "cancelled_waiting": "Requests whose client left while they waited in the queue",
     "tokens_counted": "Prompt tokens counted exactly on an engine",
+    "idle_slot_clears": "Erases of an engine's idle slots so that the next request fits its shared cache",
 }
 
 
