@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -130,6 +131,20 @@ class Gateway:
             return stop_process(self.process, timeout)
         self.process.send_signal(sig)
         return self.process.wait(timeout)
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    text = gateway.request("GET", "/metrics").body.decode()
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
 
 
 def tiny_model_config(models: dict[str, Path], **overrides: Any) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from gateway.config import load_config
 from gateway.demo.harness import free_port, lua_config, spawn_gateway
 from gateway.engine import footprint
 from gateway.utils.sizes import human_bytes
-from tests.conftest import Gateway, Response, alive, tiny_model_config, wait_until
+from tests.conftest import Gateway, Response, alive, metric, tiny_model_config, wait_until
 
 CHAT = [{"role": "user", "content": "hi"}]
 MiB = 1 << 20
@@ -29,20 +29,6 @@ MiB = 1 << 20
 
 def ask(gateway: Gateway, model: str, max_tokens: int = 4) -> Response:
     return gateway.post("/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": max_tokens})
-
-
-def metric(gateway: Gateway, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels`."""
-    text = gateway.request("GET", "/metrics").body.decode()
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if not match:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 def model(name: str, path: Path, contexts: tuple[int, ...] = (2048,), **extra: Any) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
 import urllib.request
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Gateway, alive, lua_config, tiny_model_config, wait_until
+from tests.conftest import Gateway, alive, lua_config, metric, tiny_model_config, wait_until
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -20,20 +19,6 @@ def ask(gateway: Gateway, model: str = "tiny", max_tokens: int = 4, **kw):
     return gateway.post(
         "/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": max_tokens}, **kw
     )
-
-
-def metric(gateway: Gateway, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels`."""
-    text = gateway.request("GET", "/metrics").body.decode()
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if not match:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 @pytest.fixture
