@@ -217,6 +217,12 @@ class EngineSlot:
         self.lifecycle.fire("drained", reason)
         self.phase = Stopping(instance, self._launch(self._stopping(effects, instance)))
 
+    def stop_what_started(self, effects: Effects, instance: EngineInstance) -> None:
+        """A start cut short (already `stopping`) that succeeded all the same: stop the
+        engine it started, with the same effect as any stop."""
+        assert isinstance(self.phase, Stopping) and self.phase.instance is None
+        self.phase = Stopping(instance, self._launch(self._stopping(effects, instance)))
+
     def stopped(self, reason: str) -> None:
         self.lifecycle.fire("stopped", reason)
         self._gone()

@@ -537,7 +537,7 @@ class Supervisor:
         return [self._as_waiting(p) for p in self.scheduler.queue]
 
     def _as_waiting(self, pending: PendingRequest) -> Waiting:
-        needs = pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
+        needs = self._needs(pending)
         slot = self.slots.get(pending.model.name)
         instance = slot.ready if slot is not None else None
         if needs.exact or instance is None:
@@ -545,6 +545,10 @@ class Supervisor:
         # Granted on an estimate, it is counted only after the grant: reserve the bound.
         bound = instance.upper_bound(pending.kind, pending.shape)
         return Waiting(pending.seq, pending.model, needs, bound or 0)
+
+    def _needs(self, pending: PendingRequest) -> Needs:
+        """What a request needs: counted, or estimated from what its model taught."""
+        return pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
 
     def _views(self) -> dict[str, EngineView]:
         return {model: self._view(slot, slot.ready) for model, slot in self.slots.items()}
@@ -591,8 +595,7 @@ class Supervisor:
     ) -> None:
         if isinstance(slot.phase, Stopping):  # cut short meanwhile
             if instance is not None:
-                slot.phase = Stopping(instance, slot.phase.task)
-                self._stop_unwanted(slot, instance)
+                slot.stop_what_started(self._effects, instance)
             else:
                 slot.stopped("engine killed while starting")
             return
@@ -600,14 +603,6 @@ class Supervisor:
             self._on_ready(slot, instance)
         elif error is not None:
             self._on_start_failed(slot, variant, error)
-
-    def _stop_unwanted(self, slot: EngineSlot, instance: EngineInstance) -> None:
-        """A start that was cut short just as it succeeded: stop what it started."""
-
-        async def stopping() -> None:
-            self._post(ev.StopFinished(instance, await self._effects.stop(instance)))
-
-        slot.phase = Stopping(instance, asyncio.create_task(stopping(), name=f"engine {slot.model}"))
 
     def _on_ready(self, slot: EngineSlot, instance: EngineInstance) -> None:
         slot.healthy(instance)
@@ -677,10 +672,9 @@ class Supervisor:
         selector = self._selector()
 
         def needs_it(pending: PendingRequest) -> bool:
-            needs = pending.needs(self.estimator.estimate(pending.model.name, pending.shape))
             return (
                 pending.model.name == variant.model
-                and selector.select(needs, pending.model, None).variant == variant
+                and selector.select(self._needs(pending), pending.model, None).variant == variant
             )
 
         self.scheduler.fail_waiters(error, needs_it)
@@ -784,12 +778,12 @@ class Supervisor:
         if slot is None or slot.instance is not instance:
             return  # its engine is gone (which cancelled the erase)
         slot.clearing = None
-        if cleared:
-            slot.residue.clear()
-        else:
+        # Cleared either way: a live engine that failed the erase still clears a slot as
+        # its next prompt starts, and keeping the residue would ask for erases forever.
+        slot.residue.clear()
+        if not cleared:
             log.warning("erasing the idle slots of %s failed; its engine is probed", instance.variant.key)
             self._watch_health(slot)
-            slot.residue.clear()  # (a live engine clears a slot as its next prompt starts)
 
     def _timer_fired(self, model: str | None, name: str, instance: EngineInstance | None) -> None:
         if model is None:
