@@ -26,7 +26,7 @@ help:
 	@echo "make statecharts  regenerate statecharts/ from the state machine"
 	@echo "make lint         ruff"
 
-setup: $(VENV)/.deps $(VENV)/.engine models
+setup: $(VENV)/.deps $(VENV)/.engine models /usr/sbin/haproxy
 
 run: setup
 	$(BIN)/llm-gateway --config $(CONFIG)
@@ -48,12 +48,19 @@ soak: setup
 statecharts: $(VENV)/.deps
 	$(BIN)/python -m gateway.supervisor.statechart statecharts
 
+# A Debian package from apt-get (through sudo unless root): $(call apt_install,PACKAGE)
+apt_install = { \
+	  echo "installing $(1) (apt-get)"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq $(1) >/dev/null; }
+
 # The Lua interpreter python-lua-helper runs (Debian: lua5.4).
 /usr/bin/lua5.4:
-	@command -v lua5.4 >/dev/null || { \
-	  echo "installing lua5.4 (apt-get)"; \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq; \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq lua5.4 >/dev/null; }
+	@command -v lua5.4 >/dev/null || $(call apt_install,lua5.4)
+
+# HAProxy, the front tier `llm-gateway front` writes configs for (its tests run it).
+/usr/sbin/haproxy:
+	@command -v haproxy >/dev/null || $(call apt_install,haproxy)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
