@@ -23,6 +23,9 @@ server = {
   max_start_failures = 3,            -- failed starts in a row before a model's waiters get 503
   config_timeout = 10,               -- seconds (1-600) a reload may run this file; then the old config stays
   loading_keepalive = true,          -- streams kept waiting get ": waiting for model ..." SSE comments
+  shutdown_delay = 2,                -- on SIGTERM, seconds /health answers 503 while requests are
+                                     --   still served, before the gateway stops listening (so a
+                                     --   load balancer stops sending first); 0 = none; Ctrl-C skips it
 
   -- Several engines under a memory budget. Sizes are "20GiB", "512MiB", "1.5GiB" (KiB, MiB,
   -- GiB, TiB: powers of 1024), "800MB" (KB, MB, GB, TB: powers of 1000) or a number of bytes.

@@ -78,10 +78,15 @@ def check_config(path: str) -> int:
 
 async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int:
     server = GatewayServer(config, recent)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stop: asyncio.Future[int] = loop.create_future()  # the signal that asked for the stop
+
+    def stop_on(sig: int) -> None:
+        if not stop.done():
+            stop.set_result(sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_on, sig)
     reloads: set[asyncio.Task[None]] = set()  # kept, so that a running reload is not collected
 
     def reload_on_sighup() -> None:
@@ -94,10 +99,11 @@ async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int
         await server.start()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
-        await server.stop()
+        await server.stop(announce=False)
         return EXIT_LISTEN
-    await stop.wait()
-    await server.stop()
+    # SIGTERM (systemd, Kubernetes) announces the shutdown to a load balancer first;
+    # Ctrl-C at a terminal stops at once.
+    await server.stop(announce=await stop == signal.SIGTERM)
     return EXIT_OK
 
 

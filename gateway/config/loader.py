@@ -387,6 +387,7 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
             api_keys=tuple(_as_list(server["api_keys"])),
             admin_key=server.get("admin_key"),
             config_timeout=float(server["config_timeout"]),
+            shutdown_delay=float(server["shutdown_delay"]),
             preload=(server["preload"]["model"], server["preload"]["context"])
             if server.get("preload")
             else None,

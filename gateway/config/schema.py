@@ -95,6 +95,9 @@ class ServerConfig:
     admin_key: str | None = None  # when set, /gateway/* control endpoints need it
     preload: tuple[str, int] | None = None  # (model, context) started at start-up
     config_timeout: float = 10.0  # seconds a reload may spend running the config file
+    # Seconds between SIGTERM and closing the listening sockets: /health answers 503 and
+    # requests are still served, so that a load balancer stops sending first.
+    shutdown_delay: float = 2.0
     max_engines: int = 1  # engines that may run at once
     memory_budget: int | None = None  # bytes all running engines may take; None: no limit
     # How the budget was found: "config", or what "auto" found ("auto: physical memory

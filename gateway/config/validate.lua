@@ -375,6 +375,7 @@ local server_defaults = {
   loading_keepalive = true,
   config_timeout = 10,
   max_engines = 1,
+  shutdown_delay = 2,
 }
 
 -- A reload runs the config file within config_timeout: too short a limit stops every
@@ -415,7 +416,7 @@ local function validate_server(s)
     "listen_v4", "listen_v6", "queue_limit", "max_body_bytes", "max_start_failures",
     "loading_keepalive", "health_check_timeout", "engine_startup_timeout",
     "engine_idle_timeout", "drain_timeout", "stop_timeout", "api_keys", "admin_key", "preload", "config_timeout",
-    "max_engines", "memory_budget"))
+    "max_engines", "memory_budget", "shutdown_delay"))
   local out = resolve_timeouts("server", s, server_defaults)
   out.listen_v4 = listen_list("server.listen_v4", s.listen_v4, "127.0.0.1:7777", valid_v4, "\"127.0.0.1:7777\"")
   out.listen_v6 = listen_list("server.listen_v6", s.listen_v6, "none", valid_v6, "\"[::1]:7777\"")
@@ -444,6 +445,8 @@ local function validate_server(s)
     fail("server.config_timeout", "must be a number of seconds from %d to %d (got %s)",
       CONFIG_TIMEOUT_MIN, CONFIG_TIMEOUT_MAX, show(out.config_timeout))
   end
+  out.shutdown_delay = non_negative_number("server.shutdown_delay",
+    s.shutdown_delay or server_defaults.shutdown_delay)
   out.api_keys = api_keys("server.api_keys", s.api_keys)
   if s.admin_key ~= nil then out.admin_key = non_empty_string("server.admin_key", s.admin_key) end
   out.preload = s.preload

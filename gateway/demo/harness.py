@@ -35,12 +35,14 @@ def to_lua(value: Any) -> str:
 
 
 def lua_config(port: int, models: list[dict[str, Any]], **server: Any) -> str:
-    """A config file's text: loopback on `port`, short timeouts unless given."""
+    """A config file's text: loopback on `port`, short timeouts unless given (no
+    shutdown_delay: no load balancer watches these gateways)."""
     server = {
         "listen_v4": f"127.0.0.1:{port}",
         "engine_startup_timeout": 30,
         "drain_timeout": 10,
         "stop_timeout": 5,
+        "shutdown_delay": 0,
         **server,
     }
     return f"server = {to_lua(server)}\nmodels = {to_lua(models)}\n"

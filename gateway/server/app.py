@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import __version__
@@ -42,6 +42,7 @@ class GatewayServer:
         self._sites: list[web.TCPSite] = []
         self._reloads: asyncio.Task[None] | None = None  # runs reloads one after another
         self._next_reload: asyncio.Future[GatewayConfig] | None = None  # asked for, not started
+        self.leaving = False  # shutting down: /health answers 503, connections close after each answer
 
     def build_app(self) -> web.Application:
         app = web.Application(
@@ -53,6 +54,8 @@ class GatewayServer:
             client_max_size=self.config.server.max_body_bytes,
         )
         app.on_response_prepare.append(mark_first_byte)
+        app.on_response_prepare.append(name_the_model)
+        app.on_response_prepare.append(self._close_while_leaving)
         for path in ENDPOINTS:
             app.router.add_post(path, self.handler.model_request)
         for prefix in UNSUPPORTED_PREFIXES:
@@ -155,8 +158,18 @@ class GatewayServer:
         )
         return bound
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), stop the engine."""
+    async def stop(self, announce: bool = True) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), stop the engines.
+
+        With `announce`, /health first answers 503 for server.shutdown_delay seconds while
+        every request is still served, so that a load balancer stops sending before the
+        listening sockets close.
+        """
+        self.leaving = True
+        delay = self.config.server.shutdown_delay if announce else 0.0
+        if delay > 0:
+            log.info("shutting down: /health answers 503; still serving for %gs", delay)
+            await asyncio.sleep(delay)
         log.info("shutting down: no new connections; draining")
         if self._reloads is not None:
             self._reloads.cancel()  # a config still running would hold up the exit
@@ -190,7 +203,16 @@ class GatewayServer:
         )
 
     async def _health(self, request: web.Request) -> web.Response:
+        if self.leaving:
+            return web.json_response({"status": "shutting down"}, status=503)
         return web.json_response({"status": "ok"})
+
+    async def _close_while_leaving(self, request: web.Request, response: web.StreamResponse) -> None:
+        """on_response_prepare: a client (a load balancer's connection pool) keeps no
+        connection open to a gateway on its way out."""
+        if self.leaving:
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"
 
     async def _metrics(self, request: web.Request) -> web.Response:
         # The format version in the type must be the one generate_latest writes.
@@ -217,3 +239,11 @@ class GatewayServer:
                     }
                 )
         return web.json_response({"object": "list", "data": data})
+
+
+async def name_the_model(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer to a request whose model is known names it, errors
+    and a stream whose headers left before its variant was chosen included."""
+    model = request.get("model")
+    if model:
+        response.headers.setdefault("X-Gateway-Model", model)
