@@ -72,3 +72,9 @@ class EngineRejected(GatewayError):
         super().__init__(message)
         self.status = status
         self.type = "invalid_request_error" if status < 500 else "server_error"
+
+
+class NotServed(GatewayError):
+    """The model's engine type does not implement the endpoint."""
+
+    status, type, code = 501, "invalid_request_error", "not_implemented"

@@ -44,8 +44,8 @@ def test_an_alias_in_the_args_is_the_served_name(tmp_path: Path) -> None:
         '{ name = "a", variants = { { context = 512 }, { context = 1024, args = { "-a", "other" } } } }',
     )
     small, large = m.variants
-    assert ENGINE.served_name(m, small) == "a"
-    assert ENGINE.served_name(m, large) == "other"
+    assert small.served_name == "a"
+    assert large.served_name == "other"
     assert ENGINE.argv("x", m, large, "/slots") == [
         "x",
         *("-a", "other"),
@@ -90,8 +90,8 @@ def test_serves_embeddings_and_rerank_only_when_started_for_them(tmp_path: Path)
            } }""",
     )
     plain, embeddings, rerank = m.variants
-    assert ENGINE.serves(m, plain, "chat") is None
-    assert "--embeddings" in (ENGINE.serves(m, plain, "embedding") or "")
-    assert ENGINE.serves(m, embeddings, "embedding") is None
-    assert "--reranking" in (ENGINE.serves(m, embeddings, "rerank") or "")
-    assert ENGINE.serves(m, rerank, "rerank") is None
+    assert ENGINE.serves(m, plain, "chat", "/v1/chat/completions") is None
+    assert "--embeddings" in (ENGINE.serves(m, plain, "embedding", "/v1/embeddings") or "")
+    assert ENGINE.serves(m, embeddings, "embedding", "/v1/embeddings") is None
+    assert "--reranking" in (ENGINE.serves(m, embeddings, "rerank", "/v1/rerank") or "")
+    assert ENGINE.serves(m, rerank, "rerank", "/v1/rerank") is None

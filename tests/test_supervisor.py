@@ -100,6 +100,14 @@ class FakeInstance:
     def room(self) -> Room:
         return Room(self.slot_context, self.kv_budget, self.slots)
 
+    @property
+    def slot_cap(self) -> int | None:
+        return self.slots if self.kv_budget is not None else None  # as llama.cpp's
+
+    @property
+    def where(self) -> str:
+        return f"pid {self.process.pid} port {self.port}"
+
     def crash(self, code: int = -11) -> None:
         self.exited.set_result(code)
 

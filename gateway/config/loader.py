@@ -7,6 +7,7 @@ module turns the flattened export into nested Python values, then into `GatewayC
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -19,11 +20,14 @@ from typing import Any
 from python_lua_helper import PyLuaHelper, py_lua_helper
 
 from gateway.config.schema import (
+    CountMethod,
+    EngineKind,
     GatewayConfig,
     Model,
     RequestRules,
     ServerConfig,
     Timeouts,
+    Upstream,
     Variant,
 )
 from gateway.utils.sizes import human_bytes
@@ -35,6 +39,8 @@ _LOADER = Path(py_lua_helper.__file__).with_name("loader.lua")  # python-lua-hel
 _LUA_PREFIX = re.compile(r"^(?:.*?[/\\])?lua[\w.]*(?:\.exe)?: ")
 _TRACEBACK = "stack traceback:"
 
+
+log = logging.getLogger("gateway.config")
 
 DEFAULT_CONFIG_TIMEOUT = 10.0  # seconds; a config's own server.config_timeout governs its reloads
 
@@ -327,14 +333,22 @@ def _resolve_binary(binary: str | None, base: Path) -> str | None:
     return os.path.normpath(base / Path(binary).expanduser())
 
 
-def _variant(name: str, v: dict[str, Any], base: Path) -> Variant:
+def _args(kind: EngineKind, args: Any, base: Path) -> tuple[str, ...]:
+    """llama-server's file flags are resolved against the config's folder; another
+    engine's flags are its own, so only arguments naming a file next to the config are."""
+    if kind is EngineKind.LLAMA_CPP:
+        return _resolve_paths(_as_list(args), base)
+    return tuple(_resolve_path(a, base, known=False) for a in _as_list(args))
+
+
+def _variant(name: str, kind: EngineKind, v: dict[str, Any], base: Path) -> Variant:
     engine = v["engine"]  # what the engine type's Lua file read in the arguments
     model_file = engine.get("model_file")
     mmproj_file = engine.get("mmproj_file")
     return Variant(
         model=name,
         context=v["context"],
-        args=_resolve_paths(_as_list(v["args"]), base),
+        args=_args(kind, v["args"], base),
         binary=_resolve_binary(v.get("binary"), base),
         timeouts=_timeouts(v),
         slots=engine.get("slots"),
@@ -347,18 +361,47 @@ def _variant(name: str, v: dict[str, Any], base: Path) -> Variant:
         cache_type_k=engine["cache_type_k"],
         cache_type_v=engine["cache_type_v"],
         memory=v.get("memory"),
+        engine=kind,
     )
 
 
-def _build_model(m: dict[str, Any], base: Path) -> Model:
+def _upstream(kind: EngineKind, up: dict[str, Any] | None, where: str, base: Path) -> Upstream | None:
+    if up is None:
+        return None
+    command = _as_list(up.get("command"))
+    if command:  # the program as `binary` is found: a path is relative to the config
+        command = [_resolve_binary(command[0], base) or command[0], *_args(kind, command[1:], base)]
+    key_env = up.get("api_key_env")
+    if key_env and key_env not in os.environ:
+        log.warning(
+            "%s: api_key_env: the environment variable %s is not set: requests go upstream "
+            "without a key (an upstream that needs one answers 401)",
+            where,
+            key_env,
+        )
+    return Upstream(
+        health=up["health"],
+        count=CountMethod(up["count"]),
+        served_name=up.get("served_name"),
+        max_in_flight=up.get("max_in_flight"),
+        command=tuple(command),
+        url=up.get("url"),
+        api_key_env=key_env,
+        health_interval=float(up["health_interval"]),
+    )
+
+
+def _build_model(m: dict[str, Any], path: Path) -> Model:
     rules = m["request"]
-    variants = sorted((_variant(m["name"], v, base) for v in m["variants"]), key=lambda v: v.context)
+    base = path.parent
+    kind = EngineKind(m["engine"])
+    variants = sorted((_variant(m["name"], kind, v, base) for v in m["variants"]), key=lambda v: v.context)
     return Model(
         name=m["name"],
         aliases=tuple(_as_list(m["aliases"])),
-        engine=m["engine"],
+        engine=kind,
         binary=_resolve_binary(m.get("binary"), base),
-        args=_resolve_paths(_as_list(m["args"]), base),
+        args=_args(kind, m["args"], base),
         env=dict(m["env"] or {}),
         default_max_tokens=m["default_max_tokens"],
         request=RequestRules(
@@ -368,12 +411,12 @@ def _build_model(m: dict[str, Any], base: Path) -> Model:
         ),
         variants=tuple(variants),
         keep_loaded=m["keep_loaded"],
+        upstream=_upstream(kind, m.get("upstream"), f"{path}: model {m['name']!r}", base),
     )
 
 
 def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
     server = tree["server"]
-    base = path.parent
     budget, budget_source = _memory_budget(server.get("memory_budget"))
     config = GatewayConfig(
         source=str(path),
@@ -395,7 +438,7 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
             memory_budget=budget,
             memory_budget_source=budget_source,
         ),
-        models=tuple(_build_model(m, base) for m in tree["models"]),
+        models=tuple(_build_model(m, path) for m in tree["models"]),
     )
     problem = _memory_problem(config, tree)
     if problem:
@@ -434,6 +477,8 @@ def _memory_problem(config: GatewayConfig, tree: dict[str, Any]) -> str | None:
     smallest: dict[str, tuple[str, Footprint]] = {}  # keep_loaded model -> its smallest variant
     others: dict[str, tuple[str, Footprint]] = {}  # any other model -> its smallest variant
     for i, (m, model) in enumerate(zip(tree["models"], config.models, strict=True), 1):
+        if not model.engine.local:
+            continue  # a remote engine takes no memory here
         for j, v in enumerate(m["variants"], 1):
             variant = model.variant_for(v["context"])
             assert variant is not None

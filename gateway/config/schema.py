@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cached_property
 from typing import Any
+
+
+class EngineKind(StrEnum):
+    """A model's engine type (`engine = ...`): which adapter starts it and talks to it."""
+
+    LLAMA_CPP = "llama.cpp"  # llama.cpp's llama-server, started by the gateway
+    OPENAI = "openai"  # any OpenAI-compatible server, started by the gateway from `command`
+    REMOTE = "remote"  # an OpenAI-compatible upstream the gateway does not start
+
+    @property
+    def local(self) -> bool:
+        """It runs on this machine: a process that takes memory and an engine place."""
+        return self is not EngineKind.REMOTE
+
+
+class CountMethod(StrEnum):
+    """How an engine counts a prompt's tokens exactly (`count = ...`), if it can."""
+
+    NONE = "none"  # it cannot: selection uses the byte bound and the learned estimate
+    LLAMA_CPP = "llama.cpp"  # POST /apply-template, then /tokenize
+    VLLM = "vllm"  # POST /tokenize with `messages` or `prompt`; answer `count`
+    TABBY = "tabby"  # POST /v1/token/encode; answer `length`
 
 
 @dataclass(frozen=True)
@@ -28,6 +51,20 @@ class RequestRules:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """How the gateway reaches an engine of type openai or remote (llama.cpp: None)."""
+
+    health: str = "/health"  # answered 200 when ready
+    count: CountMethod = CountMethod.NONE
+    served_name: str | None = None  # the `model` the engine expects; None: the model's name
+    max_in_flight: int | None = None  # requests sent at once; beyond it they queue here
+    command: tuple[str, ...] = ()  # openai: argv with ${PORT}, ${HOST}, ${CONTEXT}, ${MODEL}
+    url: str | None = None  # remote: the base the request paths are appended to
+    api_key_env: str | None = None  # remote: the variable the upstream's key is read from
+    health_interval: float = 5.0  # remote: seconds between probes while it is up
+
+
+@dataclass(frozen=True)
 class Variant:
     """One way to start a model's engine: a context size and its extra arguments."""
 
@@ -40,7 +77,7 @@ class Variant:
     # parsed and checked once at load by the engine type (gateway/engine/llamacpp.lua).
     slots: int | None = None  # -np N; None: the engine's automatic default
     kv_unified: bool = False  # --kv-unified (the last of it and --no-kv-unified wins)
-    alias: str | None = None  # --alias NAME; one name, no comma
+    alias: str | None = None  # llama.cpp: --alias NAME (one name, no comma); others: served_name
     model_file: str | None = None  # -m/--model, resolved against the config's folder
     embeddings: bool = False  # --embeddings
     reranking: bool = False  # --reranking
@@ -50,6 +87,7 @@ class Variant:
     # Bytes the engine takes, declared by the variant or its model (`memory = "6GiB"`);
     # it replaces the estimate (gateway/engine/footprint.py). None: estimated.
     memory: int | None = None
+    engine: EngineKind = EngineKind.LLAMA_CPP  # the model's engine type
 
     @property
     def key(self) -> str:
@@ -57,8 +95,9 @@ class Variant:
 
     @property
     def served_name(self) -> str:
-        """The `model` the engine writes into its responses: its --alias, which the
-        gateway sets to the model's name unless the args set one."""
+        """The `model` the engine expects and writes into its responses: llama.cpp's
+        --alias, which the gateway sets to the model's name unless the args set one; an
+        openai or remote engine's `served_name` (kept in `alias`), else the model's name."""
         return self.alias or self.model
 
 
@@ -66,7 +105,7 @@ class Variant:
 class Model:
     name: str
     aliases: tuple[str, ...]
-    engine: str
+    engine: EngineKind
     binary: str | None
     args: tuple[str, ...]
     env: dict[str, str]
@@ -74,6 +113,7 @@ class Model:
     request: RequestRules
     variants: tuple[Variant, ...]  # sorted by context, smallest first
     keep_loaded: bool = False  # once started, never stopped to make room for another engine
+    upstream: Upstream | None = None  # engine types openai and remote
 
     @property
     def largest_context(self) -> int:

@@ -228,15 +228,24 @@ end
 
 -- Each engine type has a Lua file next to its Python adapter (gateway/engine/) that checks
 -- a variant's arguments and returns the values the gateway reads from them.
-local engine_files = { ["llama.cpp"] = "llamacpp.lua" }
+-- The other types' arguments are the engine's own business (false: no file).
+local engine_types = { ["llama.cpp"] = "llamacpp.lua", openai = false, remote = false }
 local engine_dir = (loader.postexec:match("^(.*[/\\])") or "./") .. "../engine/"
 local engine_parsers = {}
 
 local function engine_parser(engine)
   if engine_parsers[engine] == nil then
-    engine_parsers[engine] = dofile(engine_dir .. engine_files[engine])(fail, show)
+    engine_parsers[engine] = dofile(engine_dir .. engine_types[engine])(fail, show)
   end
   return engine_parsers[engine]
+end
+
+-- An openai or remote engine's variant: nothing read from arguments; it answers as `served_name`.
+local function upstream_engine(up)
+  return function()
+    return { kv_unified = false, embeddings = false, reranking = false, cache_type_k = "f16",
+      cache_type_v = "f16", alias = up.served_name }
+  end
 end
 
 -- The arguments a variant's engine gets (the model's, then the variant's), each with its key.
@@ -484,19 +493,120 @@ end
 
 local model_keys = set_of("name", "aliases", "engine", "binary", "args", "env", "default_max_tokens",
   "variants", "request", "health_check_timeout", "engine_startup_timeout", "drain_timeout",
-  "stop_timeout", "engine_idle_timeout", "memory", "keep_loaded")
+  "stop_timeout", "engine_idle_timeout", "memory", "keep_loaded", "command", "health", "count",
+  "served_name", "url", "api_key_env", "max_in_flight", "health_interval")
 local variant_keys = set_of("context", "args", "binary", "health_check_timeout",
   "engine_startup_timeout", "drain_timeout", "stop_timeout", "engine_idle_timeout", "memory")
+
+-- The keys only some engine types read (a model's or a variant's); any other key is
+-- every type's. A key given to a type that does not read it is refused, naming those that do.
+local LOCAL = { ["llama.cpp"] = true, openai = true }
+local UPSTREAM = { openai = true, remote = true }
+local type_keys = {
+  binary = { ["llama.cpp"] = true },
+  args = LOCAL,
+  env = LOCAL,
+  memory = LOCAL,
+  command = { openai = true },
+  health = UPSTREAM,
+  count = UPSTREAM,
+  served_name = UPSTREAM,
+  max_in_flight = UPSTREAM,
+  url = { remote = true },
+  api_key_env = { remote = true },
+  health_interval = { remote = true },
+}
+
+local function only_type_keys(path, tbl, engine)
+  for key, readers in pairs(type_keys) do
+    if tbl[key] ~= nil and not readers[engine] then
+      local names = {}
+      for name in pairs(readers) do names[#names + 1] = string.format("%q", name) end
+      table.sort(names)
+      fail(path .. "." .. key, "is not read by engine = %s (only by %s)", show(engine), table.concat(names, ", "))
+    end
+  end
+end
+
+-- engine = "openai": the command's placeholders, substituted when the gateway starts it.
+local PLACEHOLDERS = set_of("PORT", "HOST", "CONTEXT", "MODEL")
+
+local function placeholders(path, list)
+  local seen = {}
+  for i, a in ipairs(list) do
+    for name in a:gmatch("%${([^}]*)}") do
+      if not PLACEHOLDERS[name] then
+        fail(string.format("%s[%d]", path, i), "unknown placeholder ${%s} (known: ${PORT}, ${HOST}, "
+          .. "${CONTEXT}, ${MODEL})", name)
+      end
+      seen[name] = true
+    end
+  end
+  return seen
+end
+
+local COUNT_METHODS = set_of("none", "llama.cpp", "vllm", "tabby")
+
+-- What the gateway needs to start or reach an engine of type openai or remote.
+local function upstream(path, m, engine)
+  local out = { health = "/health", count = "none", health_interval = 5 }
+  if m.health ~= nil then
+    out.health = non_empty_string(path .. ".health", m.health)
+    if out.health:sub(1, 1) ~= "/" then fail(path .. ".health", "must be a path starting with / (got %s)", show(m.health)) end
+  end
+  if m.count ~= nil then
+    check_type(path .. ".count", m.count, "string")
+    if not COUNT_METHODS[m.count] then
+      fail(path .. ".count", "unknown count method %s (known: \"none\", \"llama.cpp\", \"vllm\", \"tabby\")", show(m.count))
+    end
+    out.count = m.count
+  end
+  if m.served_name ~= nil then out.served_name = non_empty_string(path .. ".served_name", m.served_name) end
+  if m.max_in_flight ~= nil then out.max_in_flight = positive_integer(path .. ".max_in_flight", m.max_in_flight) end
+  if engine == "openai" then
+    if m.command == nil then
+      fail(path .. ".command", "is missing: engine = \"openai\" starts its engine with a command like "
+        .. "{ \"vllm\", \"serve\", \"/models/m\", \"--port\", \"${PORT}\" }")
+    end
+    out.command = arg_list(path .. ".command", m.command)
+    if #out.command == 0 then fail(path .. ".command", "is empty: give the program and its arguments") end
+    if not placeholders(path .. ".command", out.command).PORT then
+      fail(path .. ".command", "has no ${PORT}: the engine must listen on the free port the gateway "
+        .. "picks (e.g. \"--port\", \"${PORT}\")")
+    end
+  else
+    if m.url == nil then fail(path .. ".url", "is missing: engine = \"remote\" needs the upstream's url, "
+      .. "e.g. \"http://10.0.0.5:7777\"") end
+    out.url = non_empty_string(path .. ".url", m.url)
+    if not out.url:match("^https?://[^/%s]+[^%s]*$") then
+      fail(path .. ".url", "must be an http:// or https:// URL like \"http://10.0.0.5:7777\" (got %s)", show(m.url))
+    end
+    out.url = out.url:gsub("/+$", "")
+    if m.api_key_env ~= nil then
+      out.api_key_env = non_empty_string(path .. ".api_key_env", m.api_key_env)
+      if not out.api_key_env:match("^[%a_][%w_]*$") then
+        fail(path .. ".api_key_env", "must name an environment variable (got %s); the key itself is "
+          .. "never written in the config", show(m.api_key_env))
+      end
+    end
+    if m.health_interval ~= nil then out.health_interval = positive_number(path .. ".health_interval", m.health_interval) end
+  end
+  return out
+end
 
 -- model_out: the model's validated values (timeouts and memory are inherited from it).
 local function validate_variant(path, v, model_out)
   check_type(path, v, "table")
   only_keys(path, v, variant_keys)
+  only_type_keys(path, v, model_out.engine)
   if v.context == nil then fail(path .. ".context", "is missing (every variant needs a context size)") end
   local out = resolve_timeouts(path, v, model_out)
   out.context = positive_integer(path .. ".context", v.context)
   out.args = arg_list(path .. ".args", v.args)
   if v.binary ~= nil then out.binary = non_empty_string(path .. ".binary", v.binary) end
+  if model_out.upstream and model_out.upstream.command then
+    placeholders(path .. ".args", out.args)
+  end
   -- A declared footprint replaces the estimate; a variant inherits its model's.
   if v.memory ~= nil then out.memory = size(path .. ".memory", v.memory) else out.memory = model_out.memory end
   return out
@@ -520,11 +630,15 @@ local function validate_model(path, m, server_out, names)
   end
   out.engine = m.engine or "llama.cpp"
   check_type(path .. ".engine", out.engine, "string")
-  if not engine_files[out.engine] then
-    fail(path .. ".engine", "unknown engine type %s (known: \"llama.cpp\")", show(out.engine))
+  if engine_types[out.engine] == nil then
+    fail(path .. ".engine", "unknown engine type %s (known: \"llama.cpp\", \"openai\", \"remote\")",
+      show(out.engine))
   end
+  only_type_keys(path, m, out.engine)
+  if UPSTREAM[out.engine] then out.upstream = upstream(path, m, out.engine) end
   if m.binary ~= nil then out.binary = non_empty_string(path .. ".binary", m.binary) end
   out.args = arg_list(path .. ".args", m.args)
+  if out.upstream and out.upstream.command then placeholders(path .. ".args", out.args) end
   out.env = string_map(path .. ".env", m.env)
   out.default_max_tokens = engine_count(path .. ".default_max_tokens", m.default_max_tokens or 512)
   out.request = request_rules(path .. ".request", m.request)
@@ -535,7 +649,7 @@ local function validate_model(path, m, server_out, names)
   if #variants == 0 then fail(path .. ".variants", "is empty: a model needs at least one variant { context = N }") end
   out.variants = {}
   local contexts = {}
-  local parse = engine_parser(out.engine)
+  local parse = engine_types[out.engine] and engine_parser(out.engine) or upstream_engine(out.upstream)
   for i, v in ipairs(variants) do
     local vp = string.format("%s.variants[%d]", path, i)
     local vo = validate_variant(vp, v, out)

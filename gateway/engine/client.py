@@ -53,30 +53,43 @@ def new_session(reuse: bool) -> aiohttp.ClientSession:
 class EngineClient:
     """Talks to one running engine at `base_url`."""
 
-    def __init__(self, pooled: aiohttp.ClientSession, fresh: aiohttp.ClientSession, base_url: str) -> None:
+    def __init__(
+        self,
+        pooled: aiohttp.ClientSession,
+        fresh: aiohttp.ClientSession,
+        base_url: str,
+        health_path: str = "/health",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._pooled = pooled  # for idempotent calls: health, tokenize, templates
         self._fresh = fresh  # for completions: a new connection each
         self.base_url = base_url
+        self.health_path = health_path  # answered 200 when the engine is ready
+        self.headers = dict(headers or {})  # sent with every call (an upstream's key)
 
     async def health(self, timeout: float) -> tuple[int, str]:
-        """Status and body of GET /health; (0, reason) when nothing answered."""
+        """Status and body of GET `health_path`; (0, reason) when nothing answered."""
         try:
             async with self._pooled.get(
-                self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
+                self.base_url + self.health_path,
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return 0, f"{type(exc).__name__}: {exc}"
+            return 0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
     async def stalls(self, timeout: float) -> bool:
-        """Whether GET /health, on a connection of its own, gets no answer in `timeout`.
+        """Whether GET `health_path`, on a connection of its own, gets no answer in `timeout`.
 
         A frozen engine still accepts connections (the kernel does) but never answers. A
         refused or dropped connection is no stall: llama-server drops new connections
         while all its HTTP threads serve streams, and a dead engine's exit is seen apart."""
         try:
             async with self._fresh.get(
-                self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
+                self.base_url + self.health_path,
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 await resp.read()
         except TimeoutError:
@@ -134,7 +147,11 @@ class EngineClient:
     ) -> aiohttp.ClientResponse:
         try:
             return await session.request(
-                method, self.base_url + path, data=data, headers=headers, allow_redirects=False
+                method,
+                self.base_url + path,
+                data=data,
+                headers={**headers, **self.headers},
+                allow_redirects=False,
             )
         except _RETRYABLE:
             raise

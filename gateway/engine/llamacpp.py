@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from dataclasses import dataclass
-from typing import Any
 
-from gateway.config.schema import Model, Variant
+from gateway.config.schema import EngineKind, Model, Variant
+from gateway.engine.adapter import EngineAdapter, Launch, RunningRoom, StartFailed
+from gateway.engine.binary import BinaryNotFound, find_llama_server
 from gateway.engine.client import EngineClient, EngineRequestError
+from gateway.engine.counting import LlamaCppCounter, TokenCounter
 from gateway.models import Room
 
 # Slots llama-server runs when `-np` is not given (b11434: "auto" is 4, on one unified cache).
@@ -24,27 +25,20 @@ LISTENING_PATTERN = r"listening on http://127\.0\.0\.1:(\d+)"
 ERASE_WAIT = 0.5
 
 
-@dataclass(frozen=True)
-class TemplateOverhead:
-    """Tokens a chat template adds: fixed, and per message (measured on the engine)."""
-
-    fixed: int
-    per_message: int
-
-    def upper_bound(self, text_bytes: int, messages: int) -> int:
-        # Byte-level tokenizers never emit more tokens than bytes; one more per message
-        # covers SentencePiece's leading-space marker.
-        return self.fixed + messages * (self.per_message + 1) + text_bytes
-
-
-class LlamaCppEngine:
+class LlamaCppEngine(EngineAdapter):
     """The llama.cpp engine type."""
 
-    name = "llama.cpp"
-    listening_pattern = LISTENING_PATTERN
+    kind = EngineKind.LLAMA_CPP
 
     # What the arguments say was parsed and checked at load (gateway/engine/llamacpp.lua):
     # these read the variant's typed fields, never the argument strings.
+
+    def launch(self, model: Model, variant: Variant, slot_dir: str) -> Launch:
+        try:
+            binary = find_llama_server(variant.binary or model.binary)
+        except BinaryNotFound as exc:
+            raise StartFailed("spawn", str(exc)) from None
+        return Launch(self.argv(binary, model, variant, slot_dir), model.env, None, LISTENING_PATTERN)
 
     def argv(self, binary: str, model: Model, variant: Variant, slot_dir: str) -> list[str]:
         # The config refuses -c, --host and --port in args: the gateway sets them, and
@@ -56,10 +50,6 @@ class LlamaCppEngine:
         # Port 0: the engine binds a free port itself and logs it; no race with others.
         where = ["--host", "127.0.0.1", "--port", "0"]
         return [binary, *args, "--ctx-size", str(variant.context), *alias, *slots, *where]
-
-    def served_name(self, model: Model, variant: Variant) -> str:
-        """The `model` the engine writes into its responses."""
-        return variant.served_name
 
     def capacity(self, variant: Variant, model: Model) -> Room:
         """The room a variant gives requests, predicted from its arguments before a start.
@@ -89,17 +79,26 @@ class LlamaCppEngine:
             return variant.slots
         return None
 
-    def serves(self, model: Model, variant: Variant, kind: str) -> str | None:
-        """Why this engine cannot serve a request kind, or None when it can."""
+    def serves(self, model: Model, variant: Variant, kind: str, path: str) -> str | None:
         if kind == "embedding" and not variant.embeddings:
             return f"model {model.name!r} is not started with --embeddings, so it serves no embeddings"
         if kind == "rerank" and not variant.reranking:
             return f"model {model.name!r} is not started with --reranking, so it serves no rerank"
         return None
 
-    async def slots(self, client: EngineClient) -> tuple[int, int]:
+    def counter(self, model: Model) -> TokenCounter:
+        return COUNTER
+
+    async def running_room(self, client: EngineClient, model: Model, variant: Variant) -> RunningRoom:
         """The context one request really gets and the number of slots, as the running
         engine reports them."""
+        slot_context, slots = await self._slots(client)
+        kv_budget = self.shared_kv_budget(variant, model, slot_context)
+        # On a shared cache no more sequences go at once than it has slots: one waiting
+        # inside the engine would take room the gateway does not see.
+        return RunningRoom(slot_context, slots, kv_budget, slots if kv_budget is not None else None)
+
+    async def _slots(self, client: EngineClient) -> tuple[int, int]:
         try:
             slots = await client.get_json("/slots")
             if isinstance(slots, list) and slots:
@@ -130,57 +129,19 @@ class LlamaCppEngine:
         slots = await client.get_json("/slots")
         return frozenset(int(slot["id_task"]) for slot in slots if slot.get("is_processing"))
 
-    async def template_overhead(self, client: EngineClient) -> TemplateOverhead:
-        """Measure the chat template's own tokens with empty messages.
-
-        Templates refuse some role orders, so a user/assistant pair is added; charging
-        the pair's overhead to every message keeps the bound an upper bound.
-        """
-        one = await self._count_chat(client, {"messages": _probe(["user"])})
-        three = await self._count_chat(client, {"messages": _probe(["user", "assistant", "user"])})
-        per_message = max(0, three - one)
-        return TemplateOverhead(fixed=max(0, one - per_message), per_message=per_message)
-
-    async def count(self, client: EngineClient, kind: str, body: dict[str, Any]) -> int:
-        """Exact prompt tokens of a request; for several prompts, the largest."""
-        if kind == "chat":
-            return await self._count_chat(client, body)
-        prompts = body.get("prompt") if kind == "completion" else body.get("input")
-        return max([await self._count_prompt(client, p) for p in _prompt_list(prompts)], default=0)
-
-    async def _count_chat(self, client: EngineClient, body: dict[str, Any]) -> int:
-        templated = await client.post_json("/apply-template", body)
-        return await self._count_text(client, templated["prompt"])
-
-    async def _count_prompt(self, client: EngineClient, prompt: Any) -> int:
-        if isinstance(prompt, str):
-            return await self._count_text(client, prompt)
-        return len(prompt)  # token ids (or a mixed list) are counted as given
-
-    async def _count_text(self, client: EngineClient, text: str) -> int:
-        result = await client.post_json(
-            "/tokenize", {"content": text, "add_special": True, "parse_special": True}
-        )
-        return len(result["tokens"])
-
     def context_overflow(self, status: int, body: bytes) -> int | None:
-        """The prompt's token count when the engine refused it as too long, else None."""
-        if status != 400 or b"exceed_context_size_error" not in body:
-            return None
-        try:
-            return int(json.loads(body)["error"]["n_prompt_tokens"])
-        except (ValueError, KeyError, TypeError):
-            return None
+        return llama_cpp_overflow(status, body)
 
 
-def _probe(roles: list[str]) -> list[dict[str, str]]:
-    return [{"role": role, "content": ""} for role in roles]
+COUNTER = LlamaCppCounter()
 
 
-def _prompt_list(prompts: Any) -> list[Any]:
-    """A prompt field as a list of prompts: a string, ids, or a list of either."""
-    if isinstance(prompts, str) or (
-        isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
-    ):
-        return [prompts]
-    return list(prompts) if isinstance(prompts, list) else []
+def llama_cpp_overflow(status: int, body: bytes) -> int | None:
+    """The prompt's token count from llama-server's refusal of a prompt too long for its
+    context (`exceed_context_size_error`), else None."""
+    if status != 400 or b"exceed_context_size_error" not in body:
+        return None
+    try:
+        return int(json.loads(body)["error"]["n_prompt_tokens"])
+    except (ValueError, KeyError, TypeError):
+        return None

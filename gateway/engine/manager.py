@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import shutil
@@ -19,25 +20,20 @@ import aiohttp
 
 from gateway.config.schema import GatewayConfig, Model, Variant
 from gateway.engine import footprint
-from gateway.engine.binary import BinaryNotFound, find_llama_server
+from gateway.engine.adapter import EngineAdapter, Launch, RunningRoom, StartFailed
 from gateway.engine.client import EngineClient, EngineRequestError, new_session
+from gateway.engine.counting import TemplateOverhead, TokenCounter
 from gateway.engine.gguf import longest_token_bytes
-from gateway.engine.llamacpp import LlamaCppEngine, TemplateOverhead
 from gateway.engine.process import EngineProcess
+from gateway.engine.remote import RemoteLink
+from gateway.engine.types import adapter_for
 from gateway.models import PromptShape, Room, byte_bound
 
 log = logging.getLogger("gateway.engine")
 
-HEALTH_POLL_INTERVAL = 0.005  # a tiny model is healthy ~25 ms after spawn
-
-
-class StartFailed(Exception):
-    """An engine did not become healthy; `kind` is spawn, exited or timeout."""
-
-    def __init__(self, kind: str, message: str, last_lines: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.last_lines = last_lines or []
+# Seconds between health polls of a starting engine: a tiny model is healthy ~25 ms
+# after spawn, a large one after minutes; polls start fast and slow down to the last.
+HEALTH_POLLS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 
 
 @dataclass(eq=False)
@@ -46,14 +42,16 @@ class EngineInstance:
 
     model: Model
     variant: Variant
-    engine: LlamaCppEngine  # the engine type's adapter
-    process: EngineProcess
+    engine: EngineAdapter  # the engine type's adapter
+    process: EngineProcess | RemoteLink
     client: EngineClient
-    port: int
+    port: int | None  # None: an upstream (the client's base_url says where)
     served_name: str
     slot_context: int
     kv_budget: int | None  # tokens concurrent requests share; None: each slot has its own
     slots: int  # sequences it runs at once
+    slot_cap: int | None  # sequences the gateway sends it at once; None: no cap
+    counter: TokenCounter | None  # how it counts prompts exactly; None: it cannot
     overhead: TemplateOverhead | None  # None when its chat template could not be measured
     startup_seconds: float
     exited: asyncio.Task[int] = field(repr=False)
@@ -73,6 +71,13 @@ class EngineInstance:
             response.close()
 
     @property
+    def where(self) -> str:
+        """Where it runs, for log lines: its pid and port, or the upstream's URL."""
+        if self.port is None:
+            return f"upstream {self.client.base_url}"
+        return f"pid {self.process.pid} port {self.port}"
+
+    @property
     def room(self) -> Room:
         return Room(self.slot_context, self.kv_budget, self.slots)
 
@@ -85,17 +90,18 @@ class EngineManager:
     """Starts and stops engines; owns the HTTP session all engine traffic uses."""
 
     def __init__(self) -> None:
-        self.llamacpp = LlamaCppEngine()
         self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
         self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
         self._longest_token: dict[str, int | None] = {}  # model file -> its longest token
         self._footprints: dict[Variant, int | None] = {}  # estimated bytes, per variant
         self._slot_dir: str | None = None  # made on first start, removed at close
 
-    def client(self, base_url: str) -> EngineClient:
+    def client(
+        self, base_url: str, health_path: str = "/health", headers: dict[str, str] | None = None
+    ) -> EngineClient:
         if self._sessions is None:  # made on first use: a session needs the running loop
             self._sessions = (new_session(reuse=True), new_session(reuse=False))
-        return EngineClient(*self._sessions, base_url)
+        return EngineClient(*self._sessions, base_url, health_path, headers)
 
     async def close(self) -> None:
         for session in self._sessions or ():
@@ -110,11 +116,11 @@ class EngineManager:
             process.kill_now()
 
     def capacity(self, variant: Variant, model: Model) -> Room:
-        return self.llamacpp.capacity(variant, model)
+        return adapter_for(model).capacity(variant, model)
 
     def learn(self, config: GatewayConfig) -> None:
         """Read what the config's model files tell (blocking: run it in a thread)."""
-        for variant in (v for m in config.models for v in m.variants):
+        for variant in (v for m in config.models for v in m.variants if m.engine.local):
             if variant.model_file and variant.model_file not in self._longest_token:
                 self._longest_token[variant.model_file] = longest_token_bytes(variant.model_file)
             if variant not in self._footprints:
@@ -126,7 +132,8 @@ class EngineManager:
         return self._footprints.get(variant)
 
     def measure(self, instance: EngineInstance) -> int | None:
-        """The bytes the engine takes now: its GPU memory, else its resident memory."""
+        """The bytes the engine takes now: its GPU memory, else its resident memory
+        (none for an upstream)."""
         return footprint.measure(instance.process.pid) if instance.process.pid else None
 
     def longest_token(self, variant: Variant) -> int | None:
@@ -134,27 +141,28 @@ class EngineManager:
         return self._longest_token.get(variant.model_file) if variant.model_file else None
 
     async def start(self, model: Model, variant: Variant) -> EngineInstance:
-        """Spawn the variant's engine and wait until it is healthy (or raise StartFailed)."""
-        try:
-            binary = find_llama_server(variant.binary or model.binary)
-        except BinaryNotFound as exc:
-            raise StartFailed("spawn", str(exc)) from None
+        """Spawn the variant's engine and wait until it is healthy, or probe an upstream
+        once (or raise StartFailed)."""
+        adapter = adapter_for(model)
         if self._slot_dir is None:
             self._slot_dir = tempfile.mkdtemp(prefix="llm-gateway-slots-")
-        argv = self.llamacpp.argv(binary, model, variant, self._slot_dir)
-        process = EngineProcess(argv, model.env, label=variant.key)
-        listening = process.watch(self.llamacpp.listening_pattern)
+        launch = adapter.launch(model, variant, self._slot_dir)
+        if launch is None:
+            return await self._reach(adapter, model, variant)
+        process = EngineProcess(launch.argv, launch.env, label=variant.key)
+        listening = process.watch(launch.listening_pattern) if launch.listening_pattern else None
         try:
             await process.spawn()
         except OSError as exc:
-            raise StartFailed("spawn", f"cannot start {binary}: {exc.strerror or exc}") from None
+            raise StartFailed("spawn", f"cannot start {launch.argv[0]}: {exc.strerror or exc}") from None
         exited = asyncio.create_task(process.wait(), name=f"engine-exit {variant.key}")
         self._processes.add(process)
         exited.add_done_callback(lambda _: self._processes.discard(process))
         log.info("engine start %s pid=%s: %s", variant.key, process.pid, " ".join(process.argv))
         try:
             async with asyncio.timeout(variant.timeouts.startup):
-                return await self._until_ready(model, variant, process, listening, exited)
+                port = await _port(launch, process, listening, exited)
+                return await self._until_ready(adapter, model, variant, process, port, exited)
         except TimeoutError:
             await asyncio.shield(process.stop(variant.timeouts.stop))
             raise StartFailed(
@@ -168,39 +176,67 @@ class EngineManager:
 
     async def _until_ready(
         self,
+        adapter: EngineAdapter,
         model: Model,
         variant: Variant,
         process: EngineProcess,
-        listening: asyncio.Future[re.Match[str]],
+        port: int,
         exited: asyncio.Task[int],
     ) -> EngineInstance:
-        await asyncio.wait([listening, exited], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-        if listening.done() and listening.exception() is not None:
-            await exited  # its output ended because it is exiting
-        _raise_if_exited(process, exited)
-        port = int(listening.result().group(1))
-        client = self.client(f"http://127.0.0.1:{port}")
-        while True:
+        client = self.client(adapter.base_url(model, port), adapter.health_path(model))
+        for poll in itertools.count():
             status, _ = await client.health(variant.timeouts.health_check)
             _raise_if_exited(process, exited)
             if status == 200:
                 break
-            await asyncio.sleep(HEALTH_POLL_INTERVAL)
-        slot_context, slots = await self.llamacpp.slots(client)
+            await asyncio.sleep(HEALTH_POLLS[min(poll, len(HEALTH_POLLS) - 1)])
+        return await self._instance(adapter, model, variant, process, client, port, exited)
+
+    async def _reach(self, adapter: EngineAdapter, model: Model, variant: Variant) -> EngineInstance:
+        """An upstream: ready once its health path answers 200."""
+        url = adapter.base_url(model, 0)
+        client = self.client(url, adapter.health_path(model), adapter.request_headers(model))
+        link = RemoteLink(variant.key, url)
+        problem = await adapter.probe(client, variant.timeouts.health_check)
+        if problem is not None:
+            raise StartFailed("unreachable", f"{variant.key}: {problem}")
+        exited = asyncio.create_task(link.wait(), name=f"upstream {variant.key}")
+        try:
+            return await self._instance(adapter, model, variant, link, client, None, exited)
+        except BaseException:
+            link.kill_now()
+            raise
+
+    async def _instance(
+        self,
+        adapter: EngineAdapter,
+        model: Model,
+        variant: Variant,
+        process: EngineProcess | RemoteLink,
+        client: EngineClient,
+        port: int | None,
+        exited: asyncio.Task[int],
+    ) -> EngineInstance:
+        """The ready engine, with what it offers and its chat template measured."""
+        room: RunningRoom = await adapter.running_room(client, model, variant)
+        counter = adapter.counter(model)
         overhead = None
-        with contextlib.suppress(EngineRequestError, KeyError, TypeError):
-            overhead = await self.llamacpp.template_overhead(client)
+        if counter is not None:
+            with contextlib.suppress(EngineRequestError, KeyError, TypeError, ValueError):
+                overhead = await counter.template_overhead(client, adapter.rewrite(model, {}))
         return EngineInstance(
             model=model,
             variant=variant,
-            engine=self.llamacpp,
+            engine=adapter,
             process=process,
             client=client,
             port=port,
-            served_name=self.llamacpp.served_name(model, variant),
-            slot_context=slot_context,
-            slots=slots,
-            kv_budget=self.llamacpp.shared_kv_budget(variant, model, slot_context),
+            served_name=variant.served_name,
+            slot_context=room.slot_context,
+            slots=room.slots,
+            kv_budget=room.kv_budget,
+            slot_cap=room.slot_cap,
+            counter=counter,
             overhead=overhead,
             startup_seconds=time.monotonic() - process.started_monotonic,
             exited=exited,
@@ -212,18 +248,36 @@ class EngineManager:
 
     async def busy_tasks(self, instance: EngineInstance) -> frozenset[int]:
         """The ids of the tasks the engine's slots are processing now."""
-        return await self.llamacpp.busy_tasks(instance.client)
+        return await instance.engine.busy_tasks(instance.client)
 
     async def clear_idle_slots(self, instance: EngineInstance) -> None:
         """Have the engine erase what its idle slots keep."""
-        await self.llamacpp.clear_idle_slots(instance.client)
+        await instance.engine.clear_idle_slots(instance.client)
 
     async def probe(self, instance: EngineInstance) -> str | None:
-        """None unless the engine leaves /health unanswered for its health_check timeout."""
-        timeout = instance.variant.timeouts.health_check
-        if await instance.client.stalls(timeout):
-            return f"no answer to /health within {timeout:g}s"
-        return None
+        """None while the engine is well (see EngineAdapter.probe), else what is wrong."""
+        problem = await instance.engine.probe(instance.client, instance.variant.timeouts.health_check)
+        if problem is not None and isinstance(instance.process, RemoteLink):
+            instance.process.note(problem)
+        return problem
+
+
+async def _port(
+    launch: Launch,
+    process: EngineProcess,
+    listening: asyncio.Future[re.Match[str]] | None,
+    exited: asyncio.Task[int],
+) -> int:
+    """Where the engine listens: on the port its command line gave, or on the one its
+    output names."""
+    if listening is None:
+        assert launch.port is not None
+        return launch.port
+    await asyncio.wait([listening, exited], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+    if listening.done() and listening.exception() is not None:
+        await exited  # its output ended because it is exiting
+    _raise_if_exited(process, exited)
+    return int(listening.result().group(1))
 
 
 def _raise_if_exited(process: EngineProcess, exited: asyncio.Task[int]) -> None:

@@ -19,13 +19,14 @@ from aiohttp import web
 
 from gateway.config.schema import GatewayConfig, Model
 from gateway.engine.client import EngineAnswered, EngineRequestError
-from gateway.engine.llamacpp import LlamaCppEngine
+from gateway.engine.types import adapter_for
 from gateway.errors import (
     EngineFailed,
     EngineRejected,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
+    NotServed,
     Unavailable,
 )
 from gateway.models import BOUND_SLACK, Needs
@@ -37,7 +38,6 @@ from gateway.supervisor.requests import Grant, PendingRequest
 from gateway.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("gateway.request")
-_LLAMACPP = LlamaCppEngine()
 
 KEEPALIVE_DELAY = 0.5  # a stream waiting longer than this gets ": waiting for model" comments
 KEEPALIVE_INTERVAL = 2.0
@@ -75,12 +75,10 @@ class RequestHandler:
         model = self._resolve(body)
         request["model"] = model.name  # for metrics and logs
         endpoint.validate(body)
-        why_not = model_engine_refusal(model, endpoint.kind)
-        if why_not:
-            raise InvalidRequest(why_not, param="model")
+        _check_engine_serves(model, endpoint)
         ruled = _apply_rules(body, model)
         pending = _pending(request_id(request), endpoint, model, ruled, raw)
-        forwarded = limit_answer(endpoint, ruled, pending.reserve)
+        forwarded = adapter_for(model).rewrite(model, limit_answer(endpoint, ruled, pending.reserve))
         data = raw if forwarded is body else json.dumps(forwarded).encode()
         call = _Call(self._supervisor, request, endpoint, pending, forwarded, data, body["model"])
         return await call.run(self._config().server.loading_keepalive and bool(body.get("stream")))
@@ -115,10 +113,16 @@ def _pending(rid: str, endpoint: Endpoint, model: Model, body: dict[str, Any], r
     return pending
 
 
-def model_engine_refusal(model: Model, kind: str) -> str | None:
-    """Why no variant of the model can serve this kind of request, or None."""
-    refusals = [_LLAMACPP.serves(model, variant, kind) for variant in model.variants]
-    return None if None in refusals else refusals[0]
+def _check_engine_serves(model: Model, endpoint: Endpoint) -> None:
+    """501 when the model's engine type lacks the endpoint; 400 when no variant of the
+    model is started to serve it."""
+    adapter = adapter_for(model)
+    unserved = adapter.unserved(model, endpoint.path)
+    if unserved:
+        raise NotServed(unserved, param="model")
+    refusals = [adapter.serves(model, variant, endpoint.kind, endpoint.path) for variant in model.variants]
+    if None not in refusals:
+        raise InvalidRequest(str(refusals[0]), param="model")
 
 
 def _apply_rules(body: dict[str, Any], model: Model) -> dict[str, Any]:
@@ -238,8 +242,10 @@ class _Call:
         ):
             pending.exact_tokens, pending.method = bound, "bound"
             return None
+        if instance.counter is None:  # the engine cannot count: the estimate stands
+            return None
         try:
-            tokens = await instance.engine.count(instance.client, pending.kind, self.body)
+            tokens = await instance.counter.count(instance.client, pending.kind, self.body)
         except EngineAnswered as exc:
             raise EngineRejected(exc.status, exc.engine_message) from None
         except EngineRequestError as exc:

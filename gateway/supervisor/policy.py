@@ -55,6 +55,7 @@ class EngineView:
     memory: int = 0  # bytes it holds (or will, while starting)
     last_used: float = 0.0  # its last grant (monotonic)
     keep_loaded: bool = False
+    local: bool = True  # a process here (False: an upstream, outside max_engines and the budget)
 
     @property
     def active(self) -> bool:
@@ -187,7 +188,8 @@ def place(
     1. Its model's own engine, when one runs, always goes (one engine per model): the
        model changes variant as a swap does.
     2. It never fits, even with every engine but the keep_loaded ones gone: why not.
-    3. It fits beside what runs (engines and bytes): start now.
+    3. It fits beside what runs (engines and bytes): start now. Upstreams (remote
+       engines) take neither an engine place nor memory, and always fit.
     4. Engines already leaving free their room first; then idle engines (nothing in
        flight, nothing granted now), least recently used first, never a keep_loaded one.
     5. Only for the head of the queue (`disrupt`): busy engines too, least recently used
@@ -200,7 +202,9 @@ def place(
     granted = {item.model.name for item, _ in grants}
 
     def fits(removed: Collection[str]) -> bool:
-        staying = [e for m, e in active.items() if m not in removed]
+        if not variant.engine.local:
+            return True  # an upstream takes no engine place and no memory here
+        staying = [e for m, e in active.items() if m not in removed and e.local]
         # Alone it always fits the budget: the config's check proved its estimate does;
         # a measurement above it is what this machine ran before.
         within_memory = (
@@ -236,8 +240,11 @@ def place(
 def excess(engines: Mapping[str, EngineView], limits: Limits) -> tuple[str, ...]:
     """Engines to stop because the running ones exceed the limits (a reload lowered them):
     idle ones first, then busy ones, least recently used first, never a keep_loaded one.
-    Engines already leaving count as gone; one engine alone is always within the budget."""
-    staying = sorted((e for e in engines.values() if e.active and not e.leaving), key=lambda e: e.last_used)
+    Engines already leaving count as gone, upstreams do not count; one engine alone is
+    always within the budget."""
+    staying = sorted(
+        (e for e in engines.values() if e.active and not e.leaving and e.local), key=lambda e: e.last_used
+    )
 
     def within(kept: list[EngineView]) -> bool:
         memory = sum(e.memory for e in kept)

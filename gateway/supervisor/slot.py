@@ -18,7 +18,8 @@ from enum import StrEnum
 from typing import Any
 
 from gateway.config.schema import Model, Variant
-from gateway.engine.manager import EngineInstance, StartFailed
+from gateway.engine.adapter import StartFailed
+from gateway.engine.manager import EngineInstance
 from gateway.supervisor import events as ev
 from gateway.supervisor.effects import Effects
 from gateway.supervisor.machine import EngineLifecycle, EngineState, TransitionRecord
@@ -186,7 +187,7 @@ class EngineSlot:
     def healthy(self, instance: EngineInstance) -> None:
         self.lifecycle.fire(
             "healthy",
-            f"pid {instance.process.pid} port {instance.port} in {instance.startup_seconds * 1000:.0f} ms",
+            f"{instance.where} in {instance.startup_seconds * 1000:.0f} ms",
         )
         self.phase = Ready(instance)
         self._watch_exit(instance)

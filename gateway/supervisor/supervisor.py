@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.config.schema import GatewayConfig, Model, Variant
-from gateway.engine.manager import EngineInstance, StartFailed
+from gateway.engine.adapter import StartFailed
+from gateway.engine.manager import EngineInstance
 from gateway.errors import EngineFailed, EngineTimeout, GatewayError, Unavailable
 from gateway.models import (
     ModelSelector,
@@ -101,6 +103,7 @@ class Supervisor:
         self._unloading: list[Unload] = []
         self._room_made: dict[str, tuple[float, tuple[str, ...], str]] = {}  # swaps under way
         self._measured: dict[Variant, int] = {}  # the most an engine of each variant took, in bytes
+        self._unreachable: dict[str, str] = {}  # remote models whose last probe failed: why
         self._shutdown: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._faults_seen: set[str] = set()  # causes whose traceback was logged
@@ -311,6 +314,9 @@ class Supervisor:
             return  # cancelled before it got here
         if self._shutdown is not None:
             pending.future.set_exception(Unavailable("the gateway is shutting down"))
+        elif pending.model.name in self._unreachable:
+            self._count("rejected_unreachable", pending.model.name)
+            pending.future.set_exception(self._unreachable_error(pending.model.name))
         elif self.scheduler.enqueue(pending, self.config.server.queue_limit):
             self._refresh(pending)
             hopeless = self._hopeless(pending)
@@ -497,6 +503,8 @@ class Supervisor:
             instance = slot.ready
             if instance is None:
                 continue
+            if not instance.variant.engine.local:
+                self._watch_health(slot)
             idle = instance.variant.timeouts.idle
             quiet = not self.scheduler.in_flight(instance) and not self.scheduler.queued_for(slot.model)
             if idle > 0 and quiet and not slot.armed(Timer.IDLE):
@@ -553,6 +561,10 @@ class Supervisor:
     def _views(self) -> dict[str, EngineView]:
         return {model: self._view(slot, slot.ready) for model, slot in self.slots.items()}
 
+    def _remote(self, name: str) -> bool:
+        model = self.config.resolve(name)
+        return model is not None and model.name == name and not model.engine.local
+
     def _keep_loaded(self, name: str) -> bool:
         model = self.config.resolve(name)
         return model is not None and model.name == name and model.keep_loaded
@@ -561,22 +573,24 @@ class Supervisor:
         keep = self._keep_loaded(slot.model)
         memory = slot.memory.reserved if slot.memory is not None and slot.active else 0
         if as_ready is None:
+            local = slot.variant is None or slot.variant.engine.local
             return EngineView(
-                slot.model, slot.state, memory=memory, last_used=slot.last_used, keep_loaded=keep
+                slot.model, slot.state, memory=memory, last_used=slot.last_used, keep_loaded=keep, local=local
             )
-        held, budget = self._held(as_ready), as_ready.kv_budget
+        held, budget, cap = self._held(as_ready), as_ready.kv_budget, as_ready.slot_cap
         return EngineView(
             slot.model,
             EngineState.READY,
             _running(as_ready),
             free_tokens=None if budget is None else budget - sum(lease.tokens for lease in held),
-            free_slots=None if budget is None else as_ready.slots - sum(lease.slots for lease in held),
+            free_slots=None if cap is None else cap - sum(lease.slots for lease in held),
             idle=not held,
             residue=sum(slot.residue),
             clearing=slot.clearing is not None,
             memory=memory,
             last_used=slot.last_used,
             keep_loaded=keep,
+            local=as_ready.variant.engine.local,
         )
 
     # --- engine steps: each fires the slot's trigger and launches its effect ----------------------
@@ -609,11 +623,12 @@ class Supervisor:
         self._measure(slot, instance)
         variant = instance.variant
         self.metrics.startup.labels(variant.model, str(variant.context)).observe(instance.startup_seconds)
+        if self._unreachable.pop(variant.model, None) is not None:
+            log.info("upstream of %s answers again: %s", variant.model, instance.client.base_url)
         log.info(
-            "engine ready %s pid=%s port=%d slot_context=%d startup=%.0fms memory=%s",
+            "engine ready %s %s slot_context=%d startup=%.0fms memory=%s",
             variant.key,
-            instance.process.pid,
-            instance.port,
+            instance.where,
             instance.slot_context,
             instance.startup_seconds * 1000,
             _memory_text(slot.memory),
@@ -660,7 +675,7 @@ class Supervisor:
         slot.start_failed(error)
         log.error("engine start failed %s: %s", variant.key, error)
         self._fail_variant(variant, _start_error(error))
-        self._count_failure(slot, variant)
+        self._count_failure(slot, variant, str(error))
 
     def _fail_variant(self, variant: Variant, error: GatewayError) -> None:
         """A start of this variant failed: the waiters it was for (and a load of it) get
@@ -679,12 +694,16 @@ class Supervisor:
 
         self.scheduler.fail_waiters(error, needs_it)
 
-    def _count_failure(self, slot: EngineSlot, variant: Variant) -> None:
+    def _count_failure(self, slot: EngineSlot, variant: Variant, reason: str) -> None:
         """One more failed start or crash in a row of this variant: back off; at the
-        limit, its waiters get 503 and the machine is reset."""
+        limit, its waiters get 503 and the machine is reset. An upstream that failed
+        is unreachable until a probe, repeated with the back-off, passes again."""
         failures = self._failures[variant.key] = self._failures[variant.key] + 1
         delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX)
         self._retry_at[variant.key] = time.monotonic() + delay
+        if not variant.engine.local:
+            self._upstream_down(variant, reason)
+            return
         if failures < self.config.server.max_start_failures:
             return
         self._failures.pop(variant.key)
@@ -698,12 +717,33 @@ class Supervisor:
             ),
         )
 
+    def _upstream_down(self, variant: Variant, reason: str) -> None:
+        """Its waiters get 503 at once, and so do requests until it answers again; a
+        load with no waiter probes it again after the back-off."""
+        self._unreachable[variant.model] = reason
+        self.scheduler.fail_waiters(
+            self._unreachable_error(variant.model), lambda pending: pending.model.name == variant.model
+        )
+        if variant.model not in self._wanted:
+            self._wanted[variant.model] = Load(variant, [])
+
+    def _unreachable_error(self, model: str) -> Unavailable:
+        retry = max((at for key, at in self._retry_at.items() if key.startswith(f"{model}@")), default=0.0)
+        wait = max(1, math.ceil(retry - time.monotonic()))
+        return Unavailable(
+            f"the upstream of model {model!r} is unreachable ({self._unreachable[model]}); "
+            f"it is probed again in the background",
+            headers={"Retry-After": str(wait)},
+        )
+
     def _stop_finished(self, instance: EngineInstance, code: int) -> None:
         slot = self.slots.get(instance.model.name)
         if slot is None or not isinstance(slot.phase, Stopping) or slot.phase.instance is not instance:
             return
         self._forget(slot, instance, "stopped", code)
-        slot.stopped(f"pid {instance.process.pid} exited with {code}")
+        slot.stopped(
+            f"{instance.where} stopped" if instance.port is None else f"{instance.where} exited with {code}"
+        )
 
     def _forget(self, slot: EngineSlot, instance: EngineInstance, how: str, code: int | None) -> None:
         """The engine is gone: keep its last words, log one line, drop its memory gauges."""
@@ -713,10 +753,10 @@ class Supervisor:
         level = logging.INFO if how == "stopped" else logging.ERROR
         log.log(
             level,
-            "engine %s %s pid=%s exit=%s uptime=%.1fs in_flight=%d",
+            "engine %s %s %s exit=%s uptime=%.1fs in_flight=%d",
             how,
             instance.variant.key,
-            instance.process.pid,
+            instance.where,
             code,
             uptime,
             self.scheduler.in_flight(instance),
@@ -727,13 +767,23 @@ class Supervisor:
         if slot is None or slot.instance is not instance or slot.state not in _RUNNING:
             return  # a stop we asked for (the stop effect reports it), or killed as frozen
         self._forget(slot, instance, "crashed", code)
-        self._crashed(slot, instance, f"pid {instance.process.pid} exited with {code}")
+        self._crashed(slot, instance, f"{instance.where} exited with {code}")
 
     def _watch_health(self, slot: EngineSlot) -> None:
         """Probe the engine while it is at work: requests in flight, or abandoned ones it
-        has not let go of (a frozen engine never answers their look at /slots)."""
-        if not slot.armed(Timer.PROBE) and slot.probing is None:
-            slot.arm(Timer.PROBE, PROBE_INTERVAL)
+        has not let go of (a frozen engine never answers their look at /slots). An
+        upstream is probed all the time, every health_interval."""
+        instance = slot.instance
+        if instance is None or slot.armed(Timer.PROBE) or slot.probing is not None:
+            return
+        upstream = instance.model.upstream
+        remote = not instance.variant.engine.local and upstream is not None
+        slot.arm(Timer.PROBE, upstream.health_interval if remote and upstream else PROBE_INTERVAL)
+
+    def _probed_always(self, slot: EngineSlot) -> bool:
+        """An upstream is probed whether or not it is at work; a local engine only then."""
+        instance = slot.instance
+        return instance is not None and (not instance.variant.engine.local or self._at_work(slot))
 
     def _engine_probed(self, instance: EngineInstance, problem: str | None) -> None:
         slot = self.slots.get(instance.model.name)
@@ -743,20 +793,24 @@ class Supervisor:
         if slot.state not in _RUNNING:
             return
         if problem is None:
-            if self._at_work(slot):
+            if self._probed_always(slot):
                 self._watch_health(slot)
             return
         # Frozen: its requests would wait forever. Killed, its connections break: those
-        # that got no byte are retried once, streams end with an error event.
+        # that got no byte are retried once, streams end with an error event. (An
+        # upstream is let go of: nothing is killed.)
+        how = "frozen" if instance.variant.engine.local else "unreachable"
         instance.process.kill_now()
-        self._forget(slot, instance, "frozen", None)
-        self._count("frozen", instance.model.name)
-        self._crashed(slot, instance, f"pid {instance.process.pid} frozen, killed: {problem}")
+        self._forget(slot, instance, how, None)
+        self._count(how, instance.model.name)
+        self._crashed(
+            slot, instance, f"{instance.where} {'frozen, killed' if how == 'frozen' else how}: {problem}"
+        )
 
     def _crashed(self, slot: EngineSlot, instance: EngineInstance, reason: str) -> None:
         self._count("crashes", instance.model.name)
         slot.died(reason)
-        self._count_failure(slot, instance.variant)
+        self._count_failure(slot, instance.variant, reason)
 
     def _slots_seen(self, instance: EngineInstance, busy: frozenset[int] | None, look: int) -> None:
         """A ghost is laid once none of the tasks that ran after it was abandoned runs."""
@@ -802,7 +856,12 @@ class Supervisor:
             cut = self.scheduler.in_flight(slot.phase.instance)
             slot.phase.instance.cut_off()  # their answers end now; the engine is free to stop
             self._stop(slot, f"drain_timeout: {cut} request(s) still in flight are cut off")
-        elif timer is Timer.PROBE and instance is not None and slot.state in _RUNNING and self._at_work(slot):
+        elif (
+            timer is Timer.PROBE
+            and instance is not None
+            and slot.state in _RUNNING
+            and self._probed_always(slot)
+        ):
             slot.probe(self._effects, instance)
         elif timer is Timer.SLOTS:
             slot.look_at_slots(self._effects)
@@ -832,6 +891,8 @@ class Supervisor:
         """New requests see the new config now; an engine is swapped only if its own
         model or variant changed (after its in-flight requests finish)."""
         self.config = config
+        for name in [n for n in self._unreachable if not self._remote(n)]:
+            del self._unreachable[name]  # no longer a remote model
         for pending in self.scheduler.queue:
             self._refresh(pending)
         for pending in [lease.pending for lease in self.scheduler.leases.values()]:
@@ -884,6 +945,8 @@ class Supervisor:
         they are down."""
         for name in [n for n in self._wanted if model in (None, n)]:
             self._wanted.pop(name).answer(Unavailable("cancelled by an unload"))
+        for name in [n for n in self._unreachable if model in (None, n)]:
+            del self._unreachable[name]  # the next request probes it afresh
         targets = [s for s in self.slots.values() if model in (None, s.model) and s.active]
         for slot in targets:
             self._wind_down(slot, "unload requested")
@@ -957,6 +1020,9 @@ class Supervisor:
         instance, variant = slot.instance, slot.variant
         return {
             "model": slot.model,
+            "engine": variant.engine.value if variant else None,
+            "upstream": instance.client.base_url if instance and instance.port is None else None,
+            "unreachable": self._unreachable.get(slot.model),
             "state": slot.state.value,
             "variant": {"context": variant.context, "key": variant.key} if variant else None,
             "slot_context": instance.slot_context if instance else None,
@@ -997,7 +1063,7 @@ def _start_error(error: StartFailed) -> GatewayError:
     message = f"{error}" + (f"; last engine output:\n{tail}" if tail else "")
     if error.kind == "timeout":
         return EngineTimeout(message)
-    if error.kind == "spawn":
+    if error.kind in ("spawn", "unreachable"):
         return Unavailable(message)
     return EngineFailed(message)
 
@@ -1012,4 +1078,5 @@ def _engine_spec(model: Model, variant: Variant) -> tuple[Any, ...]:
         variant.context,
         variant.args,
         variant.binary,
+        model.upstream,
     )

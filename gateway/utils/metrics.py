@@ -20,6 +20,8 @@ SUPERVISOR_COUNTERS: dict[str, str] = {
     "start_failures": "Engine starts that never became healthy",
     "crashes": "Engines that exited on their own, or froze, while ready or draining",
     "frozen": "Engines killed because they did not answer /health with requests in flight",
+    "unreachable": "Remote engines whose health probe failed while they were ready or draining",
+    "rejected_unreachable": "Requests refused at once because their remote engine is unreachable",
     "swaps": "Starts that had to stop engines first (another variant of the model, or evictions)",
     "rejected_no_room": "Requests refused because their engine can never fit the memory budget",
     "idle_unloads": "Engines stopped after engine_idle_timeout",
