@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config.schema import Model, RequestRules, Timeouts, Variant
+from gateway.config.schema import EngineKind, Model, RequestRules, Timeouts, Variant
 from gateway.models import ModelSelector, Needs, RunningEngine
 from gateway.models.selector import Outcome
 from gateway.supervisor.machine import EngineState
-from gateway.supervisor.policy import EngineView, Limits, Plan, Waiting, plan
+from gateway.supervisor.policy import EngineView, Limits, Plan, Waiting, excess, plan
 
 TIMEOUTS = Timeouts(health_check=0.05, startup=0.05, drain=0.05, stop=0.05, idle=0)
 GiB = 1 << 30
@@ -241,3 +241,37 @@ def test_what_idle_slots_keep_is_erased_before_a_grant_that_needs_the_room() -> 
     # too large even with nothing kept: it waits for requests in flight, no erase
     full = plan([waiting(1, a, 1000)], engines(ready(a, free_tokens=600, idle=False, residue=300)), SELECTOR)
     assert full.grants == [] and full.clear == set()
+
+
+# --- upstreams (engine = "remote") ---------------------------------------------------------------
+
+
+def make_remote(name: str, *contexts: int) -> Model:
+    variants = tuple(Variant(name, c, (), None, TIMEOUTS, engine=EngineKind.REMOTE) for c in sorted(contexts))
+    return Model(name, (), EngineKind.REMOTE, None, (), {}, 256, RequestRules(), variants)
+
+
+R = make_remote("r", 4096)
+
+
+def test_an_upstream_starts_beside_a_full_machine() -> None:
+    """max_engines 1 and the budget taken by a busy local engine: the upstream still starts."""
+    result = plan(
+        [waiting(1, R)],
+        engines(ready(A, 512, idle=False, memory=GiB)),
+        SELECTOR,
+        limits=Limits(max_engines=1, memory_budget=GiB),
+        footprint=lambda v: 0 if not v.engine.local else GiB,
+    )
+    assert start_of(result) == ("r@4096", (), True)
+
+
+def test_a_running_upstream_takes_no_engine_place() -> None:
+    remote = EngineView("r", EngineState.READY, RunningEngine(R.variants[0], 4096), idle=False, local=False)
+    result = plan([waiting(1, B)], engines(remote), SELECTOR, limits=Limits(max_engines=1))
+    assert start_of(result) == ("b@1024", (), True)  # nothing evicted
+
+
+def test_an_upstream_is_never_excess() -> None:
+    remote = EngineView("r", EngineState.READY, RunningEngine(R.variants[0], 4096), local=False)
+    assert excess(engines(remote, ready(A), ready(B, last_used=1.0)), Limits(max_engines=1)) == ("a",)
