@@ -1,4 +1,5 @@
-"""The llm-gateway command: run the daemon, or check a config."""
+"""The llm-gateway command: run the daemon, or check a config; `llm-gateway front --help`
+writes an HAProxy configuration for several gateways."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.front import cli as front
 from gateway.server import GatewayServer
 from gateway.utils.logger import RecentLines, setup_logging
 
@@ -23,7 +25,7 @@ EXIT_LISTEN = 3
 log = logging.getLogger("gateway")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
     parser.add_argument("--config", default="example.cfg.lua", help="the Lua config file")
     parser.add_argument("--check-config", metavar="FILE", help="validate FILE and exit")
@@ -40,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["front"]:  # the one subcommand; the daemon's own options stay flat
+        return front.main(argv[1:])
     args = parse_args(argv)
     if args.check_config:
         return check_config(args.check_config)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -233,3 +234,38 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.fixture(scope="session")
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
+    if found is None:
+        pytest.fail("haproxy is missing: run `make setup` (it installs Debian's haproxy)")
+    return found
+
+
+@pytest.fixture
+def start_haproxy(tmp_path: Path, haproxy_binary: str) -> Iterator[Callable[[str, str], Gateway]]:
+    """HAProxy in the foreground on a config (`llm-gateway front`'s) that listens at `url`,
+    once GET /health through it answers 200 (a gateway behind it is up); stopped after
+    the test. A Gateway for its request helpers."""
+    started: list[Gateway] = []
+
+    def start(config: str, url: str) -> Gateway:
+        path = tmp_path / f"haproxy-{len(started)}.cfg"
+        path.write_text(config)
+        log_path = path.with_suffix(".log")
+        process = subprocess.Popen(
+            [haproxy_binary, "-db", "-f", str(path)], stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+        )
+        front = Gateway(url, process, path, log_path)
+        started.append(front)
+        try:
+            wait_healthy(url, process)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}:\n{front.log()}") from None
+        return front
+
+    yield start
+    for front in started:
+        stop_process(front.process, timeout=10)

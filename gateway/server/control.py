@@ -76,7 +76,15 @@ class ControlHandler:
             }
             for m in self._config().models
         ]
-        return web.json_response({"models": models, "memory": state["memory"]})
+        server = self._config().server  # what a front tier (llm-gateway front) sizes itself by
+        return web.json_response(
+            {
+                "models": models,
+                "memory": state["memory"],
+                "queue_limit": server.queue_limit,
+                "shutdown_delay": server.shutdown_delay,
+            }
+        )
 
     async def logs(self, request: web.Request) -> web.Response:
         lines = _last(self._logs.lines if self._logs else [], _int_query(request, "lines", DEFAULT_LOG_LINES))

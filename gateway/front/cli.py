@@ -1,0 +1,182 @@
+"""llm-gateway front: write an HAProxy configuration for several gateways to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import shlex
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from gateway.front.fetch import FetchFailed, gateway_address, read_gateway
+from gateway.front.haproxy import NOTICE_SECONDS, FrontSettings, is_header_name, render
+from gateway.front.topology import Gateway, backends
+
+EXIT_OK = 0
+EXIT_MISSING = 1  # a gateway did not answer: no config written
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """ip:port, [ipv6]:port, or :port (every IPv4 address)."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        if host:
+            ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not sep or not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"not ip:port, [ipv6]:port or :port: {text!r}")
+    return host, number
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return value
+
+
+def header_name(text: str) -> str:
+    if not is_header_name(text):
+        raise argparse.ArgumentTypeError(f"not a header name: {text!r}")
+    return text
+
+
+def gateway_url(text: str) -> str:
+    try:
+        gateway_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.rstrip("/")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    defaults = FrontSettings()
+    parser = argparse.ArgumentParser(
+        prog="llm-gateway front",
+        description="Write to stdout an HAProxy configuration (HAProxy 2.4 or later) that routes "
+        "each request to a gateway serving its model, from the gateways' own /v1/models.",
+    )
+    parser.add_argument(
+        "--gateway",
+        action="append",
+        required=True,
+        type=gateway_url,
+        metavar="URL",
+        help="a gateway's base URL, http://host:port (once per gateway)",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        type=listen_address,
+        metavar="ADDR",
+        help="where HAProxy listens: ip:port, [ipv6]:port or :port (repeatable; default 127.0.0.1:8080)",
+    )
+    parser.add_argument(
+        "--sticky",
+        type=header_name,
+        metavar="HEADER",
+        help="hash this request header (e.g. X-Session-Id) to pick among the gateways "
+        "of a model, so a conversation stays where its prompt is cached; "
+        "default: the least busy gateway",
+    )
+    parser.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="the environment variable holding a key for the gateways "
+        "(the admin key where /gateway/* needs it)",
+    )
+    parser.add_argument(
+        "--maxconn",
+        type=positive_int,
+        metavar="N",
+        help="connections at once to each gateway per model (default: each gateway's queue_limit)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_int,
+        default=defaults.timeout,
+        metavar="SECONDS",
+        help=f"how long an answer may go without a byte (default {defaults.timeout})",
+    )
+    parser.add_argument(
+        "--max-body",
+        type=positive_int,
+        default=defaults.max_body,
+        metavar="BYTES",
+        help=f"the request body HAProxy buffers to read its model (default {defaults.max_body})",
+    )
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="leave out gateways that do not answer (reported) instead of failing",
+    )
+    args = parser.parse_args(argv)
+    addresses = [gateway_address(url) for url in args.gateway]
+    if len(set(addresses)) < len(addresses):
+        parser.error("a gateway is given twice")
+    if args.api_key_env and args.api_key_env not in os.environ:
+        parser.error(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    key = os.environ[args.api_key_env] if args.api_key_env else None
+    found, failures = read_all(args.gateway, key, args.maxconn)
+    for failure in failures:
+        say(str(failure))
+    if failures and (not args.allow_missing or not found):
+        none = "" if found else " (none answered)"
+        say(f"{len(failures)} of {len(args.gateway)} gateways did not answer{none}: no config written")
+        say("--allow-missing leaves out the gateways that do not answer")
+        return EXIT_MISSING
+    listen = tuple(args.listen or FrontSettings().listen)
+    settings = FrontSettings(listen, args.sticky, args.timeout, args.max_body)
+    sys.stdout.write(render(found, settings, shlex.join(["llm-gateway", "front", *argv])))
+    routes = backends(found)
+    shared = sum(len(r.gateways) > 1 for r in routes)
+    left_out = f"; {len(failures)} gateways left out" if failures else ""
+    say(f"{len(found)} gateways, {len(routes)} model backends ({shared} on several gateways){left_out}")
+    for note in notes(found):
+        say(note)
+    return EXIT_OK
+
+
+def read_all(
+    urls: list[str], key: str | None, maxconn: int | None
+) -> tuple[list[Gateway], list[FetchFailed]]:
+    """Every gateway at once (a host that is down costs its timeout once, not in turn)."""
+
+    def read(url: str) -> Gateway | FetchFailed:
+        try:
+            return read_gateway(url, key, maxconn)
+        except FetchFailed as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        results = list(pool.map(read, urls))
+    return [r for r in results if isinstance(r, Gateway)], [r for r in results if isinstance(r, FetchFailed)]
+
+
+def notes(gateways: list[Gateway]) -> list[str]:
+    """What will not work as well as it could with these gateways."""
+    found = [
+        f"the model name {name!r} is not ASCII: HAProxy routes requests for it only when their "
+        "JSON holds it as UTF-8, not as \\u escapes"
+        for name in sorted({s.name for g in gateways for s in g.names if not s.name.isascii()})
+    ]
+    found += [
+        f"{g.url} has shutdown_delay {g.shutdown_delay:g}s; HAProxy needs up to {NOTICE_SECONDS:g}s "
+        "to see it leave (requests it refuses meanwhile go to another gateway of their model, if any)"
+        for g in gateways
+        if g.shutdown_delay is not None and g.shutdown_delay < NOTICE_SECONDS
+    ]
+    return found
+
+
+def say(message: str) -> None:
+    print(f"llm-gateway front: {message}", file=sys.stderr)

@@ -1,0 +1,227 @@
+"""The HAProxy configuration of a front tier that routes requests by their `model`. Pure.
+
+Needs HAProxy 2.4 or later (json_query on the request body); Debian 12 ships 2.6.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.front.topology import Backend, Gateway, backends, merged_models
+
+ALL_GATEWAYS = "gateways"  # the backend of every gateway: health checks, and what no model routes
+HEADROOM = 64 * 1024  # buffer room for a request's headers beside its body
+# Health checks: a gateway whose /health stops answering 200 is out after CHECK_FALL
+# failures, the first after at most CHECK_INTERVAL, the next CHECK_FAST_INTERVAL apart.
+CHECK_INTERVAL, CHECK_FAST_INTERVAL, CHECK_FALL, CHECK_RISE = 1.0, 0.25, 2, 2
+NOTICE_SECONDS = CHECK_INTERVAL + CHECK_FAST_INTERVAL * (CHECK_FALL - 1)  # to see a gateway leave
+
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9._:/@-]+")
+_HEADER_NAME = re.compile(r"[0-9A-Za-z_-]+")  # the header names that need no quoting in hdr()
+
+
+@dataclass(frozen=True)
+class FrontSettings:
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 8080),)
+    sticky: str | None = None  # a request header whose value picks the gateway (consistent hashing)
+    timeout: int = 600  # seconds a generation may go without a byte (queueing, long answers)
+    max_body: int = 1024 * 1024  # bytes of request body HAProxy reads to find the model
+
+    def __post_init__(self) -> None:
+        if self.sticky is not None and not is_header_name(self.sticky):
+            raise ValueError(f"not a header name: {self.sticky!r}")
+
+
+def is_header_name(text: str) -> bool:
+    return bool(_HEADER_NAME.fullmatch(text))
+
+
+# Errors HAProxy makes itself, in OpenAI's shape like the gateways' own.
+_ERRORS = {
+    400: ("invalid_request_error", "bad_request", "the front (HAProxy) could not read the request"),
+    408: ("invalid_request_error", "request_timeout", "the request did not arrive in time"),
+    502: ("server_error", "bad_gateway", "the gateway's answer broke off or was unreadable"),
+    503: ("server_error", "no_gateway", "no gateway serving this model is up or free; retry later"),
+    504: ("server_error", "gateway_timeout", "the gateway did not answer in time"),
+}
+
+
+def openai_error(type_: str, code: str, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def word(text: str) -> str:
+    """`text` as one word of HAProxy's configuration: as is when plain, else quoted."""
+    if _PLAIN_WORD.fullmatch(text):
+        return text
+    if "'" not in text and text.isprintable():
+        return f"'{text}'"  # strong quoting: nothing inside is interpreted
+    escaped = "".join(_weak_escape(c) for c in text)
+    return f'"{escaped}"'
+
+
+def _weak_escape(char: str) -> str:
+    if char in '\\"$':
+        return "\\" + char
+    return char if char.isprintable() else "".join(f"\\x{b:02x}" for b in char.encode())
+
+
+def json_word(value: Any) -> str:
+    """A JSON text as one word; its single quotes escaped in the JSON, so strongly quoted."""
+    return word(json.dumps(value).replace("'", "\\u0027"))
+
+
+def render(gateways: list[Gateway], settings: FrontSettings, command: str = "") -> str:
+    """The whole haproxy.cfg: `command` is the line that wrote it, for whoever regenerates."""
+    routes = backends(gateways)
+    models = merged_models(gateways)
+    sections = [
+        _header(gateways, command),
+        _global(settings, len(json.dumps(models))),
+        _defaults(settings),
+        _frontend(routes, models, settings),
+        _all_gateways(gateways),
+        *(_backend(route, settings) for route in routes),
+    ]
+    return "\n".join(sections)
+
+
+def _lines(*lines: str) -> str:
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _header(gateways: list[Gateway], command: str) -> str:
+    served = [f"#   {g.url} (maxconn {g.maxconn}): {_names(g) or 'no models'}" for g in gateways]
+    return _lines(
+        "# HAProxy configuration written by `llm-gateway front`: do not edit, write it again",
+        "# when the gateways' models change, check it, and reload:",
+        f"#   {command or 'llm-gateway front --gateway URL ...'} > haproxy.cfg.new",
+        "#   haproxy -c -f haproxy.cfg.new && mv haproxy.cfg.new /etc/haproxy/haproxy.cfg",
+        "#   systemctl reload haproxy",
+        "# Requests go to a gateway that serves the `model` of their JSON body (HAProxy 2.4 or",
+        "# later). The gateways check API keys; HAProxy passes them through.",
+        "#",
+        "# Gateways and the models they serve (aliases in brackets):",
+        *served,
+    )
+
+
+def _names(gateway: Gateway) -> str:
+    """tiny (tiny-chat), tiny-b: each name quoted as the config's words are (a comment
+    must not end at a newline in a name)."""
+    models = dict.fromkeys(s.model for s in gateway.names)
+    aliases = {m: [word(s.name) for s in gateway.names if s.model == m and s.name != m] for m in models}
+    return ", ".join(word(m) + (f" ({', '.join(aliases[m])})" if aliases[m] else "") for m in models)
+
+
+def _global(settings: FrontSettings, models_size: int) -> str:
+    return _lines(
+        "global",
+        "    log stdout format raw local0 info",
+        "    # A request's whole body must fit one buffer for HAProxy to read its model.",
+        f"    tune.bufsize {max(settings.max_body, models_size) + HEADROOM}",
+    )
+
+
+def _defaults(settings: FrontSettings) -> str:
+    timeout = f"{settings.timeout}s"
+    check = (
+        f"inter {CHECK_INTERVAL:g}s fastinter {CHECK_FAST_INTERVAL * 1000:g}ms "
+        f"fall {CHECK_FALL} rise {CHECK_RISE}"
+    )
+    return _lines(
+        "defaults",
+        "    mode http",
+        "    log global",
+        "    option httplog",
+        "    option dontlognull",
+        "    option forwardfor",
+        "    # Requests are buffered (the model is in the body); answers are not: a stream",
+        "    # goes out event for event (no `compression`, which would hold it back).",
+        "    option http-buffer-request",
+        "    option abortonclose",
+        "    timeout connect 5s",
+        "    timeout http-request 60s",
+        "    timeout http-keep-alive 60s",
+        "    timeout check 5s",
+        "    # Generations are long, and wait in the gateway's queue while engines start.",
+        f"    timeout client {timeout}",
+        f"    timeout server {timeout}",
+        f"    timeout tunnel {timeout}",
+        f"    timeout queue {timeout}",
+        "    # A gateway that refuses the connection or closes it unanswered (it is stopping):",
+        "    # the request goes to another gateway of its model.",
+        "    retries 2",
+        "    option redispatch 1",
+        "    retry-on conn-failure empty-response",
+        f"    default-server init-addr libc,none {check}",
+        *(
+            f"    http-error status {status} content-type application/json string "
+            f"{json_word(openai_error(type_, code, message))}"
+            for status, (type_, code, message) in _ERRORS.items()
+        ),
+    )
+
+
+def _frontend(routes: list[Backend], models: dict[str, Any], settings: FrontSettings) -> str:
+    too_large = openai_error(
+        "invalid_request_error",
+        "request_too_large",
+        f"the front reads the model from the first {settings.max_body} bytes of a body "
+        "and found none there; send 'model' first or a smaller body",
+    )
+    return _lines(
+        "frontend llm",
+        *(f"    bind {_bind(host, port)}" for host, port in settings.listen),
+        "    http-request set-var(txn.model) req.body,json_query('$.model') if METH_POST",
+        "    http-request set-var(txn.body_size) req.body_size if METH_POST",
+        "    acl body_cut req.body_len,sub(txn.body_size) lt 0",
+        f"    acl body_cut req.body_len gt {settings.max_body}",
+        "    http-request return status 413 content-type application/json string "
+        f"{json_word(too_large)} if METH_POST !{{ var(txn.model) -m found }} body_cut",
+        "    # GET /v1/models: a gateway checks the key, the answer is every gateway's models.",
+        "    http-request set-var(txn.model_list) bool(true) if METH_GET { path /v1/models }",
+        "    http-response return status 200 content-type application/json string "
+        f"{json_word(models)} if {{ var(txn.model_list) -m bool }} {{ status 200 }}",
+        *(
+            f"    use_backend {route.name} if {{ var(txn.model) -m str {' '.join(map(word, route.names))} }}"
+            for route in routes
+        ),
+        "    # No model, or one no gateway serves: any gateway answers (400, or 404 in OpenAI's shape).",
+        f"    default_backend {ALL_GATEWAYS}",
+    )
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _all_gateways(gateways: list[Gateway]) -> str:
+    return _lines(
+        f"backend {ALL_GATEWAYS}",
+        "    # The one health check of each gateway; the model backends follow it.",
+        "    balance leastconn",
+        "    option httpchk GET /health",
+        "    http-check expect status 200",
+        *(f"    server {g.server_name} {g.address} check maxconn {g.maxconn}" for g in gateways),
+    )
+
+
+def _backend(route: Backend, settings: FrontSettings) -> str:
+    balance = (
+        (f"    balance hdr({settings.sticky})", "    hash-type consistent")
+        if settings.sticky
+        else ("    balance leastconn",)
+    )
+    return _lines(
+        f"backend {route.name}",
+        f"    # {', '.join(map(word, route.names))}",
+        *balance,
+        *(
+            f"    server {g.server_name} {g.address} track {ALL_GATEWAYS}/{g.server_name} maxconn {g.maxconn}"
+            for g in route.gateways
+        ),
+    )

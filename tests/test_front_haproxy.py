@@ -1,0 +1,196 @@
+"""`llm-gateway front` and a real HAProxy in front of stand-in gateways (small HTTP
+servers that say who answered): routing of odd model names, bodies too large to route,
+the merged model list behind a gateway's key check, HAProxy's own errors in OpenAI's
+shape, and gateways that are down when the command runs."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from gateway.demo.harness import free_port
+from gateway.front import cli
+from tests.conftest import Gateway, wait_until
+
+KEY = "sk-front-test"
+
+
+@dataclass
+class StandIn:
+    """A gateway's outline: its models, its key, whether /health says it is up."""
+
+    host: str
+    models: list[str]
+    key: str | None = None
+    up: bool = True
+    server: ThreadingHTTPServer = field(init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.server.server_address[1]}"
+
+
+def handler_for(gw: StandIn) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def answer(self, status: int, body: Any) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(data)))):
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def refused(self) -> bool:
+            if gw.key and self.headers.get("Authorization") != f"Bearer {gw.key}":
+                self.answer(401, {"error": {"message": "invalid API key", "code": "unauthorized"}})
+                return True
+            return False
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self.answer(200 if gw.up else 503, {"status": "ok" if gw.up else "shutting down"})
+            elif self.refused():
+                return
+            elif self.path == "/v1/models":
+                entries = [{"id": m, "object": "model", "context_length": 2048} for m in gw.models]
+                self.answer(200, {"object": "list", "data": entries, "from": gw.host})
+            elif self.path == "/gateway/models":
+                self.answer(200, {"models": [], "queue_limit": 8, "shutdown_delay": 2})
+            else:
+                self.answer(404, {"error": {"message": "no such endpoint"}})
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.refused():
+                return
+            model = json.loads(body).get("model")
+            said = {"served_by": gw.host, "model": model, "size": len(body)}
+            if model in gw.models:
+                self.answer(200, said)
+            else:
+                self.answer(404, {"error": {"message": f"no model {model!r}", "code": "model_not_found"}})
+
+    return Handler
+
+
+@pytest.fixture
+def stand_ins() -> Iterator[Callable[..., StandIn]]:
+    running: list[StandIn] = []
+
+    def start(host: str, *models: str, key: str | None = None) -> StandIn:
+        gw = StandIn(host, list(models), key)
+        gw.server = ThreadingHTTPServer((host, 0), handler_for(gw))
+        threading.Thread(target=gw.server.serve_forever, daemon=True).start()
+        running.append(gw)
+        return gw
+
+    yield start
+    for gw in running:
+        gw.server.shutdown()
+        gw.server.server_close()
+
+
+def front_config(
+    capsys: pytest.CaptureFixture[str], gateways: list[StandIn], *options: str
+) -> tuple[int, str, str]:
+    """Run the command: exit code, the config it wrote, what it said on stderr."""
+    argv = [arg for gw in gateways for arg in ("--gateway", gw.url)]
+    code = cli.main([*argv, *options])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def front(capsys, stand_ins, start_haproxy) -> Callable[..., Gateway]:
+    def start(gateways: list[StandIn], *options: str) -> Gateway:
+        port = free_port()
+        code, config, err = front_config(capsys, gateways, "--listen", f"127.0.0.1:{port}", *options)
+        assert code == 0, err
+        return start_haproxy(config, f"http://127.0.0.1:{port}")
+
+    return start
+
+
+def ask(front: Gateway, model: Any, **extra: Any) -> tuple[int, dict[str, Any]]:
+    """A request whose body is UTF-8 as written: HAProxy's json_query reads \\u escapes of
+    non-ASCII characters as single bytes, so such names route only when sent as UTF-8."""
+    body = json.dumps({"model": model, "messages": [], **extra}, ensure_ascii=False).encode()
+    answer = front.request("POST", "/v1/chat/completions", raw=body)
+    return answer.status, answer.json()
+
+
+def test_odd_model_names_reach_the_gateway_serving_them(front, stand_ins) -> None:
+    odd = ['it\'s a "model" #1', "модель", "x y", "$HOME"]
+    a, b = stand_ins("127.0.0.2", odd[0], odd[1]), stand_ins("127.0.0.3", odd[2], odd[3])
+    proxy = front([a, b])
+    for model, host in zip(odd, ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"], strict=True):
+        status, said = ask(proxy, model)
+        assert (status, said["served_by"], said["model"]) == (200, host, model)
+
+
+def test_an_unknown_model_gets_a_gateways_own_404(front, stand_ins) -> None:
+    proxy = front([stand_ins("127.0.0.2", "tiny")])
+    status, said = ask(proxy, "nope")
+    assert status == 404 and said["error"]["code"] == "model_not_found"
+
+
+def test_a_body_too_large_to_find_its_model_gets_413_and_one_with_the_model_first_is_routed(
+    front, stand_ins
+) -> None:
+    a, b = stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")
+    proxy = front([a, b], "--max-body", "4096")
+    long_text = [{"role": "user", "content": "x" * 200_000}]  # beyond HAProxy's buffer
+    raw = json.dumps({"messages": long_text, "model": "tiny-b"}).encode()  # the OpenAI SDK's order
+    refused = proxy.request("POST", "/v1/chat/completions", raw=raw)
+    assert refused.status == 413 and refused.json()["error"]["code"] == "request_too_large"
+    status, said = ask(proxy, "tiny-b", messages=long_text)  # "model" first
+    assert (status, said["served_by"], said["size"]) == (200, "127.0.0.3", len(raw))
+
+
+def test_the_model_list_is_the_union_once_a_gateway_let_the_key_in(front, stand_ins, monkeypatch) -> None:
+    monkeypatch.setenv("FRONT_KEY", KEY)
+    a = stand_ins("127.0.0.2", "tiny", "shared", key=KEY)
+    b = stand_ins("127.0.0.3", "shared", "tiny-b", key=KEY)
+    proxy = front([a, b], "--api-key-env", "FRONT_KEY")
+    assert proxy.request("GET", "/v1/models").status == 401  # a gateway checked the key
+    listed = proxy.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert listed.status == 200
+    assert [m["id"] for m in listed.json()["data"]] == ["tiny", "shared", "tiny-b"]
+
+
+def test_a_model_whose_gateways_are_down_gets_haproxys_503_in_openai_shape(front, stand_ins) -> None:
+    a, b = stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")
+    proxy = front([a, b])
+    b.up = False
+    _, said = wait_until(lambda: (r := ask(proxy, "tiny-b"))[0] == 503 and r, timeout=10)
+    assert said["error"]["code"] == "no_gateway" and said["error"]["type"] == "server_error"
+    assert ask(proxy, "tiny")[0] == 200
+
+
+def test_a_gateway_down_when_the_command_runs_is_reported_and_nothing_written(capsys, stand_ins) -> None:
+    up = stand_ins("127.0.0.2", "tiny")
+    down = StandIn("127.0.0.3", [])
+    down.server = ThreadingHTTPServer(("127.0.0.3", 0), handler_for(down))
+    down.server.server_close()  # its port: nobody listens there now
+    code, config, err = front_config(capsys, [up, down])
+    assert code == 1 and config == ""
+    assert f"{down.url}: GET /v1/models failed" in err and "no config written" in err
+    code, config, err = front_config(capsys, [up, down], "--allow-missing")
+    assert code == 0 and f"server {up.url.removeprefix('http://')} " in config
+    assert f"server {down.url.removeprefix('http://')} " not in config
+    assert "1 gateways left out" in err
+
+
+def test_a_gateway_that_refuses_the_key_is_reported(capsys, stand_ins) -> None:
+    locked = stand_ins("127.0.0.2", "tiny", key=KEY)
+    code, config, err = front_config(capsys, [locked])
+    assert code == 1 and config == "" and "answered 401" in err and "--api-key-env" in err
