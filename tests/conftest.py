@@ -244,27 +244,33 @@ def haproxy_binary() -> str:
     return found
 
 
+def launch_haproxy(binary: str, config_path: Path, url: str) -> Gateway:
+    """HAProxy in the foreground on a config (`llm-gateway front`'s) that listens at `url`,
+    once GET /health through it answers 200 (a gateway behind it is up). A Gateway, for
+    its request helpers."""
+    log_path = config_path.with_suffix(".log")
+    process = subprocess.Popen(
+        [binary, "-db", "-f", str(config_path)], stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    )
+    front = Gateway(url, process, config_path, log_path)
+    try:
+        wait_healthy(url, process)
+    except RuntimeError as exc:
+        stop_process(process, timeout=10)
+        raise AssertionError(f"{exc}:\n{front.log()}") from None
+    return front
+
+
 @pytest.fixture
 def start_haproxy(tmp_path: Path, haproxy_binary: str) -> Iterator[Callable[[str, str], Gateway]]:
-    """HAProxy in the foreground on a config (`llm-gateway front`'s) that listens at `url`,
-    once GET /health through it answers 200 (a gateway behind it is up); stopped after
-    the test. A Gateway for its request helpers."""
+    """launch_haproxy on a config's text; stopped after the test."""
     started: list[Gateway] = []
 
     def start(config: str, url: str) -> Gateway:
         path = tmp_path / f"haproxy-{len(started)}.cfg"
         path.write_text(config)
-        log_path = path.with_suffix(".log")
-        process = subprocess.Popen(
-            [haproxy_binary, "-db", "-f", str(path)], stdout=log_path.open("wb"), stderr=subprocess.STDOUT
-        )
-        front = Gateway(url, process, path, log_path)
-        started.append(front)
-        try:
-            wait_healthy(url, process)
-        except RuntimeError as exc:
-            raise AssertionError(f"{exc}:\n{front.log()}") from None
-        return front
+        started.append(launch_haproxy(haproxy_binary, path, url))
+        return started[-1]
 
     yield start
     for front in started:

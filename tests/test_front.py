@@ -91,7 +91,7 @@ def test_the_config_routes_by_model_balances_and_limits_per_gateway() -> None:
     assert "    server 10.0.0.2:7777 10.0.0.2:7777 track gateways/10.0.0.2:7777 maxconn 64\n" in text
     assert text.count("balance leastconn") == 4  # every gateway, and each of 3 models
     assert "option http-buffer-request" in text and "compression" not in text.replace("no `compression`", "")
-    assert "tune.bufsize 1114112" in text  # 1 MiB of body and room for headers
+    assert "tune.bufsize 114688" in text  # 96 KiB of body and room for headers
 
 
 def test_sticky_hashes_the_header_consistently() -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.demo.harness import free_port
 from gateway.front import cli
+from gateway.front.haproxy import DEFAULT_MAX_BODY
 from tests.conftest import Gateway, wait_until
 
 KEY = "sk-front-test"
@@ -143,16 +144,35 @@ def test_an_unknown_model_gets_a_gateways_own_404(front, stand_ins) -> None:
     assert status == 404 and said["error"]["code"] == "model_not_found"
 
 
+def model_last(size: int, model: str) -> bytes:
+    """A chat body of `size` bytes whose model comes last, as the OpenAI Python SDK orders it."""
+    body = {"messages": [{"role": "user", "content": ""}], "model": model}
+    padding = size - len(json.dumps(body))
+    body["messages"][0]["content"] = "x" * padding
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("max_body", [DEFAULT_MAX_BODY, 4096])
+def test_a_body_of_max_body_bytes_is_routed_wherever_its_model_is(front, stand_ins, max_body) -> None:
+    options = () if max_body == DEFAULT_MAX_BODY else ("--max-body", str(max_body))
+    proxy = front([stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")], *options)
+    answer = proxy.request("POST", "/v1/chat/completions", raw=model_last(max_body, "tiny-b"))
+    assert answer.status == 200 and answer.json() == {
+        "served_by": "127.0.0.3",
+        "model": "tiny-b",
+        "size": max_body,
+    }
+
+
 def test_a_body_too_large_to_find_its_model_gets_413_and_one_with_the_model_first_is_routed(
     front, stand_ins
 ) -> None:
-    a, b = stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")
-    proxy = front([a, b], "--max-body", "4096")
-    long_text = [{"role": "user", "content": "x" * 200_000}]  # beyond HAProxy's buffer
-    raw = json.dumps({"messages": long_text, "model": "tiny-b"}).encode()  # the OpenAI SDK's order
+    proxy = front([stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")], "--max-body", "4096")
+    raw = model_last(200_000, "tiny-b")  # beyond HAProxy's buffer
     refused = proxy.request("POST", "/v1/chat/completions", raw=raw)
     assert refused.status == 413 and refused.json()["error"]["code"] == "request_too_large"
-    status, said = ask(proxy, "tiny-b", messages=long_text)  # "model" first
+    messages = json.loads(raw)["messages"]
+    status, said = ask(proxy, "tiny-b", messages=messages)  # "model" first
     assert (status, said["served_by"], said["size"]) == (200, "127.0.0.3", len(raw))
 
 

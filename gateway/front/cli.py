@@ -107,7 +107,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=positive_int,
         default=defaults.max_body,
         metavar="BYTES",
-        help=f"the request body HAProxy buffers to read its model (default {defaults.max_body})",
+        help="the request body HAProxy buffers to read its model; a larger body whose model "
+        f"comes after it gets 413 (default {defaults.max_body}; more costs every request's "
+        "first byte about 1.7 us per KiB over 112 KiB)",
     )
     parser.add_argument(
         "--allow-missing",
