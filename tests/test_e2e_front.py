@@ -186,7 +186,7 @@ def test_a_stream_through_haproxy_arrives_event_for_event(cluster: Cluster) -> N
         conn.close()
     direct, front = statistics.median(firsts["direct"]), statistics.median(firsts["front"])
     added = statistics.median(f - d for d, f in zip(firsts["direct"], firsts["front"], strict=True))
-    print(f"TTFT median of {TTFT_SAMPLES}: direct {direct:.2f} ms, via HAProxy {front:.2f} ms (+{added:.2f})")
+    print(f"TTFT median of {TTFT_SAMPLES}: direct {direct:.2f} ms, via HAProxy {front:.2f} ms ({added:+.2f})")
     assert added < 1.0
     # Held back and sent together, the events would all arrive at the end.
     early = sum(arrival < arrivals[-1] - 0.02 for arrival in arrivals)

@@ -4,6 +4,7 @@ every shape the command writes)."""
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,11 @@ def test_front_is_a_subcommand_beside_the_flat_options(capsys: pytest.CaptureFix
     assert exited.value.code == 0 and capsys.readouterr().out.startswith("usage: llm-gateway front")
     assert gateway_main(["--check-config", str(EXAMPLE)]) == 0
     assert "example.cfg.lua: ok" in capsys.readouterr().out
+
+
+def test_the_worked_example_is_what_the_command_writes_and_haproxy_accepts_it(haproxy_binary: str) -> None:
+    folder = EXAMPLE.parent / "contrib" / "haproxy"
+    written = runpy.run_path(str(folder / "example.py"))["example"]()
+    assert (folder / "haproxy.cfg").read_text() == written, "run: python contrib/haproxy/example.py"
+    checked = subprocess.run([haproxy_binary, "-c", "-f", str(folder / "haproxy.cfg")], capture_output=True)
+    assert checked.returncode == 0, checked.stderr
