@@ -106,9 +106,10 @@ async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int
         log.error("cannot listen: %s", exc)
         await server.stop(announce=False)
         return EXIT_LISTEN
+    signalled = await stop
     # SIGTERM (systemd, Kubernetes) announces the shutdown to a load balancer first;
     # Ctrl-C at a terminal stops at once.
-    await server.stop(announce=await stop == signal.SIGTERM)
+    await server.stop(announce=signalled == signal.SIGTERM)
     return EXIT_OK
 
 
