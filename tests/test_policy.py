@@ -17,7 +17,7 @@ GiB = 1 << 30
 
 def make_model(name: str, *contexts: int) -> Model:
     variants = tuple(Variant(name, c, (), None, TIMEOUTS) for c in sorted(contexts))
-    return Model(name, (), "llamacpp", None, (), {}, 256, RequestRules(), variants)
+    return Model(name, (), EngineKind.LLAMA_CPP, None, (), {}, 256, RequestRules(), variants)
 
 
 A = make_model("a", 512, 2048, 8192)

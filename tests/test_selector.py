@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config.schema import Model, RequestRules, Timeouts, Variant
+from gateway.config.schema import EngineKind, Model, RequestRules, Timeouts, Variant
 from gateway.models import ModelSelector, Needs, Room, RunningEngine
 from gateway.models.selector import Outcome
 
@@ -13,7 +13,7 @@ TIMEOUTS = Timeouts(health_check=0.05, startup=0.05, drain=0.05, stop=0.05, idle
 
 def make_model(name: str, *contexts: int) -> Model:
     variants = tuple(Variant(name, c, (), None, TIMEOUTS) for c in sorted(contexts))
-    return Model(name, (), "llamacpp", None, (), {}, 256, RequestRules(), variants)
+    return Model(name, (), EngineKind.LLAMA_CPP, None, (), {}, 256, RequestRules(), variants)
 
 
 BIG = make_model("big", 512, 2048, 8192)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from gateway.config.schema import (
+    EngineKind,
     GatewayConfig,
     Model,
     RequestRules,
@@ -25,7 +26,7 @@ from gateway.config.schema import (
     Timeouts,
     Variant,
 )
-from gateway.engine.manager import StartFailed
+from gateway.engine.adapter import StartFailed
 from gateway.errors import ContextLengthExceeded, EngineFailed, EngineTimeout, Unavailable
 from gateway.models import PromptShape, Room, byte_bound
 from gateway.supervisor import supervisor as supervisor_module
@@ -50,7 +51,7 @@ def make_config(
 
     def model(name: str, *contexts: int) -> Model:
         variants = tuple(Variant(name, c, (), None, timeouts) for c in contexts)
-        return Model(name, (), "llamacpp", None, (), {}, 128, RequestRules(), variants)
+        return Model(name, (), EngineKind.LLAMA_CPP, None, (), {}, 128, RequestRules(), variants)
 
     server = ServerConfig(
         listen=(("127.0.0.1", 0),),

@@ -47,7 +47,7 @@ class GatewayServer:
     def build_app(self) -> web.Application:
         app = web.Application(
             middlewares=[
-                metrics_middleware(self.metrics),
+                metrics_middleware(self.metrics, self.supervisor.live),
                 error_middleware,
                 auth_middleware(lambda: self.config),
             ],

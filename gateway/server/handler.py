@@ -33,6 +33,7 @@ from gateway.models import BOUND_SLACK, Needs
 from gateway.server.body import read_json_object
 from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, copies, limit_answer, reserve
 from gateway.server.proxy import NotSent, Renamer, engine_request_headers, forward, write_error_event
+from gateway.server.record import RECORD, RequestRecord
 from gateway.server.sse import SSE_HEADERS, sse_comment
 from gateway.supervisor.requests import Grant, PendingRequest
 from gateway.supervisor.supervisor import Supervisor
@@ -78,6 +79,9 @@ class RequestHandler:
         _check_engine_serves(model, endpoint)
         ruled = _apply_rules(body, model)
         pending = _pending(request_id(request), endpoint, model, ruled, raw)
+        request[RECORD] = RequestRecord(
+            pending.request_id, model.name, body["model"], endpoint.path, bool(body.get("stream"))
+        )
         forwarded = adapter_for(model).rewrite(model, limit_answer(endpoint, ruled, pending.reserve))
         data = raw if forwarded is body else json.dumps(forwarded).encode()
         call = _Call(self._supervisor, request, endpoint, pending, forwarded, data, body["model"])
@@ -175,19 +179,34 @@ class _Call:
         self.retries = _Tries(MAX_RETRIES)  # engine failures before an answer
         self.overflows = _Tries(1)  # the engine refused the prompt as too long
         self.engine_full = _Tries(MAX_ENGINE_FULL_REQUEUES)  # its KV cache ran out first
+        self.record: RequestRecord = request[RECORD]
 
     async def run(self, keepalive: bool) -> web.StreamResponse:
         try:
             while True:
                 grant = await self._wait_for_grant(keepalive)
                 response = await self._use(grant)
+                self._note(grant)
                 if response is not None:
                     return response
+                self.record.requeues += 1
         except GatewayError as error:
             if self.started is None:
                 raise
             await write_error_event(self.started, error)
             return self.started
+
+    def _note(self, grant: Grant) -> None:
+        """What the activity table shows of the engine it ran on and of its prompt."""
+        needs = grant.selection.needs
+        record, pending = self.record, self.pending
+        record.context = grant.instance.variant.context
+        record.waited_for_start = (
+            record.waited_for_start or grant.instance.process.started_monotonic > pending.arrived
+        )
+        exact = pending.exact_tokens is not None
+        record.prompt_tokens = pending.exact_tokens if exact else needs.prompt_tokens
+        record.counted = pending.method if exact else needs.method
 
     async def _use(self, grant: Grant) -> web.StreamResponse | None:
         """Serve the request on the granted engine; None when it must wait again."""

@@ -1,4 +1,5 @@
-"""Request metrics: count, duration and time to first byte of every model request."""
+"""Request metrics: count, duration and time to first byte of every model request, and
+its record in the live events (the dashboard's activity table)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.server.endpoints import ENDPOINTS
+from gateway.server.record import RECORD
+from gateway.utils.live import LiveEvents, LiveKind
 from gateway.utils.metrics import Metrics
 
 CLIENT_GONE = "499"  # the client left before its answer ended (nginx's convention)
 
 
-def metrics_middleware(metrics: Metrics) -> Middleware:
+def metrics_middleware(metrics: Metrics, live: LiveEvents) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in ENDPOINTS:
@@ -35,6 +38,10 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
             # A whole (non-streamed) answer goes out right after this: its first byte is now.
             first = request.get("first_byte_at", ended)
             metrics.first_byte.labels(model, endpoint).observe(first - started)
+            record = request.get(RECORD)
+            if record is not None:
+                record.finish(int(status), request.get("first_token_at", ended) - started, ended - started)
+                live.publish(LiveKind.COMPLETION, record.as_json())
 
     return middleware
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp import web
 from gateway.engine.client import EngineRequestError
 from gateway.engine.manager import EngineInstance
 from gateway.errors import EngineFailed, EngineRejected, GatewayError
+from gateway.server.record import RECORD
 from gateway.server.sse import sse_data, sse_json
 
 HOP_BY_HOP = frozenset(
@@ -123,7 +125,7 @@ async def forward(
         _raise_if_retryable(instance, upstream.status, first, streamed)
         if streamed:
             return await _relay_stream(request, instance, upstream, first, renamer, started, response_headers)
-        return await _relay_whole(upstream, first, renamer, started, response_headers)
+        return await _relay_whole(request, upstream, first, renamer, started, response_headers)
     finally:
         instance.open_responses.discard(upstream)
         upstream.close()  # also the way a cancelled request reaches the engine: it frees the slot
@@ -235,6 +237,7 @@ def _readable_error(status: int, reason: str, body: bytes) -> bytes | None:
 
 
 async def _relay_whole(
+    request: web.Request,
     upstream: aiohttp.ClientResponse,
     body: bytes,
     renamer: Renamer | None,
@@ -245,6 +248,8 @@ async def _relay_whole(
     if upstream.status >= 400 and (readable := _readable_error(upstream.status, upstream.reason or "", body)):
         body = readable
         headers["Content-Type"] = "application/json"
+    if upstream.status < 400 and (record := request.get(RECORD)) is not None:
+        record.read_usage(body)
     body = renamer(body) if renamer else body
     if started is not None:
         # The client already has a 200 event stream: the answer becomes an event.
@@ -269,8 +274,11 @@ async def _relay_stream(
             headers={**upstream_headers(upstream.headers), **response_headers},
         )
         await response.prepare(request)
+    request["first_token_at"] = time.monotonic()
     try:
-        broken = await _pump(upstream, response, first, renamer)
+        broken, last = await _pump(upstream, response, first, renamer)
+        if (record := request.get(RECORD)) is not None and last:
+            record.read_usage(last)
         if instance.was_cut_off:
             await write_error_event(response, EngineFailed("cut off: drain_timeout passed in a swap"))
         elif broken:
@@ -285,10 +293,13 @@ async def _pump(
     response: web.StreamResponse,
     chunk: bytes,
     renamer: Renamer | None,
-) -> str | None:
-    """Copy the engine's stream to the client as it comes; why it broke off, if it did."""
-    carry = b""
+) -> tuple[str | None, bytes]:
+    """Copy the engine's stream to the client as it comes; why it broke off, if it did,
+    and the last chunk that reported what was generated (`usage`, llama.cpp's `timings`)."""
+    carry = last = b""
     while chunk:
+        if b'"timings"' in chunk or b'"usage"' in chunk:
+            last = chunk
         if renamer is None:
             await response.write(chunk)
         else:
@@ -301,10 +312,10 @@ async def _pump(
         try:
             chunk = await upstream.content.readany()
         except (aiohttp.ClientError, ConnectionError) as exc:
-            return str(exc) or type(exc).__name__
+            return str(exc) or type(exc).__name__, last
     if carry:
         await response.write(renamer(carry) if renamer else carry)
-    return None
+    return None, last
 
 
 async def write_error_event(response: web.StreamResponse, error: GatewayError) -> None:

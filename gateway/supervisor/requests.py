@@ -28,6 +28,7 @@ class PendingRequest:
     reserve: int  # the answer's tokens
     sequences: int = 1  # sequences the engine runs for it: `n` answers times its prompts
     arrived: float = field(default_factory=time.monotonic)
+    arrived_wall: float = field(default_factory=time.time)  # the same, as wall time (for views)
     seq: int = 0  # arrival order, set by the supervisor
     exact_tokens: int | None = None  # once counted on an engine of this model
     method: str = "exact"  # how exact_tokens was found: "exact" or "bound"

@@ -18,6 +18,7 @@ from gateway.engine.manager import EngineInstance
 from gateway.errors import ContextLengthExceeded, GatewayError, Unavailable
 from gateway.models import Selection
 from gateway.supervisor.requests import Grant, Lease, PendingRequest
+from gateway.utils.live import LiveEvents, LiveKind
 from gateway.utils.metrics import Metrics
 
 log = logging.getLogger("gateway.supervisor")
@@ -27,13 +28,14 @@ PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "embedding": "input"
 
 
 class Scheduler:
-    def __init__(self, metrics: Metrics, counters: Counter[str]) -> None:
+    def __init__(self, metrics: Metrics, counters: Counter[str], live: LiveEvents) -> None:
         self.queue: list[PendingRequest] = []  # in arrival order
         self.leases: dict[int, Lease] = {}
         self.selections: deque[dict[str, Any]] = deque(maxlen=RECENT_SELECTIONS)
         self._seq = itertools.count(1)
         self._metrics = metrics
         self._counters = counters
+        self._live = live
 
     # --- the queue ---------------------------------------------------------------------------
 
@@ -91,8 +93,19 @@ class Scheduler:
         self.queue.remove(pending)
         pending.future.set_result(grant)
         self._counters["granted"] += 1
-        self._metrics.queue_wait.labels(pending.model.name).observe(time.monotonic() - pending.arrived)
+        waited = time.monotonic() - pending.arrived
+        self._metrics.queue_wait.labels(pending.model.name).observe(waited)
         self.log_selection(pending, selection)
+        self._live.publish(
+            LiveKind.GRANT,
+            {
+                "request_id": pending.request_id,
+                "model": pending.model.name,
+                "context": instance.variant.context,
+                "waited": round(waited, 4),
+                "in_flight": self.in_flight(instance),
+            },
+        )
 
     def reject(self, pending: PendingRequest, selection: Selection, largest: int) -> None:
         """No variant of its model is large enough: 400."""
@@ -118,11 +131,23 @@ class Scheduler:
 
     # --- leases --------------------------------------------------------------------------------
 
-    def release(self, lease_id: int, requeue_reason: str | None) -> Lease | None:
+    def release(self, lease_id: int, requeue_reason: str | None, served: bool) -> Lease | None:
         lease = self.leases.pop(lease_id, None)
-        if lease is not None and requeue_reason is not None:
+        if lease is None:
+            return None
+        if requeue_reason is not None:
             self._count("requeued", lease.pending.model.name)
             log.info("request %s goes back to the queue: %s", lease.pending.request_id, requeue_reason)
+        self._live.publish(
+            LiveKind.RELEASE,
+            {
+                "request_id": lease.pending.request_id,
+                "model": lease.instance.model.name,
+                "requeue": requeue_reason,
+                "served": served,
+                "in_flight": self.in_flight(lease.instance),
+            },
+        )
         return lease
 
     def on(self, instance: EngineInstance) -> Iterator[Lease]:
@@ -139,18 +164,18 @@ class Scheduler:
         if selection.variant is not None and selection.variant == pending.logged:
             return
         pending.logged = selection.variant
-        self.selections.append(
-            {
-                "request_id": pending.request_id,
-                "model": pending.model.name,
-                "prompt_tokens": selection.needs.prompt_tokens,
-                "method": selection.needs.method,
-                "reserve": selection.needs.reserve,
-                "context": selection.variant.context if selection.variant else None,
-                "outcome": selection.outcome.value,
-                "at": time.time(),
-            }
-        )
+        logged = {
+            "request_id": pending.request_id,
+            "model": pending.model.name,
+            "prompt_tokens": selection.needs.prompt_tokens,
+            "method": selection.needs.method,
+            "reserve": selection.needs.reserve,
+            "context": selection.variant.context if selection.variant else None,
+            "outcome": selection.outcome.value,
+            "at": time.time(),
+        }
+        self.selections.append(logged)
+        self._live.publish(LiveKind.SELECTION, logged)
         self._counters[f"selection_{selection.outcome.value}"] += 1
         self._metrics.selections.labels(
             pending.model.name, selection.outcome.value, selection.needs.method

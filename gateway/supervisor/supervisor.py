@@ -38,6 +38,7 @@ from gateway.supervisor.policy import EngineView, Limits, Plan, Start, Waiting, 
 from gateway.supervisor.requests import Grant, Lease, PendingRequest
 from gateway.supervisor.scheduler import Scheduler, fail
 from gateway.supervisor.slot import Draining, EngineSlot, Ghost, Memory, Starting, Stopping, Timer
+from gateway.utils.live import LiveEvents, LiveKind
 from gateway.utils.metrics import Metrics
 from gateway.utils.sizes import human_bytes
 
@@ -84,13 +85,20 @@ class Unload:
 class Supervisor:
     """The one task that decides every start, stop and grant."""
 
-    def __init__(self, config: GatewayConfig, effects: Effects, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        effects: Effects,
+        metrics: Metrics | None = None,
+        live: LiveEvents | None = None,
+    ) -> None:
         self.config = config
         self._effects = effects
         self.metrics = metrics or Metrics()
+        self.live = live or LiveEvents()  # what changes, for /gateway/events
         self.counters: Counter[str] = Counter()
         self.estimator = TokenEstimator()
-        self.scheduler = Scheduler(self.metrics, self.counters)
+        self.scheduler = Scheduler(self.metrics, self.counters, self.live)
         self.slots: dict[str, EngineSlot] = {}  # by model name; kept after a stop (its history)
         self.history: deque[TransitionRecord] = deque(maxlen=HISTORY_LENGTH)  # of every engine
         self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
@@ -108,6 +116,7 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._faults_seen: set[str] = set()  # causes whose traceback was logged
         self.last_engine_lines: list[str] = []  # of the last engine that stopped or failed
+        self._queue_shown: dict[str, Any] = {}  # the queue as last published
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -217,6 +226,7 @@ class Supervisor:
             except Exception as exc:
                 self._event_failed(event, exc)
             self._reconcile_safely()
+            self._publish_queue()
             self._handling = False
             if self._inbox.empty():
                 for done in self._quiet:
@@ -338,7 +348,7 @@ class Supervisor:
         self.scheduler.reject(pending, selection, self._selector().largest_capacity(pending.model))
 
     def _release(self, lease_id: int, requeue_reason: str | None, served: bool, abandoned: bool) -> None:
-        lease = self.scheduler.release(lease_id, requeue_reason)
+        lease = self.scheduler.release(lease_id, requeue_reason, served)
         if lease is None:
             return
         slot = self.slots.get(lease.instance.model.name)
@@ -475,6 +485,15 @@ class Supervisor:
             if model != variant.model:
                 self.metrics.evictions.labels(model, "busy" if busy else "idle").inc()
                 self.counters["evictions"] += 1
+                self.live.publish(
+                    LiveKind.EVICTION,
+                    {
+                        "model": model,
+                        "for": variant.key,
+                        "busy": busy,
+                        "frees": slot.memory.reserved if slot.memory else 0,
+                    },
+                )
                 log.info(
                     "evict %s (%s, least recently used) to start %s for %s: frees %s",
                     slot.variant.key if slot.variant else model,
@@ -538,8 +557,23 @@ class Supervisor:
     def _slot(self, model: str) -> EngineSlot:
         slot = self.slots.get(model)
         if slot is None:
-            slot = self.slots[model] = EngineSlot(model, self._post, self.history.append)
+            slot = self.slots[model] = EngineSlot(model, self._post, self._recorded)
         return slot
+
+    def _recorded(self, record: TransitionRecord) -> None:
+        self.history.append(record)
+        self.live.publish(LiveKind.TRANSITION, record.as_json())
+
+    def _publish_queue(self) -> None:
+        """The waiting requests by model (how many, since when), when they changed."""
+        shown: dict[str, Any] = {}
+        for pending in self.scheduler.queue:
+            entry = shown.setdefault(pending.model.name, {"count": 0, "oldest": pending.arrived_wall})
+            entry["count"] += 1
+            entry["oldest"] = min(entry["oldest"], pending.arrived_wall)
+        if shown != self._queue_shown:
+            self._queue_shown = shown
+            self.live.publish(LiveKind.QUEUE, {"models": shown})
 
     def _waiting(self) -> list[Waiting]:
         return [self._as_waiting(p) for p in self.scheduler.queue]
