@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from prompt_cache import markdown as prompt_cache_markdown
+
 GEN_TOKENS = 256
 
 
@@ -372,6 +374,8 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if "engines" in r:
         lines += ["", *engines_markdown(r["engines"], t)]
+    if "prompt_cache" in r:
+        lines += ["", *prompt_cache_markdown(r["prompt_cache"], t)]
     lines += [
         "",
         f"Shutdown: gateway exit code {sd['gateway_exit_code']} (asyncio gateway "

@@ -3,14 +3,15 @@
 Sections: proxy overhead (direct / gateway / llama-server router mode), gateway CPU per
 streamed chunk (uvloop and asyncio), exact counting (its own cost, and what the byte bound
 saves), swaps (gateway and router), estimate hit rate, concurrency (1 to 256 streams),
-several engines (three models in a random mix: max_engines 1 and 3, router --models-max 3).
+several engines (three models in a random mix: max_engines 1 and 3, router --models-max 3),
+the prompt cache (a conversation grown across the variants, with and without it).
 
 Run as `.venv/bin/python bench/run.py` (`make bench`). Writes bench/results.json,
 docs/benchmarks.md and the plots in docs/. Generates the tiny demo models, starts the
 gateways and the routers as subprocesses, always stops them.
 
-`bench/run.py --only engines` runs the several-engines section alone (it starts its own
-gateways and router) and prints it; it leaves bench/results.json and docs/ alone.
+`bench/run.py --only engines` (or `--only prompt_cache`) runs that section alone (it starts
+its own gateways) and prints it; it leaves bench/results.json and docs/ alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prompt_cache import markdown as prompt_cache_markdown
+from prompt_cache import prompt_cache
 from report import engines_markdown, markdown, plots
 from router import child_listening_ms, spawn_router
 
@@ -780,6 +783,7 @@ async def run_all(
             ("swaps", lambda: swaps(session, gw, router, router_log)),
             ("estimates", lambda: estimates(session, gw)),
             ("engines", lambda: several_engines(session, folder, models)),
+            ("prompt_cache", lambda: prompt_cache(session, folder, models)),
         ):
             t = time.perf_counter()
             results[name] = await step()
@@ -792,14 +796,15 @@ async def run_all(
 ASYNCIO_GW: list[subprocess.Popen[bytes]] = []
 
 
-ONLY = ("engines",)  # sections that run alone (--only): they start what they measure
+# Sections that run alone (--only): they start what they measure.
+ONLY = {"engines": (several_engines, engines_markdown), "prompt_cache": (prompt_cache, prompt_cache_markdown)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only",
-        choices=ONLY,
+        choices=sorted(ONLY),
         help="run this section alone and print it; bench/results.json and docs/ stay as they are "
         "(the full run writes them)",
     )
@@ -907,9 +912,11 @@ def run_only(section: str) -> int:
         folder = Path(tmp)
         models = bench_models(folder)
 
+        measure, report = ONLY[section]
+
         async def run() -> dict[str, Any]:
             async with bench_session() as session:
-                return await several_engines(session, folder, models)
+                return await measure(session, folder, models)
 
         started = time.perf_counter()
         try:
@@ -925,7 +932,7 @@ def run_only(section: str) -> int:
     result["loadavg"] = {"start": load_start, "end": os.getloadavg()}
     out = Path(tempfile.gettempdir()) / f"llm-gateway-bench-{section}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n".join(engines_markdown(result, f"`-t {THREADS}`")))
+    print("\n".join(report(result, f"`-t {THREADS}`")))
     print(f"\n{section}: {result['runtime_s']:.1f} s; raw numbers in {out}; load average {result['loadavg']}")
     codes = result.get("exit_codes", {}).values()
     return 0 if all(code == 0 for code in codes) and not leftover else 1

@@ -1434,3 +1434,35 @@ def test_preload_by_alias_takes_the_smallest_variant(tmp_path: Path) -> None:
         "m",
         4096,
     )
+
+
+# server.prompt_cache -----------------------------------------------------------------------
+
+
+def test_the_prompt_cache_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    default = load(tmp_path, f"models = {{ {MODEL} }}").server.prompt_cache
+    assert default is not None and (default.dir, default.max_size) == (None, 2 << 30)
+    assert (
+        load(tmp_path, f"server = {{ prompt_cache = false }}\nmodels = {{ {MODEL} }}").server.prompt_cache
+        is None
+    )
+    set_up = load(
+        tmp_path,
+        f'server = {{ prompt_cache = {{ dir = "cache", max_size = "4GiB" }} }}\nmodels = {{ {MODEL} }}',
+    ).server.prompt_cache
+    assert set_up is not None and (set_up.dir, set_up.max_size) == (str(tmp_path / "cache"), 4 << 30)
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ('{ folder = "x" }', ['server.prompt_cache: unknown key "folder"']),
+        ('{ max_size = "lots" }', ["server.prompt_cache.max_size: must be a size"]),
+        ('{ dir = "" }', ["server.prompt_cache.dir: must not be empty"]),
+        ('"on"', ["server.prompt_cache: must be a table"]),
+    ],
+)
+def test_bad_prompt_cache_settings_are_refused(tmp_path: Path, value: str, words: list[str]) -> None:
+    message = load_error(write(tmp_path, f"server = {{ prompt_cache = {value} }}\nmodels = {{ {MODEL} }}"))
+    for word in words:
+        assert word in message, message

@@ -174,6 +174,9 @@ class FakeEffects:
     def footprint(self, variant: Variant) -> int | None:
         return self.memory.get(variant.key)
 
+    def cached_prompts(self) -> dict[str, list[dict[str, Any]]]:
+        return {}
+
     def measure(self, instance: FakeInstance) -> int | None:
         return self.measured.get(instance.variant.key)
 

@@ -24,6 +24,7 @@ from gateway.config.schema import (
     EngineKind,
     GatewayConfig,
     Model,
+    PromptCache,
     RequestRules,
     ServerConfig,
     Timeouts,
@@ -431,6 +432,7 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
             admin_key=server.get("admin_key"),
             config_timeout=float(server["config_timeout"]),
             shutdown_delay=float(server["shutdown_delay"]),
+            prompt_cache=_prompt_cache(server["prompt_cache"]),
             preload=(server["preload"]["model"], server["preload"]["context"])
             if server.get("preload")
             else None,
@@ -444,6 +446,12 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
     if problem:
         raise ConfigError(f"{path}: {problem}")
     return config
+
+
+def _prompt_cache(value: dict[str, Any]) -> PromptCache | None:
+    if not value["enabled"]:
+        return None
+    return PromptCache(os.path.normpath(value["dir"]) if value.get("dir") else None, int(value["max_size"]))
 
 
 def _memory_budget(value: int | str | None) -> tuple[int | None, str]:

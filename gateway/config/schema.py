@@ -124,6 +124,14 @@ class Model:
 
 
 @dataclass(frozen=True)
+class PromptCache:
+    """Where saved KV caches of llama.cpp engines go, and how much they may take."""
+
+    dir: str | None  # None: a folder of its own in the system's temporary directory
+    max_size: int  # bytes; the least recently used files go first beyond it
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: tuple[tuple[str, int], ...]  # (host, port), IPv4 and IPv6
     queue_limit: int
@@ -138,6 +146,7 @@ class ServerConfig:
     # Seconds between SIGTERM and closing the listening sockets: /health answers 503 and
     # requests are still served, so that a load balancer stops sending first.
     shutdown_delay: float = 2.0
+    prompt_cache: PromptCache | None = PromptCache(None, 2 << 30)  # None: off
     max_engines: int = 1  # engines that may run at once
     memory_budget: int | None = None  # bytes all running engines may take; None: no limit
     # How the budget was found: "config", or what "auto" found ("auto: physical memory

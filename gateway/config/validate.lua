@@ -418,6 +418,24 @@ end
 -- Engines at once: each is a process with its own port and memory; more than this is a typo.
 local MAX_ENGINES = 1024
 
+-- Saved KV caches of llama.cpp engines (kept across swaps): on by default, in a folder of
+-- the system's temporary directory; false turns it off.
+local PROMPT_CACHE_MAX_SIZE = 2 * 1024 ^ 3
+
+local function prompt_cache(path, v)
+  if v == false then return { enabled = false } end
+  if v == nil or v == true then v = {} end
+  check_type(path, v, "table")
+  only_keys(path, v, set_of("dir", "max_size"))
+  local out = { enabled = true, max_size = math.tointeger(PROMPT_CACHE_MAX_SIZE) }
+  if v.dir ~= nil then
+    out.dir = non_empty_string(path .. ".dir", v.dir)
+    if out.dir:sub(1, 1) ~= "/" then out.dir = loader.workdir .. out.dir end
+  end
+  if v.max_size ~= nil then out.max_size = size(path .. ".max_size", v.max_size) end
+  return out
+end
+
 local function validate_server(s)
   if s == nil then s = {} end
   check_type("server", s, "table")
@@ -425,7 +443,7 @@ local function validate_server(s)
     "listen_v4", "listen_v6", "queue_limit", "max_body_bytes", "max_start_failures",
     "loading_keepalive", "health_check_timeout", "engine_startup_timeout",
     "engine_idle_timeout", "drain_timeout", "stop_timeout", "api_keys", "admin_key", "preload", "config_timeout",
-    "max_engines", "memory_budget", "shutdown_delay"))
+    "max_engines", "memory_budget", "shutdown_delay", "prompt_cache"))
   local out = resolve_timeouts("server", s, server_defaults)
   out.listen_v4 = listen_list("server.listen_v4", s.listen_v4, "127.0.0.1:7777", valid_v4, "\"127.0.0.1:7777\"")
   out.listen_v6 = listen_list("server.listen_v6", s.listen_v6, "none", valid_v6, "\"[::1]:7777\"")
@@ -454,6 +472,7 @@ local function validate_server(s)
     fail("server.config_timeout", "must be a number of seconds from %d to %d (got %s)",
       CONFIG_TIMEOUT_MIN, CONFIG_TIMEOUT_MAX, show(out.config_timeout))
   end
+  out.prompt_cache = prompt_cache("server.prompt_cache", s.prompt_cache)
   out.shutdown_delay = non_negative_number("server.shutdown_delay",
     s.shutdown_delay or server_defaults.shutdown_delay)
   out.api_keys = api_keys("server.api_keys", s.api_keys)

@@ -73,10 +73,25 @@ class LlamaCppCounter(TokenCounter):
         return await self.count_text(client, body, templated["prompt"])
 
     async def count_text(self, client: EngineClient, body: dict[str, Any], text: str) -> int:
+        return len(await self._tokenize(client, text))
+
+    async def tokens(self, client: EngineClient, kind: str, body: dict[str, Any]) -> list[int]:
+        """The tokens of a request's one prompt as the engine will process it ([] for
+        several prompts, or other kinds)."""
+        if kind == "chat":
+            templated = await client.post_json("/apply-template", body)
+            return await self._tokenize(client, templated["prompt"])
+        prompts = prompt_list(body.get("prompt")) if kind == "completion" else []
+        if len(prompts) != 1:
+            return []
+        prompt = prompts[0]
+        return await self._tokenize(client, prompt) if isinstance(prompt, str) else list(prompt)
+
+    async def _tokenize(self, client: EngineClient, text: str) -> list[int]:
         result = await client.post_json(
             "/tokenize", {"content": text, "add_special": True, "parse_special": True}
         )
-        return len(result["tokens"])
+        return [int(token) for token in result["tokens"]]
 
 
 class VllmCounter(TokenCounter):

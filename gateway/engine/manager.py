@@ -15,19 +15,23 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
-from gateway.config.schema import GatewayConfig, Model, Variant
+from gateway.config.schema import EngineKind, GatewayConfig, Model, PromptCache, Variant
 from gateway.engine import footprint
 from gateway.engine.adapter import EngineAdapter, Launch, RunningRoom, StartFailed
 from gateway.engine.client import EngineClient, EngineRequestError, new_session
 from gateway.engine.counting import TemplateOverhead, TokenCounter
 from gateway.engine.gguf import longest_token_bytes
 from gateway.engine.process import EngineProcess
+from gateway.engine.prompt_cache import PromptKeeper, PromptStore
 from gateway.engine.remote import RemoteLink
 from gateway.engine.types import adapter_for
 from gateway.models import PromptShape, Room, byte_bound
+from gateway.utils.metrics import Metrics
+from gateway.utils.sizes import human_bytes
 
 log = logging.getLogger("gateway.engine")
 
@@ -55,6 +59,8 @@ class EngineInstance:
     overhead: TemplateOverhead | None  # None when its chat template could not be measured
     startup_seconds: float
     exited: asyncio.Task[int] = field(repr=False)
+    prompts: PromptKeeper | None = field(default=None, repr=False)  # saves and restores its slots
+    restored_prompts: set[str] = field(default_factory=set, repr=False)  # saved files it took
     # Requests in flight on it (awaiting their answer's headers, or being relayed), so
     # that a drain timeout can end them at once.
     open_requests: set[asyncio.Future[aiohttp.ClientResponse]] = field(default_factory=set, repr=False)
@@ -89,7 +95,11 @@ class EngineInstance:
 class EngineManager:
     """Starts and stops engines; owns the HTTP session all engine traffic uses."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or Metrics()
+        self._prompts: PromptKeeper | None = None  # set up by the first config, when on
+        self._prompt_config: PromptCache | None = None
+        self._prompt_cache_set = False
         self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
         self._processes: set[EngineProcess] = set()  # spawned and not yet reaped
         self._longest_token: dict[str, int | None] = {}  # model file -> its longest token
@@ -108,6 +118,8 @@ class EngineManager:
             await session.close()
         if self._slot_dir is not None:
             shutil.rmtree(self._slot_dir, ignore_errors=True)
+        if self._prompts is not None:
+            self._prompts.store.close()
 
     def kill_all_now(self) -> None:
         """The last resort of a shutdown that ran out of time: no engine outlives us,
@@ -119,13 +131,30 @@ class EngineManager:
         return adapter_for(model).capacity(variant, model)
 
     def learn(self, config: GatewayConfig) -> None:
-        """Read what the config's model files tell (blocking: run it in a thread)."""
+        """Read what the config's model files tell, and set up the prompt cache on the
+        first config (blocking: run it in a thread)."""
+        self._set_up_prompt_cache(config.server.prompt_cache)
         for variant in (v for m in config.models for v in m.variants if m.engine.local):
             if variant.model_file and variant.model_file not in self._longest_token:
                 self._longest_token[variant.model_file] = longest_token_bytes(variant.model_file)
             if variant not in self._footprints:
                 estimate = footprint.estimate(variant)
                 self._footprints[variant] = estimate.total if estimate is not None else None
+
+    def _set_up_prompt_cache(self, wanted: PromptCache | None) -> None:
+        if not self._prompt_cache_set:
+            self._prompt_cache_set, self._prompt_config = True, wanted
+            if wanted is not None:
+                self._prompts = PromptKeeper(PromptStore(wanted), self._metrics)
+                log.info(
+                    "prompt cache in %s, at most %s", self._prompts.store.folder, human_bytes(wanted.max_size)
+                )
+        elif wanted != self._prompt_config:
+            log.warning("server.prompt_cache changes take effect at the next start of the gateway")
+
+    def cached_prompts(self) -> dict[str, list[dict[str, Any]]]:
+        """The saved conversations per model (empty with the prompt cache off)."""
+        return self._prompts.store.describe() if self._prompts is not None else {}
 
     def footprint(self, variant: Variant) -> int | None:
         """The bytes the variant's engine is predicted to take (see engine/footprint.py)."""
@@ -144,9 +173,7 @@ class EngineManager:
         """Spawn the variant's engine and wait until it is healthy, or probe an upstream
         once (or raise StartFailed)."""
         adapter = adapter_for(model)
-        if self._slot_dir is None:
-            self._slot_dir = tempfile.mkdtemp(prefix="llm-gateway-slots-")
-        launch = adapter.launch(model, variant, self._slot_dir)
+        launch = adapter.launch(model, variant, self._slot_folder())
         if launch is None:
             return await self._reach(adapter, model, variant)
         process = EngineProcess(launch.argv, launch.env, label=variant.key)
@@ -191,6 +218,22 @@ class EngineManager:
                 break
             await asyncio.sleep(HEALTH_POLLS[min(poll, len(HEALTH_POLLS) - 1)])
         return await self._instance(adapter, model, variant, process, client, port, exited)
+
+    def _slot_folder(self) -> str:
+        """Where engines save slots: the prompt cache's folder, else one of its own."""
+        if self._prompts is not None:
+            return str(self._prompts.store.folder)
+        if self._slot_dir is None:
+            self._slot_dir = tempfile.mkdtemp(prefix="llm-gateway-slots-")
+        return self._slot_dir
+
+    def _keeper(self, model: Model, variant: Variant) -> PromptKeeper | None:
+        """The prompt keeper of a llama.cpp engine that saves into the cache's folder."""
+        keeps = model.engine is EngineKind.LLAMA_CPP and "--slot-save-path" not in (
+            *model.args,
+            *variant.args,
+        )
+        return self._prompts if keeps else None
 
     async def _reach(self, adapter: EngineAdapter, model: Model, variant: Variant) -> EngineInstance:
         """An upstream: ready once its health path answers 200."""
@@ -240,10 +283,15 @@ class EngineManager:
             overhead=overhead,
             startup_seconds=time.monotonic() - process.started_monotonic,
             exited=exited,
+            prompts=self._keeper(model, variant),
         )
 
     async def stop(self, instance: EngineInstance) -> int:
-        """SIGTERM, then SIGKILL after the stop timeout; the exit code."""
+        """Save its slots to the prompt cache (bounded), then SIGTERM, then SIGKILL
+        after the stop timeout; the exit code."""
+        if instance.prompts is not None:
+            await instance.prompts.save_all(instance.client, instance.model.name, instance.variant)
+            instance.prompts.forget_engine(instance.client)
         return await instance.process.stop(instance.variant.timeouts.stop)
 
     async def busy_tasks(self, instance: EngineInstance) -> frozenset[int]:

@@ -32,7 +32,7 @@ class GatewayServer:
     def __init__(self, config: GatewayConfig, recent_logs: RecentLines | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.manager = EngineManager()
+        self.manager = EngineManager(self.metrics)
         self.supervisor = Supervisor(config, self.manager, self.metrics)
         self.metrics.watch(self.supervisor.snapshot, STATES)
         self.handler = RequestHandler(lambda: self.config, self.supervisor)

@@ -221,11 +221,12 @@ class _Call:
                 requeue = await self._clear_idle_slots(grant)  # it has the engine to itself
                 if requeue:
                     return None
+            data = await self._with_restored_prompt(grant)
             forwarded = True
             response = await forward(
                 self.request,
                 grant.instance,
-                self.data,
+                data,
                 engine_request_headers(self.request.headers),
                 Renamer.between(grant.instance.served_name, self.requested_name),
                 self.started,
@@ -242,6 +243,23 @@ class _Call:
             # running there: the supervisor keeps its room until the engine lets it go.
             abandoned = forwarded and (not served or bool(self.request.get("client_gone")))
             self.supervisor.release(grant, requeue, served, abandoned)
+
+    async def _with_restored_prompt(self, grant: Grant) -> bytes:
+        """The body to send: to the engine slot the prompt cache restored what this
+        request continues into (`id_slot`), if it did."""
+        instance, pending = grant.instance, self.pending
+        if instance.prompts is None or pending.sequences > 1 or "id_slot" in self.body:
+            return self.data
+        slot = await instance.prompts.restore_for(
+            instance.client,
+            instance.model.name,
+            instance.variant,
+            pending.kind,
+            self.body,
+            pending.reserve,
+            instance.restored_prompts,
+        )
+        return self.data if slot is None else json.dumps({**self.body, "id_slot": slot}).encode()
 
     async def _clear_idle_slots(self, grant: Grant) -> str | None:
         """Clear the engine's idle slots for a request of several sequences; a reason to

@@ -3,7 +3,7 @@ EngineManager, or a fake in tests."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.config.schema import Model, Variant
 from gateway.engine.manager import EngineInstance
@@ -26,9 +26,15 @@ class Effects(Protocol):
         """The bytes the engine takes now (GPU memory, else resident); None if unknown."""
         ...
 
+    def cached_prompts(self) -> dict[str, list[dict[str, Any]]]:
+        """The conversations the prompt cache keeps, per model."""
+        ...
+
     async def start(self, model: Model, variant: Variant) -> EngineInstance: ...
 
-    async def stop(self, instance: EngineInstance) -> int: ...
+    async def stop(self, instance: EngineInstance) -> int:
+        """Stop the engine (a llama.cpp engine's slots are saved to the prompt cache first)."""
+        ...
 
     async def busy_tasks(self, instance: EngineInstance) -> frozenset[int]:
         """The ids of the tasks the engine's slots are processing now."""

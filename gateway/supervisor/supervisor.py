@@ -1047,6 +1047,7 @@ class Supervisor:
             "history": [record.as_json() for record in self.history],
             "counters": dict(self.counters),
             "selections": list(self.scheduler.selections),
+            "prompt_cache": self._effects.cached_prompts(),
             "engine_log": self.last_engine_lines,
         }
 

@@ -64,6 +64,21 @@ class Metrics:
         self.evictions = self._counter(
             "evictions", "Engines stopped to make room for another model's (idle or busy)", "model", "reason"
         )
+        self.prompt_cache_saves = self._counter(
+            "prompt_cache_saves",
+            "Engine slots saved to the prompt cache before a stop, by outcome",
+            "model",
+            "outcome",
+        )
+        self.prompt_cache_restores = self._counter(
+            "prompt_cache_restores",
+            "Saved slots restored into an engine for a request, by outcome",
+            "model",
+            "outcome",
+        )
+        self.prompt_cache_tokens_restored = self._counter(
+            "prompt_cache_tokens_restored", "Prompt tokens restored from the prompt cache", "model"
+        )
         self.engine_memory = Gauge(
             f"{PREFIX}_engine_memory_bytes",
             "An engine's memory: estimate (before its start) and measured (after)",

@@ -1,0 +1,131 @@
+"""PromptStore and the slot file header, on files written the way llama-server writes
+them (the real engine's files are read in test_e2e_prompt_cache.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from array import array
+from pathlib import Path
+
+import pytest
+
+from gateway.config.schema import PromptCache
+from gateway.engine.prompt_cache import MIN_TOKENS, PromptStore, Source
+from gateway.engine.slotfile import MAGIC, UnreadableSlotFile, common_prefix, read_tokens
+
+
+def slot_file(path: Path, tokens: list[int], state_bytes: int = 64) -> Path:
+    words = array("i", [-1, 1, len(tokens), *tokens, 0])
+    path.write_bytes(struct.pack("<III", MAGIC, 4, len(words)) + words.tobytes() + b"\0" * state_bytes)
+    return path
+
+
+def source(model_file: Path, k: str = "f16") -> Source:
+    stat = os.stat(model_file)
+    return Source(str(model_file), stat.st_size, stat.st_mtime_ns, k, "f16")
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 60)
+    return path
+
+
+def store(tmp_path: Path, max_size: int = 1 << 30) -> PromptStore:
+    return PromptStore(PromptCache(str(tmp_path / "cache"), max_size))
+
+
+CONVERSATION = list(range(1000, 1000 + 2 * MIN_TOKENS))
+
+
+def test_the_header_gives_the_tokens_and_refuses_other_layouts(tmp_path: Path) -> None:
+    assert list(read_tokens(slot_file(tmp_path / "a.bin", [5, 6, 7]))) == [5, 6, 7]
+    (tmp_path / "b.bin").write_bytes(struct.pack("<III", MAGIC, 3, 0))
+    with pytest.raises(UnreadableSlotFile, match="version 3"):
+        read_tokens(tmp_path / "b.bin")
+    (tmp_path / "c.bin").write_bytes(struct.pack("<III", MAGIC, 4, 5) + array("i", [0, 0, 9, 9, 9]).tobytes())
+    with pytest.raises(UnreadableSlotFile, match="layout"):
+        read_tokens(tmp_path / "c.bin")
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix(array("i", CONVERSATION), [*CONVERSATION[:-1], 0]) == len(CONVERSATION) - 1
+
+
+def test_the_longest_shared_start_that_fits_is_matched(tmp_path: Path, model_file: Path) -> None:
+    prompts = store(tmp_path)
+    short = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION[:MIN_TOKENS]))
+    long = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    request = [*CONVERSATION, 1, 2, 3]
+    assert prompts.match("m", source(model_file), request, room=10_000) == (long, len(CONVERSATION))
+    # The longer one would take more of the engine's cache than the request reserves:
+    assert prompts.match("m", source(model_file), request, room=MIN_TOKENS + 10) == (short, MIN_TOKENS)
+    # Too little shared: nothing.
+    assert prompts.match("m", source(model_file), CONVERSATION[: MIN_TOKENS - 1], room=10_000) is None
+    assert prompts.match("other", source(model_file), request, room=10_000) is None
+
+
+def test_other_cache_types_do_not_match(tmp_path: Path, model_file: Path, caplog) -> None:
+    prompts = store(tmp_path)
+    prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    with caplog.at_level(logging.INFO, logger="gateway.prompt_cache"):
+        assert prompts.match("m", source(model_file, k="q8_0"), CONVERSATION, room=10_000) is None
+    assert "saved with KV cache types f16/f16, this engine runs q8_0/f16" in caplog.text
+    assert prompts.has("m")  # kept for the variants that run f16
+
+
+def test_a_changed_model_file_drops_its_files(tmp_path: Path, model_file: Path) -> None:
+    prompts = store(tmp_path)
+    saved = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    model_file.write_bytes(b"GGUF" + b"\1" * 100)  # another file under the same name
+    assert prompts.match("m", source(model_file), CONVERSATION, room=10_000) is None
+    assert not saved.path.exists() and not prompts.has("m")
+
+
+def test_the_same_tokens_saved_again_replace_the_older_file(tmp_path: Path, model_file: Path) -> None:
+    prompts = store(tmp_path)
+    first = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    second = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    assert prompts.saved == [second] and not first.path.exists()
+
+
+def test_files_over_max_size_go_least_recently_used_first(tmp_path: Path, model_file: Path) -> None:
+    one_file = slot_file(tmp_path / "probe.bin", CONVERSATION, 4096).stat().st_size
+    prompts = store(tmp_path, max_size=2 * one_file + 10)
+
+    def add(n: int):
+        return prompts.add(
+            "m", source(model_file), slot_file(prompts.new_path("m"), [n, *CONVERSATION], 4096)
+        )
+
+    first, second = add(0), add(1)
+    first.last_used, second.last_used = 2.0, 1.0  # the first was used again since
+    third = add(2)
+    assert [s.path.exists() for s in (first, second, third)] == [True, False, True]
+
+
+def test_a_folder_is_read_back_and_broken_entries_are_skipped(
+    tmp_path: Path, model_file: Path, caplog
+) -> None:
+    prompts = store(tmp_path)
+    kept = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    broken = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), [7, *CONVERSATION]))
+    broken.path.write_bytes(b"nonsense")
+    (tmp_path / "cache" / "stray.json").write_text(json.dumps({"model": "m"}))
+    again = store(tmp_path)
+    assert [s.path for s in again.saved] == [kept.path]
+    assert "is not used" in caplog.text
+
+
+def test_an_owned_folder_is_removed_at_close(tmp_path: Path) -> None:
+    prompts = PromptStore(PromptCache(None, 1 << 20))
+    assert prompts.folder.is_dir()
+    prompts.close()
+    assert not prompts.folder.exists()
