@@ -9,12 +9,14 @@ import os
 import struct
 from array import array
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.config.schema import PromptCache
-from gateway.engine.prompt_cache import MIN_TOKENS, PromptStore, Source
+from gateway.config.schema import PromptCache, Timeouts, Variant
+from gateway.engine.prompt_cache import MIN_TOKENS, PromptKeeper, PromptStore, Source
 from gateway.engine.slotfile import MAGIC, UnreadableSlotFile, common_prefix, read_tokens
+from gateway.utils.metrics import Metrics
 
 
 def slot_file(path: Path, tokens: list[int], state_bytes: int = 64) -> Path:
@@ -78,7 +80,7 @@ def test_other_cache_types_do_not_match(tmp_path: Path, model_file: Path, caplog
     with caplog.at_level(logging.INFO, logger="gateway.prompt_cache"):
         assert prompts.match("m", source(model_file, k="q8_0"), CONVERSATION, room=10_000) is None
     assert "saved with KV cache types f16/f16, this engine runs q8_0/f16" in caplog.text
-    assert prompts.has("m")  # kept for the variants that run f16
+    assert prompts.waiting("m", set())  # kept for the variants that run f16
 
 
 def test_a_changed_model_file_drops_its_files(tmp_path: Path, model_file: Path) -> None:
@@ -86,7 +88,7 @@ def test_a_changed_model_file_drops_its_files(tmp_path: Path, model_file: Path) 
     saved = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
     model_file.write_bytes(b"GGUF" + b"\1" * 100)  # another file under the same name
     assert prompts.match("m", source(model_file), CONVERSATION, room=10_000) is None
-    assert not saved.path.exists() and not prompts.has("m")
+    assert not saved.path.exists() and not prompts.waiting("m", set())
 
 
 def test_the_same_tokens_saved_again_replace_the_older_file(tmp_path: Path, model_file: Path) -> None:
@@ -129,3 +131,23 @@ def test_an_owned_folder_is_removed_at_close(tmp_path: Path) -> None:
     assert prompts.folder.is_dir()
     prompts.close()
     assert not prompts.folder.exists()
+
+
+async def test_a_short_prompt_or_an_engine_that_took_everything_is_not_tokenized(
+    tmp_path: Path, model_file: Path
+) -> None:
+    """Tokenizing costs two calls to the engine before the first token: only a request
+    that may continue a saved prompt the engine has not taken pays them."""
+
+    class NoCalls:
+        async def post_json(self, path: str, body: object) -> object:
+            raise AssertionError(f"the engine was asked: {path}")
+
+    prompts = store(tmp_path)
+    saved = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    keeper = PromptKeeper(prompts, Metrics())
+    timeouts = Timeouts(health_check=1, startup=1, drain=1, stop=1, idle=0)
+    variant = Variant("m", 2048, (), None, timeouts, model_file=str(model_file))
+    engine: Any = NoCalls()
+    assert await keeper.restore_for(engine, "m", variant, "chat", {}, 0, MIN_TOKENS - 1, set()) is None
+    assert await keeper.restore_for(engine, "m", variant, "chat", {}, 0, None, {saved.path.name}) is None

@@ -121,8 +121,9 @@ class PromptStore:
         if self.saved:
             log.info("prompt cache: %d saved slots found in %s", len(self.saved), self.folder)
 
-    def has(self, model: str) -> bool:
-        return any(saved.model == model for saved in self.saved)
+    def waiting(self, model: str, restored: set[str]) -> bool:
+        """Whether `model` has saved prompts an engine that took `restored` has not."""
+        return any(saved.model == model and saved.path.name not in restored for saved in self.saved)
 
     def new_path(self, model: str) -> Path:
         return self.folder / f"{_UNSAFE.sub('_', model)[:64]}-{uuid.uuid4().hex[:12]}.bin"
@@ -311,14 +312,18 @@ class PromptKeeper:
         kind: str,
         body: dict[str, Any],
         reserve: int,
+        most: int | None,
         restored: set[str],
     ) -> int | None:
         """Restore the saved prompt this request continues into an idle slot of the
         engine; the slot, for the request's `id_slot`, or None. `reserve`: the tokens
-        reserved for its answer; `restored`: the files this engine has taken already
-        (the engine finds those itself)."""
+        reserved for its answer; `most`: the most tokens its prompt can have, if known;
+        `restored`: the files this engine has taken already (the engine finds those itself).
+        A request that cannot share enough with any saved prompt is not tokenized."""
+        if (most is not None and most < MIN_TOKENS) or not self.store.waiting(model, restored):
+            return None
         source = Source.of(variant)
-        if source is None or not self.store.has(model):
+        if source is None:
             return None
         try:
             tokens = await self._counter.tokens(client, kind, body)

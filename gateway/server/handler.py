@@ -257,6 +257,7 @@ class _Call:
             pending.kind,
             self.body,
             pending.reserve,
+            instance.upper_bound(pending.kind, pending.shape),
             instance.restored_prompts,
         )
         return self.data if slot is None else json.dumps({**self.body, "id_slot": slot}).encode()
