@@ -14,6 +14,7 @@ from gateway.config import ConfigError, ConfigRun, GatewayConfig
 from gateway.engine.manager import EngineManager
 from gateway.server.auth import auth_middleware
 from gateway.server.control import ControlHandler
+from gateway.server.dashboard import Dashboard
 from gateway.server.endpoints import ENDPOINTS, UNSUPPORTED_PREFIXES
 from gateway.server.errors import error_middleware, error_response
 from gateway.server.handler import RequestHandler
@@ -37,6 +38,7 @@ class GatewayServer:
         self.metrics.watch(self.supervisor.snapshot, STATES)
         self.handler = RequestHandler(lambda: self.config, self.supervisor)
         self.control = ControlHandler(lambda: self.config, self.supervisor, self.reload, recent_logs)
+        self.dashboard = Dashboard(self.supervisor, lambda: self.config)
         self.started_at = time.time()
         self._runner: web.AppRunner | None = None
         self._sites: list[web.TCPSite] = []
@@ -64,6 +66,7 @@ class GatewayServer:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_routes(self.control.routes())
+        self.dashboard.install(app)
         return app
 
     async def reload(self) -> GatewayConfig:
@@ -177,6 +180,7 @@ class GatewayServer:
         for site in self._sites:
             await site.stop()
         self.control.close()
+        self.dashboard.close()
         try:
             await asyncio.wait_for(self.supervisor.shutdown(), self._shutdown_budget())
         except TimeoutError:

@@ -13,11 +13,14 @@ from gateway.errors import Unauthorized
 
 OPEN_PATHS = frozenset({"/health"})
 CONTROL_PREFIX = "/gateway/"
+# The dashboard's page and files hold no data (its script asks for the key, then sends it
+# to /gateway/events and the other endpoints): they load without one.
+DASHBOARD = "/gateway/ui"
 
 
 def required_keys(path: str, server: ServerConfig) -> tuple[str, ...]:
     """The keys that open `path`; empty when it is open."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or path == DASHBOARD or path.startswith(DASHBOARD + "/"):
         return ()
     if path.startswith(CONTROL_PREFIX) and server.admin_key:
         return (server.admin_key,)
@@ -43,10 +46,16 @@ def key_matches(presented: str, keys: tuple[str, ...]) -> bool:
     return matched
 
 
+def wants_the_dashboard(request: web.Request) -> bool:
+    """A browser's GET /: it is sent on to the dashboard, without a key."""
+    accepted = request.headers.get("Accept", "")
+    return request.path == "/" and request.method in ("GET", "HEAD") and "text/html" in accepted
+
+
 def auth_middleware(config: Callable[[], GatewayConfig]) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        keys = required_keys(request.path, config().server)
+        keys = () if wants_the_dashboard(request) else required_keys(request.path, config().server)
         if keys:
             presented = presented_key(request)
             if presented is None:
