@@ -26,7 +26,7 @@ help:
 	@echo "make statecharts  regenerate statecharts/ from the state machine"
 	@echo "make lint         ruff"
 
-setup: $(VENV)/.deps $(VENV)/.engine models /usr/sbin/haproxy
+setup: $(VENV)/.deps $(VENV)/.engine models /usr/sbin/haproxy /usr/bin/chromedriver
 
 run: setup
 	$(BIN)/llm-gateway --config $(CONFIG)
@@ -61,6 +61,11 @@ apt_install = { \
 # HAProxy, the front tier `llm-gateway front` writes configs for (its tests run it).
 /usr/sbin/haproxy:
 	@command -v haproxy >/dev/null || $(call apt_install,haproxy)
+
+# Headless Chromium and its WebDriver: the dashboard's tests drive them (Selenium).
+/usr/bin/chromedriver:
+	@command -v chromedriver >/dev/null && command -v chromium >/dev/null \
+	  || $(call apt_install,chromium chromium-driver)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
