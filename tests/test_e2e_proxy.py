@@ -6,6 +6,7 @@ import json
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -233,3 +234,44 @@ def test_client_disconnect_mid_stream_frees_the_engine_slot(gateway: Gateway) ->
     wait_until(lambda: not slots_busy(url), timeout=5, interval=0.005)
     assert time.monotonic() - closed < 0.1  # the engine stops generating within 100 ms
     assert gateway.state()["in_flight"] == 0
+
+
+def resident_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+def test_a_client_that_stops_reading_holds_the_engine_back_not_the_gateways_memory(
+    start_gateway, tiny_models
+) -> None:
+    """The engine streams 20,000 tokens while the client reads nothing for 10 s: the
+    gateway stops reading the engine instead of buffering the answer."""
+    gw = start_gateway(tiny_model_config(tiny_models, variants=[{"context": 24576}]))
+    assert (
+        gw.post("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 64}).status == 200
+    )
+    body = json.dumps(
+        {"model": "tiny", "messages": CHAT, "max_tokens": 20000, "ignore_eos": True, "stream": True}
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    before = resident_bytes(gw.process.pid)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert b"200 OK" in sock.recv(1024)
+    most = before
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        most = max(most, resident_bytes(gw.process.pid))
+        time.sleep(0.1)
+    assert most - before < 2 * 1024 * 1024, (before, most)
+    received = b""
+    sock.settimeout(60)
+    while not received.endswith(b"0\r\n\r\n"):
+        data = sock.recv(1 << 20)
+        assert data, "the stream ended early"
+        received += data
+    sock.close()
+    assert received.count(b"data: {") > 19000  # every token, once the client read again

@@ -28,6 +28,7 @@ from gateway.engine.gguf import longest_token_bytes
 from gateway.engine.process import EngineProcess
 from gateway.engine.prompt_cache import PromptKeeper, PromptStore
 from gateway.engine.remote import RemoteLink
+from gateway.engine.stream import EngineStream
 from gateway.engine.types import adapter_for
 from gateway.models import PromptShape, Room, byte_bound
 from gateway.utils.metrics import Metrics
@@ -63,8 +64,8 @@ class EngineInstance:
     restored_prompts: set[str] = field(default_factory=set, repr=False)  # saved files it took
     # Requests in flight on it (awaiting their answer's headers, or being relayed), so
     # that a drain timeout can end them at once.
-    open_requests: set[asyncio.Future[aiohttp.ClientResponse]] = field(default_factory=set, repr=False)
-    open_responses: set[aiohttp.ClientResponse] = field(default_factory=set, repr=False)
+    open_requests: set[asyncio.Future[EngineStream]] = field(default_factory=set, repr=False)
+    open_responses: set[EngineStream] = field(default_factory=set, repr=False)
     was_cut_off: bool = False
 
     def cut_off(self) -> None:

@@ -10,15 +10,14 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from gateway.engine.client import EngineRequestError
 from gateway.engine.manager import EngineInstance
+from gateway.engine.stream import EngineStream, Head, StreamBroken, open_stream
 from gateway.errors import EngineFailed, EngineRejected, GatewayError
 from gateway.server.record import RECORD
 from gateway.server.sse import sse_data, sse_json
@@ -41,6 +40,9 @@ HOP_BY_HOP = frozenset(
 # The gateway's own credentials stay with the gateway.
 CREDENTIALS = frozenset({"authorization", "x-api-key"})
 _SSE = "text/event-stream"
+# Bytes waiting in the client's socket buffer beyond which the engine is no longer read
+# until the client catches up (aiohttp's own writer waits at 64 KiB).
+HIGH_WATER = 64 * 1024
 # llama-server's words when its KV cache had no room left for a batch: it fails every
 # request then being processed, and clears their cells. "Invalid input batch" comes
 # when the cells an idle slot kept were not cleared in time for a request's sequences.
@@ -116,57 +118,80 @@ async def forward(
 
     `started` is an SSE response already sent to the client (loading keep-alives).
     """
-    upstream = await _open(instance, request.path, data, headers)
-    instance.open_responses.add(upstream)
+    stream = await _open(instance, request.path, data, headers)
+    instance.open_responses.add(stream)
     try:
-        streamed = _SSE in upstream.headers.get("Content-Type", "")
+        head = await _head(instance, stream)
+        streamed = _SSE in head.headers.get("Content-Type", "")
         # A stream's first event, or a whole answer: enough to know whether to retry.
-        first = await (_first_event(upstream) if streamed else _read(upstream.content.read))
-        _raise_if_retryable(instance, upstream.status, first, streamed)
+        first = await (_first_event(stream) if streamed else _whole(stream))
+        _raise_if_retryable(instance, head.status, first, streamed)
         if streamed:
-            return await _relay_stream(request, instance, upstream, first, renamer, started, response_headers)
-        return await _relay_whole(request, upstream, first, renamer, started, response_headers)
+            return await _relay_stream(
+                request, instance, stream, head, first, renamer, started, response_headers
+            )
+        return await _relay_whole(request, head, first, renamer, started, response_headers)
     finally:
-        instance.open_responses.discard(upstream)
-        upstream.close()  # also the way a cancelled request reaches the engine: it frees the slot
+        instance.open_responses.discard(stream)
+        stream.close()  # also the way a cancelled request reaches the engine: it frees the slot
 
 
-async def _open(
-    instance: EngineInstance, path: str, data: bytes, headers: Mapping[str, str]
-) -> aiohttp.ClientResponse:
-    """Send the request; its answer's headers come back (for a non-streamed request,
-    only once the whole answer is ready). A drain timeout cancels the wait."""
+async def _open(instance: EngineInstance, path: str, data: bytes, headers: Mapping[str, str]) -> EngineStream:
+    """Connect to the engine (a connection of its own) and send the request. A drain
+    timeout cancels the wait."""
     # Not retried here: a POST the engine may have taken is retried, if at all, by the
     # handler once it knows whether the engine died.
-    opening = asyncio.ensure_future(instance.client.open("POST", path, data, headers, idempotent=False))
+    client = instance.client
+    opening = asyncio.ensure_future(open_stream(client.base_url, path, data, {**headers, **client.headers}))
     instance.open_requests.add(opening)
     try:
         return await opening
-    except EngineRequestError as exc:
-        raise NotSent(f"engine unreachable: {exc}") from None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise NotSent(f"engine unreachable: {type(exc).__name__}: {exc}") from None
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if instance.was_cut_off and not (current and current.cancelling()):
-            raise NotSent("cut off by drain_timeout") from None
+        _raise_if_cut_off(instance)
         raise
     finally:
         instance.open_requests.discard(opening)
 
 
-async def _read(read: Callable[[], Awaitable[bytes]]) -> bytes:
-    """Read from the engine before anything went to the client."""
+async def _head(instance: EngineInstance, stream: EngineStream) -> Head:
+    """The answer's status and headers (for a non-streamed request, llama-server sends
+    them with the whole answer)."""
     try:
-        return await read()
-    except (aiohttp.ClientError, ConnectionError) as exc:
+        return await stream.head
+    except StreamBroken as exc:
+        _raise_if_cut_off(instance)
         raise NotSent(f"engine failed before answering: {exc}") from None
 
 
-async def _first_event(upstream: aiohttp.ClientResponse) -> bytes:
+def _raise_if_cut_off(instance: EngineInstance) -> None:
+    current = asyncio.current_task()
+    if instance.was_cut_off and not (current and current.cancelling()):
+        raise NotSent("cut off by drain_timeout") from None
+
+
+async def _read(stream: EngineStream) -> bytes:
+    """Read from the engine before anything went to the client."""
+    try:
+        return await stream.read()
+    except StreamBroken as exc:
+        raise NotSent(f"engine failed before answering: {exc}") from None
+
+
+async def _whole(stream: EngineStream) -> bytes:
+    parts = []
+    while part := await _read(stream):
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _first_event(stream: EngineStream) -> bytes:
     """The stream's start, read on until its first event that is not an opening one is
     whole (or the stream ends)."""
-    chunk = await _read(upstream.content.readany)
+    chunk = await _read(stream)
     while _first_real_event(chunk) is None:
-        more = await _read(upstream.content.readany)
+        more = await _read(stream)
         if not more:
             break
         chunk += more
@@ -238,30 +263,31 @@ def _readable_error(status: int, reason: str, body: bytes) -> bytes | None:
 
 async def _relay_whole(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    head: Head,
     body: bytes,
     renamer: Renamer | None,
     started: web.StreamResponse | None,
     response_headers: Mapping[str, str],
 ) -> web.StreamResponse:
-    headers = {**upstream_headers(upstream.headers), **response_headers}
-    if upstream.status >= 400 and (readable := _readable_error(upstream.status, upstream.reason or "", body)):
+    headers = {**upstream_headers(head.headers), **response_headers}
+    if head.status >= 400 and (readable := _readable_error(head.status, head.reason, body)):
         body = readable
         headers["Content-Type"] = "application/json"
-    if upstream.status < 400 and (record := request.get(RECORD)) is not None:
+    if head.status < 400 and (record := request.get(RECORD)) is not None:
         record.read_usage(body)
     body = renamer(body) if renamer else body
     if started is not None:
         # The client already has a 200 event stream: the answer becomes an event.
         await started.write(sse_data(body))
         return started
-    return web.Response(status=upstream.status, body=body, headers=headers)
+    return web.Response(status=head.status, body=body, headers=headers)
 
 
 async def _relay_stream(
     request: web.Request,
     instance: EngineInstance,
-    upstream: aiohttp.ClientResponse,
+    stream: EngineStream,
+    head: Head,
     first: bytes,
     renamer: Renamer | None,
     started: web.StreamResponse | None,
@@ -270,16 +296,18 @@ async def _relay_stream(
     response = started
     if response is None:
         response = web.StreamResponse(
-            status=upstream.status,
-            headers={**upstream_headers(upstream.headers), **response_headers},
+            status=head.status, headers={**upstream_headers(head.headers), **response_headers}
         )
         await response.prepare(request)
     request["first_token_at"] = time.monotonic()
+    pipe = ClientPipe(request, response, stream, renamer)
     try:
-        broken, last = await _pump(upstream, response, first, renamer)
-        if (record := request.get(RECORD)) is not None and last:
-            record.read_usage(last)
-        if instance.was_cut_off:
+        broken = await pipe.run(first)
+        if (record := request.get(RECORD)) is not None and pipe.last:
+            record.read_usage(pipe.last)
+        if pipe.client_gone:
+            request["client_gone"] = True
+        elif instance.was_cut_off:
             await write_error_event(response, EngineFailed("cut off: drain_timeout passed in a swap"))
         elif broken:
             await write_error_event(response, EngineFailed(f"the engine failed mid-stream: {broken}"))
@@ -288,34 +316,87 @@ async def _relay_stream(
     return response
 
 
-async def _pump(
-    upstream: aiohttp.ClientResponse,
-    response: web.StreamResponse,
-    chunk: bytes,
-    renamer: Renamer | None,
-) -> tuple[str | None, bytes]:
-    """Copy the engine's stream to the client as it comes; why it broke off, if it did,
-    and the last chunk that reported what was generated (`usage`, llama.cpp's `timings`)."""
-    carry = last = b""
-    while chunk:
-        if b'"timings"' in chunk or b'"usage"' in chunk:
-            last = chunk
-        if renamer is None:
-            await response.write(chunk)
+class ClientPipe:
+    """The client's side of a relayed stream. Each payload the engine sends is written to
+    the client's transport as it arrives, framed as a chunk, renamed if it must be. When
+    the client reads slower than the engine writes, the engine is no longer read (its
+    connection's flow control holds it back) until the client has caught up: memory stays
+    bounded whatever the client does."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        stream: EngineStream,
+        renamer: Renamer | None,
+    ) -> None:
+        assert request.transport is not None
+        self._transport = request.transport
+        self._response = response
+        self._stream = stream
+        self._renamer = renamer
+        self._carry = b""  # a renamed stream's last line, until it is whole
+        self._backlog: list[bytes] | None = None  # payloads held while the client catches up
+        self._backlogged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.last = b""  # the last payload that reported what was generated (usage, timings)
+        self.client_gone = False
+
+    async def run(self, first: bytes) -> str | None:
+        """Relay the rest of the stream after its `first` bytes; why it broke off, if it did."""
+        await self._response.write(self._renamed(first))  # also sends the headers
+        self._stream.relay_to(self.deliver)
+        while not self._stream.ended.done():
+            waits: list[asyncio.Future[Any]] = [self._stream.ended, self._backlogged]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await self._catch_up()
+        await self._catch_up()
+        if self._carry:
+            await self._response.write(self._renamer(self._carry) if self._renamer else self._carry)
+        return None if self.client_gone else self._stream.ended.result()
+
+    def deliver(self, payload: bytes) -> None:
+        """A payload from the engine (called by its connection, as it arrives)."""
+        if b'"timings"' in payload or b'"usage"' in payload:
+            self.last = payload
+        out = self._renamed(payload)
+        if not out or self.client_gone:
+            return
+        if self._backlog is not None:
+            self._backlog.append(out)
+        elif self._transport.is_closing():
+            self.client_gone = True
+            self._stream.close()
+        elif self._transport.get_write_buffer_size() > HIGH_WATER:
+            self._stream.pause()
+            self._backlog = [out]
+            if not self._backlogged.done():
+                self._backlogged.set_result(None)
         else:
-            # Rename whole lines only: a name split across two chunks must not slip by.
-            carry += chunk
-            cut = carry.rfind(b"\n") + 1
-            if cut:
-                await response.write(renamer(carry[:cut]))
-                carry = carry[cut:]
-        try:
-            chunk = await upstream.content.readany()
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            return str(exc) or type(exc).__name__, last
-    if carry:
-        await response.write(renamer(carry) if renamer else carry)
-    return None, last
+            self._transport.write(b"%x\r\n%b\r\n" % (len(out), out))
+
+    async def _catch_up(self) -> None:
+        """Write what was held back at the client's pace (aiohttp's writer waits for it to
+        drain), then read the engine again."""
+        if self._backlog is None:
+            return
+        while self._backlog:
+            held, self._backlog = self._backlog, []
+            for out in held:
+                await self._response.write(out)
+        self._backlog = None
+        self._backlogged = asyncio.get_running_loop().create_future()
+        self._stream.resume()
+
+    def _renamed(self, payload: bytes) -> bytes:
+        """Rename whole lines only: a name split across two payloads must not slip by."""
+        if self._renamer is None:
+            return payload
+        self._carry += payload
+        cut = self._carry.rfind(b"\n") + 1
+        if not cut:
+            return b""
+        whole, self._carry = self._carry[:cut], self._carry[cut:]
+        return self._renamer(whole)
 
 
 async def write_error_event(response: web.StreamResponse, error: GatewayError) -> None:

@@ -1,0 +1,259 @@
+"""EngineStream: one request to an engine on a connection of its own, its answer read at
+the protocol level.
+
+aiohttp's client would parse every chunk of a streamed answer into a stream reader and
+wake a coroutine to copy it to the client: most of the gateway's CPU per chunk. Here the
+connection is an asyncio Protocol: `data_received` undoes the engine's chunked framing
+and hands each payload straight to a sink (the client's side, gateway/server/proxy.py).
+Until a sink is set, payloads are kept, so that the start of an answer can be read
+first (to retry a refused request before anything reached the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import cast
+
+from multidict import CIMultiDict
+from yarl import URL
+
+CONNECT_TIMEOUT = 5.0  # seconds, as the engine client's sock_connect
+MAX_HEAD = 64 * 1024  # bytes of status line and headers an engine may send
+_HEX = re.compile(rb"[0-9a-fA-F]+")
+Sink = Callable[[bytes], None]
+
+
+class StreamBroken(ConnectionError):
+    """The engine's connection failed or closed before its answer ended."""
+
+
+@dataclass(frozen=True)
+class Head:
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+
+
+class ChunkedBody:
+    """Undoes `Transfer-Encoding: chunked`, across reads split anywhere."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data = 0  # payload bytes of the current chunk still to come
+        self._crlf = 0  # bytes of the CRLF after a chunk's payload still to skip
+        self._trailers = False  # the last chunk came: skip trailers up to the blank line
+        self.done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if not (self._buffer or self._data or self._crlf or self._trailers):
+            # The usual read: exactly one whole chunk (llama-server writes one per event).
+            end = data.find(b"\r\n")
+            size = int(data[:end], 16) if 0 < end <= 8 and _HEX.fullmatch(data[:end]) else 0
+            if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
+                return [data[end + 2 : end + 2 + size]]
+        out: list[bytes] = []
+        buffer = self._buffer + data if self._buffer else data
+        while buffer and not self.done:
+            if self._data:
+                piece, buffer = buffer[: self._data], buffer[self._data :]
+                self._data -= len(piece)
+                self._crlf = 0 if self._data else 2
+                out.append(piece)
+            elif self._crlf:
+                skipped = min(self._crlf, len(buffer))
+                buffer, self._crlf = buffer[skipped:], self._crlf - skipped
+            else:
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    break
+                line, buffer = buffer[:end], buffer[end + 2 :]
+                if self._trailers:
+                    self.done = not line
+                else:
+                    self._data = int(line.split(b";", 1)[0].strip(), 16)  # ValueError: not chunked
+                    self._trailers = self._data == 0
+        self._buffer = b"" if self.done else buffer
+        return out
+
+    def ended_at_close(self) -> bool:
+        return self.done
+
+
+class LengthBody:
+    """A body of `Content-Length` bytes, or (`None`) one that ends when the connection does."""
+
+    def __init__(self, length: int | None) -> None:
+        self._left = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._left is None:
+            return [data]
+        piece = data[: self._left]
+        self._left -= len(piece)
+        self.done = self._left == 0
+        return [piece] if piece else []
+
+    def ended_at_close(self) -> bool:
+        return self.done or self._left is None
+
+
+class EngineStream(asyncio.Protocol):
+    """A request sent on a connection of its own, its answer's head, then its payloads."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.head: asyncio.Future[Head] = loop.create_future()
+        # A request cancelled before its head came never awaits it: its failure is no news.
+        self.head.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.ended: asyncio.Future[str | None] = loop.create_future()  # None: whole; else why not
+        self.transport: asyncio.Transport | None = None
+        self._raw = b""  # the head, until it is whole
+        self._body: ChunkedBody | LengthBody | None = None
+        self._sink: Sink | None = None
+        self._kept: list[bytes] = []  # payloads before a sink is set
+        self._arrived: asyncio.Future[None] = loop.create_future()  # a reader waits on it
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass of it)
+
+    def data_received(self, data: bytes) -> None:
+        if self._body is None:
+            data = self._read_head(data)
+            if self._body is None:
+                return
+        try:
+            payloads = self._body.feed(data)
+        except ValueError:
+            self._fail("a chunked body that does not parse")
+            return
+        for payload in payloads:
+            if self._sink is not None:
+                self._sink(payload)
+            else:
+                self._kept.append(payload)
+                self._wake()
+        if self._body.done:
+            self._end(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        why = f"{type(exc).__name__}: {exc}" if exc else "the engine closed the connection"
+        if not self.head.done():
+            self.head.set_exception(StreamBroken(f"before its answer: {why}"))
+        self._end(None if self._body is not None and self._body.ended_at_close() else why)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def read(self) -> bytes:
+        """The payloads that came since the last read (waits for one; b"" at the end)."""
+        while not self._kept and not self.ended.done():
+            self._arrived = asyncio.get_running_loop().create_future()
+            await self._arrived
+        if not self._kept and self.ended.result() is not None:
+            raise StreamBroken(self.ended.result())
+        kept, self._kept = self._kept, []
+        return b"".join(kept)
+
+    def relay_to(self, sink: Sink) -> None:
+        """From now on every payload goes to `sink` as it arrives."""
+        assert not self._kept, "read what came first"
+        self._sink = sink
+
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close the connection: the engine stops working on the request."""
+        if self.transport is not None:
+            self.transport.close()
+        self._end("closed by the gateway")
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _read_head(self, data: bytes) -> bytes:
+        self._raw += data
+        end = self._raw.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._raw) > MAX_HEAD:
+                self._fail(f"an answer head over {MAX_HEAD} bytes")
+            return b""
+        try:
+            head = _parse_head(self._raw[:end])
+        except ValueError as exc:
+            self._fail(f"an answer head that is not HTTP: {exc}")
+            return b""
+        rest, self._raw = self._raw[end + 4 :], b""
+        chunked = "chunked" in head.headers.get("Transfer-Encoding", "").lower()
+        length = head.headers.get("Content-Length")
+        self._body = ChunkedBody() if chunked else LengthBody(int(length) if length else None)
+        self.head.set_result(head)
+        return rest
+
+    def _fail(self, why: str) -> None:
+        if not self.head.done():
+            self.head.set_exception(StreamBroken(why))
+        self._end(why)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _end(self, why: str | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(why)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._arrived.done():
+            self._arrived.set_result(None)
+
+
+def _parse_head(raw: bytes) -> Head:
+    status_line, *lines = raw.decode("latin-1").split("\r\n")
+    version, code, *reason = status_line.split(" ", 2)
+    if not version.startswith("HTTP/1."):
+        raise ValueError(status_line[:80])
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError(line[:80])
+        headers.add(name.strip(), value.strip())
+    return Head(int(code), reason[0] if reason else "", headers)
+
+
+async def open_stream(base_url: str, path: str, data: bytes, headers: Mapping[str, str]) -> EngineStream:
+    """Connect to the engine and send the request (raises OSError or TimeoutError when
+    the connection cannot be made)."""
+    url = URL(base_url)
+    host, port = url.host or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
+    context = ssl.create_default_context() if url.scheme == "https" else None
+    stream = EngineStream()
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        await asyncio.get_running_loop().create_connection(lambda: stream, host, port, ssl=context)
+    target = url.path.rstrip("/") + path
+    lines = [
+        f"POST {target} HTTP/1.1",
+        f"Host: {url.raw_authority}",
+        f"Content-Length: {len(data)}",
+        "Connection: close",  # one request per connection: its end is the answer's end
+        *(f"{name}: {value}" for name, value in headers.items() if name.lower() not in _SET_HERE),
+    ]
+    if any("\r" in line or "\n" in line for line in lines):
+        raise ValueError("a header with a line break")  # the engine must never see a split header
+    assert stream.transport is not None
+    # aiohttp reads header bytes as UTF-8 with surrogate escapes: this writes them back as they came.
+    stream.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + data)
+    return stream
+
+
+_SET_HERE = frozenset({"host", "content-length", "connection", "transfer-encoding"})
