@@ -38,7 +38,8 @@ def new_session(reuse: bool) -> aiohttp.ClientSession:
 
     llama-server closes idle keep-alive connections after 5 s and after streamed answers
     although it offers keep-alive, so a reused connection can be dead. Idempotent calls
-    reuse connections (kept for 2 s) and retry once; completions get a fresh connection.
+    reuse connections (kept for 2 s) and retry once; a health probe that must see a
+    frozen engine gets a fresh connection.
     """
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
@@ -62,7 +63,7 @@ class EngineClient:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self._pooled = pooled  # for idempotent calls: health, tokenize, templates
-        self._fresh = fresh  # for completions: a new connection each
+        self._fresh = fresh  # for probes that need a connection of their own
         self.base_url = base_url
         self.health_path = health_path  # answered 200 when the engine is ready
         self.headers = dict(headers or {})  # sent with every call (an upstream's key)
@@ -107,7 +108,7 @@ class EngineClient:
     async def _json(self, method: str, path: str, body: Mapping[str, Any] | None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        resp = await self.open(method, path, data, headers)
+        resp = await self._open(method, path, data, headers)
         async with resp:
             try:
                 text = await resp.text()
@@ -120,20 +121,18 @@ class EngineClient:
             except ValueError as exc:
                 raise EngineRequestError(f"{method} {path}: not JSON: {text[:200]}") from exc
 
-    async def open(
-        self, method: str, path: str, data: bytes | None, headers: Mapping[str, str], idempotent: bool = True
+    async def _open(
+        self, method: str, path: str, data: bytes | None, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
-        """Send a request and return the response with its body unread. An idempotent
-        call whose pooled connection turned out dead is sent once more; any other gets
-        a connection of its own and is never re-sent here (the engine may have taken it)."""
-        session = self._pooled if idempotent else self._fresh
+        """Send an idempotent call and return the response with its body unread; one whose
+        pooled connection turned out dead is sent once more. (Completions go out on
+        connections of their own: gateway/engine/stream.py.)"""
         try:
-            return await self._request(session, method, path, data, headers)
-        except _RETRYABLE as exc:
-            if not idempotent:
-                raise EngineRequestError(f"{method} {path}: {exc}") from exc
+            return await self._request(self._pooled, method, path, data, headers)
+        except _RETRYABLE:
+            pass
         try:
-            return await self._request(session, method, path, data, headers)
+            return await self._request(self._pooled, method, path, data, headers)
         except _RETRYABLE as exc:
             raise EngineRequestError(f"{method} {path}: {exc}") from exc
 
