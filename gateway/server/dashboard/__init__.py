@@ -41,7 +41,7 @@ class Dashboard:
     async def _start(self, app: web.Application) -> None:
         self._log = LiveLog(self._live)
         self._log.attach()
-        self._following = asyncio.create_task(self._kept.follow(), name="dashboard-kept")
+        self._following = asyncio.create_task(self._kept.keep_up(), name="dashboard-kept")
 
     async def _stop(self, app: web.Application) -> None:
         if self._log is not None:
