@@ -247,6 +247,7 @@ def test_the_page_follows_requests_swaps_and_unloads_live(
     assert gateway.engine("tiny")["variant"]["context"] == 2048
 
     assert page.problems() == []
+    assert len({card.rect["y"] for card in page.find("article.card")}) == 1, "the cards stand side by side"
     page.screenshot("desktop", DESKTOP)
     page.screenshot("phone", PHONE)
     print(f"activity row shown {row_after * 1000:.0f} ms after the answer")
@@ -291,3 +292,5 @@ def test_the_page_asks_for_the_key_and_refuses_a_wrong_one(
     assert not page.shown("#key-form")
     assert browser.execute_script("return sessionStorage.length") == 1
     assert "sk-" not in browser.current_url and "sk-admin-1" not in gateway.log()
+    refused = page.problems()  # the tries with the wrong keys, and nothing else
+    assert refused and all("401" in problem and "/gateway/events" in problem for problem in refused), refused
