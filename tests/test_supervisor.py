@@ -836,14 +836,57 @@ async def test_shutdown_waits_for_the_lease_then_stops_the_engine(harness: Harne
     assert sup._task is not None and sup._task.done()
 
 
-async def test_shutdown_during_a_start_aborts_it(harness: Harness) -> None:
+async def test_shutdown_serves_what_waits_for_a_running_engine_first(harness: Harness) -> None:
+    """Nothing queued is lost: a request waiting for room on a running engine is served
+    during the shutdown's drain; one that needs an engine started gets 503 at once."""
+    sup, fx = harness.sup, harness.fx
+    _, first = ask(sup, "a", tokens=300, reserve=100)
+    await until(lambda: len(fx.starts) == 1)
+    a_engine = fx.starts[0].succeed(kv_budget=600)  # room for one such request at a time
+    await until(first.done)
+    _, queued_a = ask(sup, "a", tokens=300, reserve=100)
+    _, queued_b = ask(sup, "b")
+    await handled(sup, queued_a, queued_b)
+    assert not queued_a.done()
+    closing = asyncio.ensure_future(sup.shutdown())
+    await until(queued_b.done)
+    error = queued_b.exception()
+    assert isinstance(error, Unavailable) and error.headers.get("Retry-After")
+    assert not queued_a.done() and state_of(sup) == "ready"
+
+    sup.release(first.result(), served=True)
+    await until(queued_a.done)
+    assert queued_a.result().instance is a_engine  # served on the running engine
+    assert not closing.done()
+    sup.release(queued_a.result(), served=True)
+    await asyncio.wait_for(closing, 1.0)
+    assert fx.stops == [a_engine] and state_of(sup) == "idle"
+
+
+async def test_shutdown_during_a_start_serves_the_request_it_is_for(harness: Harness) -> None:
     sup, fx = harness.sup, harness.fx
     _, task = ask(sup, "a")
     await until(lambda: len(fx.starts) == 1)
     closing = asyncio.ensure_future(sup.shutdown())
+    await handled(sup)
+    assert not fx.starts[0].cancelled and not task.done()
+    engine = fx.starts[0].succeed()
+    await until(task.done)
+    assert task.result().instance is engine
+    sup.release(task.result(), served=True)
+    await asyncio.wait_for(closing, 1.0)
+    assert fx.stops == [engine]
+
+
+async def test_shutdown_during_a_start_nobody_waits_for_aborts_it(harness: Harness) -> None:
+    sup, fx = harness.sup, harness.fx
+    variant = sup.config.models[0].variants[0]
+    loading = sup.load(variant)
+    await until(lambda: len(fx.starts) == 1)
+    closing = asyncio.ensure_future(sup.shutdown())
     await until(lambda: fx.starts[0].cancelled)
     await asyncio.wait_for(closing, 1.0)
-    assert isinstance(task.exception(), Unavailable)
+    assert isinstance(loading.exception(), Unavailable)
     assert transitions(sup) == ["idle->starting", "starting->stopping", "stopping->idle"]
 
 

@@ -323,7 +323,7 @@ class Supervisor:
         if pending.future.done():
             return  # cancelled before it got here
         if self._shutdown is not None:
-            pending.future.set_exception(Unavailable("the gateway is shutting down"))
+            pending.future.set_exception(_shutting_down())
         elif pending.model.name in self._unreachable:
             self._count("rejected_unreachable", pending.model.name)
             pending.future.set_exception(self._unreachable_error(pending.model.name))
@@ -411,12 +411,16 @@ class Supervisor:
                 slot.resume("the requests that needed the drain are gone")
         for model in excess(self._views(), self._limits()):
             self._drain(self.slots[model], "over max_engines or memory_budget after a config reload", False)
+        self._apply(self._answered_plan())
+        self._settle()
+
+    def _answered_plan(self) -> Plan:
+        """The plan once what can never be served has its answer (again, until nothing is)."""
         decision = self._plan(self._waiting())
         while decision.rejects or decision.unfit or decision.unfit_loads:
             self._answer(decision)
             decision = self._plan(self._waiting())
-        self._apply(decision)
-        self._settle()
+        return decision
 
     def _plan(self, waiting: list[Waiting], views: dict[str, EngineView] | None = None) -> Plan:
         now = time.monotonic()
@@ -445,6 +449,12 @@ class Supervisor:
     def _apply(self, decision: Plan) -> None:
         """Grants first (on ready engines), then the start the plan asks for, or the
         evictions that make room for it."""
+        self._grant(decision)
+        if decision.start is not None:
+            self._start_or_make_room(decision.start)
+
+    def _grant(self, decision: Plan) -> None:
+        """The plan's grants on ready engines, and the erases of idle slots a grant needs."""
         for item, selection in decision.grants:
             pending = self.scheduler.by_seq(item.seq)
             slot = self.slots[pending.model.name]
@@ -463,8 +473,6 @@ class Supervisor:
                 self._count("idle_slot_clears", model)
                 log.info("erase the idle slots of %s: they may keep %d tokens", model, sum(slot.residue))
             slot.clear_idle_slots(self._effects)
-        if decision.start is not None:
-            self._start_or_make_room(decision.start)
 
     def _start_or_make_room(self, start: Start) -> None:
         variant = start.variant
@@ -911,7 +919,7 @@ class Supervisor:
 
     def _load(self, variant: Variant, done: asyncio.Future[None]) -> None:
         if self._shutdown is not None:
-            done.set_exception(Unavailable("the gateway is shutting down"))
+            done.set_exception(_shutting_down())
             return
         previous = self._wanted.get(variant.model)
         if previous is not None and previous.variant == variant:
@@ -993,15 +1001,30 @@ class Supervisor:
                 unload.done.set_result(None)
 
     def _begin_shutdown(self, done: asyncio.Future[None]) -> None:
+        """No engine starts any more; those running serve what waits for them first
+        (see _continue_shutdown)."""
         self._shutdown = done
         for name in list(self._wanted):
-            self._wanted.pop(name).answer(Unavailable("the gateway is shutting down"))
-        self.scheduler.fail_waiters(Unavailable("the gateway is shutting down"))
+            self._wanted.pop(name).answer(_shutting_down())
         if self._retry is not None:
             self._retry.cancel()
         for slot in self.slots.values():
             slot.cancel(Timer.IDLE)
-            self._wind_down(slot, "shutdown")
+            if isinstance(slot.phase, Draining):
+                slot.phase.resumable = False  # no `resume` may undo it now
+
+    def _served_soon(self, pending: PendingRequest) -> bool:
+        """Whether the model's engine serves the request once it has room: it is ready
+        and large enough, or starting the variant the request needs."""
+        slot = self.slots.get(pending.model.name)
+        if slot is None:
+            return False
+        instance, needs = slot.ready, self._needs(pending)
+        if instance is not None:
+            return self._selector().select(needs, pending.model, _running(instance)).outcome is Outcome.REUSED
+        if isinstance(slot.phase, Starting):
+            return self._selector().select(needs, pending.model, None).variant == slot.phase.variant
+        return False
 
     def _wind_down(self, slot: EngineSlot, reason: str) -> None:
         """Bring an engine down for good: drain it, keep a drain going, or cut a start."""
@@ -1013,9 +1036,23 @@ class Supervisor:
             slot.abort(reason)
 
     def _continue_shutdown(self) -> None:
+        """After every event while shutting down:
+
+        1. Waiting requests a running engine, or one already starting, serves are granted
+           as ever: nothing queued is lost. Those it cannot serve (their model runs no
+           engine, or one too small) get 503 now: no other engine starts any more.
+        2. Engines no request waits for are drained (or their start cut short); drained
+           engines with nothing at work are stopped.
+        3. Once every engine is down, the shutdown is answered.
+        """
+        self._grant(self._answered_plan())
+        self.scheduler.fail_waiters(_shutting_down(), lambda pending: not self._served_soon(pending))
         for slot in self.slots.values():
-            if slot.ready is not None:  # ready while the shutdown began (a start that ended)
+            waited_for = self.scheduler.queued_for(slot.model) > 0
+            if slot.ready is not None and not waited_for:
                 self._drain(slot, "shutdown", resumable=False)
+            elif isinstance(slot.phase, Starting) and not waited_for:
+                slot.abort("shutdown")
             if isinstance(slot.phase, Draining) and not self._at_work(slot):
                 self._stop(slot, "shutdown: no request in flight")
         if all(not s.active for s in self.slots.values()) and self._shutdown and not self._shutdown.done():
@@ -1074,6 +1111,11 @@ class Supervisor:
 
 
 _RUNNING = (EngineState.READY, EngineState.DRAINING)
+
+
+def _shutting_down() -> Unavailable:
+    """A load balancer in front sends a retry to another gateway."""
+    return Unavailable("the gateway is shutting down", headers={"Retry-After": "1"})
 
 
 def _retrieved(done: asyncio.Future[None]) -> None:
