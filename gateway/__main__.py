@@ -107,9 +107,12 @@ async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int
         await server.stop(announce=False)
         return EXIT_LISTEN
     signalled = await stop
+    hurry = asyncio.Event()  # a second SIGTERM or SIGINT: skip what is left of the delay
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
     # SIGTERM (systemd, Kubernetes) announces the shutdown to a load balancer first;
     # Ctrl-C at a terminal stops at once.
-    await server.stop(announce=signalled == signal.SIGTERM)
+    await server.stop(announce=signalled == signal.SIGTERM, hurry=hurry)
     return EXIT_OK
 
 

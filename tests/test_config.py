@@ -1466,3 +1466,8 @@ def test_bad_prompt_cache_settings_are_refused(tmp_path: Path, value: str, words
     message = load_error(write(tmp_path, f"server = {{ prompt_cache = {value} }}\nmodels = {{ {MODEL} }}"))
     for word in words:
         assert word in message, message
+
+
+def test_a_shutdown_delay_is_bounded(tmp_path: Path) -> None:
+    message = load_error(write(tmp_path, f"server = {{ shutdown_delay = 1e300 }}\nmodels = {{ {MODEL} }}"))
+    assert "server.shutdown_delay: must be at most 600 seconds" in message

@@ -71,3 +71,30 @@ def test_a_stream_that_waits_for_a_swap_names_its_model(start_gateway, tiny_mode
         assert resp.headers["X-Gateway-Model"] == "tiny-b"
         assert resp.read().decode().startswith(": waiting for model tiny-b\n\n")
     holder.join(30)
+
+
+def test_a_second_signal_cuts_the_delay_short(start_gateway, tiny_models) -> None:
+    """An operator who sends SIGTERM again (or Ctrl-C) does not wait out the delay."""
+    gateway = start_gateway(tiny_model_config(tiny_models), shutdown_delay=600)
+    gateway.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: health(gateway).status == 503, interval=0.01)
+    gateway.process.send_signal(signal.SIGINT)
+    assert gateway.process.wait(20) == 0
+    assert "a second signal ends the delay early" in gateway.log()
+
+
+def test_requests_queued_at_the_shutdown_are_served(start_gateway, tiny_models) -> None:
+    """Requests waiting in the queue for the running engine when the gateway stops are
+    served during its drain, not refused."""
+    gateway = start_gateway(tiny_model_config(tiny_models, variants=[{"context": 2048}, {"context": 8192}]))
+    answers: list[Response] = []
+    body = {"max_tokens": 300, "ignore_eos": True}
+    threads = [threading.Thread(target=lambda: answers.append(chat(gateway, **body))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: gateway.state()["queued"]["count"] >= 2, interval=0.002)
+    gateway.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(60)
+    assert [a.status for a in answers] == [200] * 8, [a.body for a in answers if a.status != 200]
+    assert gateway.process.wait(30) == 0

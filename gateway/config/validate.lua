@@ -436,6 +436,10 @@ local function prompt_cache(path, v)
   return out
 end
 
+-- Seconds /health answers 503 before the listening sockets close: a load balancer's few
+-- health checks need seconds; more is a typo that would hold every stop up.
+local SHUTDOWN_DELAY_MAX = 600
+
 local function validate_server(s)
   if s == nil then s = {} end
   check_type("server", s, "table")
@@ -475,6 +479,9 @@ local function validate_server(s)
   out.prompt_cache = prompt_cache("server.prompt_cache", s.prompt_cache)
   out.shutdown_delay = non_negative_number("server.shutdown_delay",
     s.shutdown_delay or server_defaults.shutdown_delay)
+  if out.shutdown_delay > SHUTDOWN_DELAY_MAX then
+    fail("server.shutdown_delay", "must be at most %d seconds (got %s)", SHUTDOWN_DELAY_MAX, show(s.shutdown_delay))
+  end
   out.api_keys = api_keys("server.api_keys", s.api_keys)
   if s.admin_key ~= nil then out.admin_key = non_empty_string("server.admin_key", s.admin_key) end
   out.preload = s.preload

@@ -161,18 +161,22 @@ class GatewayServer:
         )
         return bound
 
-    async def stop(self, announce: bool = True) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), stop the engines.
+    async def stop(self, announce: bool = True, hurry: asyncio.Event | None = None) -> None:
+        """Stop accepting, let in-flight and queued requests finish (bounded), stop the engines.
 
         With `announce`, /health first answers 503 for server.shutdown_delay seconds while
         every request is still served, so that a load balancer stops sending before the
-        listening sockets close.
+        listening sockets close; `hurry` set (a second signal) ends that delay early.
         """
         self.leaving = True
         delay = self.config.server.shutdown_delay if announce else 0.0
         if delay > 0:
             log.info("shutting down: /health answers 503; still serving for %gs", delay)
-            await asyncio.sleep(delay)
+            hurried = asyncio.ensure_future((hurry or asyncio.Event()).wait())
+            done, _ = await asyncio.wait([hurried], timeout=delay)
+            hurried.cancel()
+            if done:
+                log.info("shutting down: a second signal ends the delay early")
         log.info("shutting down: no new connections; draining")
         if self._reloads is not None:
             self._reloads.cancel()  # a config still running would hold up the exit
