@@ -26,3 +26,21 @@ async def test_a_deep_body_with_a_lone_surrogate_is_a_400_at_any_depth(depth: in
     raw = b'{"a":' + b"[" * depth + b'"\\ud800"' + b"]" * depth + b"}"
     with pytest.raises(InvalidRequest):
         await read_json_object(_Body(raw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("body", "refused"),
+    [
+        (b'{"model":"a","messages":[],"model":"b"}', True),
+        (b'{"model":"a","tools":[{"model":"x"},{"model":"y"}]}', False),  # nested ones are theirs
+        (b'{"model":"a","messages":[{"content":"\\"model\\" and \\"model\\""}]}', False),
+    ],
+)
+async def test_a_body_naming_model_twice_is_refused(body: bytes, refused: bool) -> None:
+    if refused:
+        with pytest.raises(InvalidRequest, match="more than once") as info:
+            await read_json_object(_Body(body))  # type: ignore[arg-type]
+        assert info.value.param == "model"
+    else:
+        parsed, _ = await read_json_object(_Body(body))  # type: ignore[arg-type]
+        assert parsed["model"] == "a"

@@ -40,9 +40,25 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bytes]
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    if raw.count(b'"model"') > 1 and _names_model_twice(raw):
+        raise InvalidRequest(
+            "the request body names 'model' more than once (a load balancer in front may read "
+            "the first, the gateway reads the last)",
+            param="model",
+        )
     if lone:
         raise InvalidRequest("the request body is not valid Unicode: it escapes a lone surrogate")
     return body, raw
+
+
+def _names_model_twice(raw: bytes) -> bool:
+    """Whether the top-level object has two `model` keys (parsed again only when the bytes
+    say it may: nested objects may have a "model" key of their own)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        return {"model twice": [key for key, _ in items].count("model") > 1}
+
+    return bool(json.loads(raw.decode("utf-8-sig"), object_pairs_hook=pairs)["model twice"])
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # cheap; only then is the body checked
