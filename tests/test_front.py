@@ -86,7 +86,11 @@ def test_words_are_quoted_when_they_need_it(text: str, written: str) -> None:
 
 def test_the_config_routes_by_model_balances_and_limits_per_gateway() -> None:
     text = render([A, B], FrontSettings())
-    assert "    use_backend model_llama if { var(txn.model) -m str llama llama-chat }\n" in text
+    assert (
+        "    acl model_llama var(txn.model) -m str -- llama\n"
+        "    acl model_llama var(txn.model) -m str -- llama-chat\n"
+    ) in text
+    assert "    use_backend model_llama if model_llama\n" in text
     assert "    default_backend gateways\n" in text
     assert "    server 10.0.0.2:7777 10.0.0.2:7777 check maxconn 64\n" in text
     assert "    server 10.0.0.2:7777 10.0.0.2:7777 track gateways/10.0.0.2:7777 maxconn 64\n" in text
@@ -138,6 +142,10 @@ def test_bad_command_lines_are_refused(argv: list[str]) -> None:
 
 
 ODD = gateway("10.0.0.3", 'it\'s a "model" #1', "модель", ("$HOME", "модель"), "x\ty")
+# Words HAProxy reads as flags or syntax where a pattern is expected.
+FLAGS = gateway("10.0.0.5", "-i", ("-f", "-i"), "--", "}", "{", "-m", "-n", "if", "!", "||", "or", "-u")
+# One model with 60 names: HAProxy reads at most 64 words a line.
+MANY = gateway("10.0.0.6", "many", *((f"many-{i}", "many") for i in range(59)))
 SHAPES = {
     "one gateway": ([A], FrontSettings()),
     "shared model": ([A, B], FrontSettings()),
@@ -145,6 +153,8 @@ SHAPES = {
     "every address": ([A, B], FrontSettings(listen=(("", 8080),))),
     "ipv6 and ipv4": ([A], FrontSettings(listen=(("::", 8080), ("127.0.0.1", 8081)))),
     "odd model names": ([A, ODD], FrontSettings()),
+    "names that look like flags": ([A, FLAGS], FrontSettings()),
+    "a model with 60 names": ([A, MANY], FrontSettings()),
     "no models": ([gateway("10.0.0.4")], FrontSettings()),
     "host names": ([gateway("gpu-a.example"), gateway("gpu-b.example", "llama")], FrontSettings()),
     "large bodies": ([A, B], FrontSettings(max_body=64 * 1024 * 1024, timeout=3600)),

@@ -30,6 +30,7 @@ class StandIn:
     models: list[str]
     key: str | None = None
     up: bool = True
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> the model it names
     server: ThreadingHTTPServer = field(init=False)
 
     @property
@@ -62,7 +63,15 @@ def handler_for(gw: StandIn) -> type[BaseHTTPRequestHandler]:
             elif self.refused():
                 return
             elif self.path == "/v1/models":
-                entries = [{"id": m, "object": "model", "context_length": 2048} for m in gw.models]
+                entries = [
+                    {
+                        "id": m,
+                        "object": "model",
+                        "context_length": 2048,
+                        "meta": {"alias_of": gw.aliases.get(m)},
+                    }
+                    for m in gw.models
+                ]
                 self.answer(200, {"object": "list", "data": entries, "from": gw.host})
             elif self.path == "/gateway/models":
                 self.answer(200, {"models": [], "queue_limit": 8, "shutdown_delay": 2})
@@ -87,8 +96,10 @@ def handler_for(gw: StandIn) -> type[BaseHTTPRequestHandler]:
 def stand_ins() -> Iterator[Callable[..., StandIn]]:
     running: list[StandIn] = []
 
-    def start(host: str, *models: str, key: str | None = None) -> StandIn:
-        gw = StandIn(host, list(models), key)
+    def start(
+        host: str, *models: str, key: str | None = None, aliases: dict[str, str] | None = None
+    ) -> StandIn:
+        gw = StandIn(host, list(models), key, aliases=aliases or {})
         gw.server = ThreadingHTTPServer((host, 0), handler_for(gw))
         threading.Thread(target=gw.server.serve_forever, daemon=True).start()
         running.append(gw)
@@ -136,6 +147,26 @@ def test_odd_model_names_reach_the_gateway_serving_them(front, stand_ins) -> Non
     for model, host in zip(odd, ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"], strict=True):
         status, said = ask(proxy, model)
         assert (status, said["served_by"], said["model"]) == (200, host, model)
+
+
+def test_names_haproxy_reads_as_flags_route_to_their_gateway_and_no_pattern_file_is_read(
+    front, stand_ins, tmp_path
+) -> None:
+    patterns = tmp_path / "patterns"
+    patterns.write_text("secret\n")
+    a = stand_ins("127.0.0.2", "-i", "--", "-m", "if")
+    # `-f` first, then its alias: written as patterns, `-f PATH` would read the file.
+    b = stand_ins("127.0.0.3", "-f", str(patterns), "}", "-n", aliases={str(patterns): "-f"})
+    proxy = front([a, b])
+    for gw in (a, b):
+        for model in gw.models:
+            status, said = ask(proxy, model)
+            assert (status, said["served_by"], said["model"]) == (200, gw.host, model)
+    answer = proxy.request("POST", "/v1/chat/completions?probe=secret", {"model": "secret", "messages": []})
+    assert answer.status == 404
+    # HAProxy's log names the backend: the one of every gateway, not model_-f's.
+    logged = wait_until(lambda: [line for line in proxy.log().splitlines() if "probe=secret" in line])
+    assert " llm gateways/" in logged[0], logged
 
 
 def test_an_unknown_model_gets_a_gateways_own_404(front, stand_ins) -> None:

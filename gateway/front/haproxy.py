@@ -193,13 +193,20 @@ def _frontend(routes: list[Backend], models: dict[str, Any], settings: FrontSett
         "    http-request set-var(txn.model_list) bool(true) if METH_GET { path /v1/models }",
         "    http-response return status 200 content-type application/json string "
         f"{json_word(models)} if {{ var(txn.model_list) -m bool }} {{ status 200 }}",
-        *(
-            f"    use_backend {route.name} if {{ var(txn.model) -m str {' '.join(map(word, route.names))} }}"
-            for route in routes
-        ),
+        *(line for route in routes for line in _route(route)),
         "    # No model, or one no gateway serves: any gateway answers (400, or 404 in OpenAI's shape).",
         f"    default_backend {ALL_GATEWAYS}",
     )
+
+
+def _route(route: Backend) -> list[str]:
+    """One acl line per name (lines of one acl name are ORed): a model may have more
+    names than HAProxy reads words on a line (64). `--` ends the flags, so a name such
+    as `-i` or `-f` is a pattern, not a flag (`-f PATH` would read a pattern file)."""
+    return [
+        *(f"    acl {route.name} var(txn.model) -m str -- {word(name)}" for name in route.names),
+        f"    use_backend {route.name} if {route.name}",
+    ]
 
 
 def _bind(host: str, port: int) -> str:
