@@ -17,7 +17,7 @@ import pytest
 from gateway.demo.harness import free_port
 from gateway.front import cli
 from gateway.front.haproxy import DEFAULT_MAX_BODY
-from tests.conftest import Gateway, wait_until
+from tests.conftest import Gateway, Response, wait_until
 
 KEY = "sk-front-test"
 
@@ -31,6 +31,7 @@ class StandIn:
     key: str | None = None
     up: bool = True
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> the model it names
+    seen: list[str] = field(default_factory=list)  # "METHOD /path" of each request that arrived
     server: ThreadingHTTPServer = field(init=False)
 
     @property
@@ -58,6 +59,7 @@ def handler_for(gw: StandIn) -> type[BaseHTTPRequestHandler]:
             return False
 
         def do_GET(self) -> None:
+            gw.seen.append(f"GET {self.path}")
             if self.path == "/health":
                 self.answer(200 if gw.up else 503, {"status": "ok" if gw.up else "shutting down"})
             elif self.refused():
@@ -79,6 +81,7 @@ def handler_for(gw: StandIn) -> type[BaseHTTPRequestHandler]:
                 self.answer(404, {"error": {"message": "no such endpoint"}})
 
         def do_POST(self) -> None:
+            gw.seen.append(f"POST {self.path}")
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.refused():
                 return
@@ -173,6 +176,52 @@ def test_an_unknown_model_gets_a_gateways_own_404(front, stand_ins) -> None:
     proxy = front([stand_ins("127.0.0.2", "tiny")])
     status, said = ask(proxy, "nope")
     assert status == 404 and said["error"]["code"] == "model_not_found"
+
+
+# Operators' endpoints, also as the gateways read them once %-escapes are decoded.
+OPERATIONS = [
+    "GET /gateway/state",
+    "GET /gateway/models",
+    "GET /gateway/logs",
+    "GET /gateway/events",
+    "GET /gateway/ui",
+    "GET /metrics",
+    "POST /gateway/load",
+    "POST /gateway/unload",
+    "POST /gateway/reload",
+    "GET /%67ateway/state",
+    "GET /%6detrics",
+    "GET /metrics?name=x",
+]
+
+
+def operate(front: Gateway, request: str) -> Response:
+    method, path = request.split()
+    return front.request(method, path, raw=b"{}" if method == "POST" else None)
+
+
+def test_operators_endpoints_are_refused_by_the_front(front, stand_ins) -> None:
+    gw = stand_ins("127.0.0.2", "tiny")
+    proxy = front([gw])
+    gw.seen.clear()  # what the command asked
+    for request in OPERATIONS:
+        answer = operate(proxy, request)
+        assert answer.status == 403, request
+        error = answer.json()["error"]
+        assert sorted(error) == ["code", "message", "param", "type"]
+        assert (error["type"], error["code"]) == ("permission_error", "operations_not_exposed")
+    assert not [seen for seen in gw.seen if "/health" not in seen]
+    assert ask(proxy, "tiny")[0] == 200 and proxy.request("GET", "/v1/models").status == 200
+
+
+def test_expose_operations_lets_them_through(front, stand_ins) -> None:
+    gw = stand_ins("127.0.0.2", "tiny")
+    proxy = front([gw], "--expose-operations")
+    gw.seen.clear()
+    assert operate(proxy, "GET /gateway/models").status == 200
+    for request in OPERATIONS:
+        operate(proxy, request)
+    assert [seen for seen in gw.seen if "/health" not in seen] == [OPERATIONS[1], *OPERATIONS]
 
 
 def model_last(size: int, model: str) -> bytes:

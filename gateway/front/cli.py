@@ -112,6 +112,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "first byte about 1.7 us per KiB over 112 KiB)",
     )
     parser.add_argument(
+        "--expose-operations",
+        action="store_true",
+        help="pass /gateway/* (state, logs, load, unload, reload, the dashboard) and /metrics "
+        "on to a gateway; by default the front answers them 403, as each would reach one "
+        "gateway picked at random",
+    )
+    parser.add_argument(
         "--allow-missing",
         action="store_true",
         help="leave out gateways that do not answer (reported) instead of failing",
@@ -137,7 +144,7 @@ def main(argv: list[str]) -> int:
         say("--allow-missing leaves out the gateways that do not answer")
         return EXIT_MISSING
     listen = tuple(args.listen or FrontSettings().listen)
-    settings = FrontSettings(listen, args.sticky, args.timeout, args.max_body)
+    settings = FrontSettings(listen, args.sticky, args.timeout, args.max_body, args.expose_operations)
     sys.stdout.write(render(found, settings, shlex.join(["llm-gateway", "front", *argv])))
     routes = backends(found)
     shared = sum(len(r.gateways) > 1 for r in routes)

@@ -33,6 +33,7 @@ class FrontSettings:
     sticky: str | None = None  # a request header whose value picks the gateway (consistent hashing)
     timeout: int = 600  # seconds a generation may go without a byte (queueing, long answers)
     max_body: int = DEFAULT_MAX_BODY  # bytes of request body HAProxy reads to find the model
+    expose_operations: bool = False  # pass /gateway/* and /metrics on to a gateway
 
     def __post_init__(self) -> None:
         if self.sticky is not None and not is_header_name(self.sticky):
@@ -183,6 +184,7 @@ def _frontend(routes: list[Backend], models: dict[str, Any], settings: FrontSett
     return _lines(
         "frontend llm",
         *(f"    bind {_bind(host, port)}" for host, port in settings.listen),
+        *(() if settings.expose_operations else _refuse_operations()),
         "    http-request set-var(txn.model) req.body,json_query('$.model') if METH_POST",
         "    http-request set-var(txn.body_size) req.body_size if METH_POST",
         "    acl body_cut req.body_len,sub(txn.body_size) lt 0",
@@ -196,6 +198,21 @@ def _frontend(routes: list[Backend], models: dict[str, Any], settings: FrontSett
         *(line for route in routes for line in _route(route)),
         "    # No model, or one no gateway serves: any gateway answers (400, or 404 in OpenAI's shape).",
         f"    default_backend {ALL_GATEWAYS}",
+    )
+
+
+def _refuse_operations() -> tuple[str, ...]:
+    refused = openai_error(
+        "permission_error",
+        "operations_not_exposed",
+        "the front does not pass on operators' endpoints (/gateway/..., /metrics): each would "
+        "answer for, or act on, one gateway picked at random; ask each gateway directly",
+    )
+    return (
+        "    # Operators' endpoints (state, logs, load/unload/reload, the dashboard, metrics) would",
+        "    # reach one gateway picked at random. Matched decoded: the gateways decode %-escapes.",
+        "    http-request return status 403 content-type application/json string "
+        f"{json_word(refused)} if {{ path,url_dec -m beg /gateway/ /metrics }}",
     )
 
 
