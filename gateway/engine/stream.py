@@ -12,7 +12,9 @@ first (to retry a refused request before anything reached the client).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -238,8 +240,21 @@ async def open_stream(base_url: str, path: str, data: bytes, headers: Mapping[st
     host, port = url.host or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
     context = ssl.create_default_context() if url.scheme == "https" else None
     stream = EngineStream()
+    loop = asyncio.get_running_loop()
     async with asyncio.timeout(CONNECT_TIMEOUT):
-        await asyncio.get_running_loop().create_connection(lambda: stream, host, port, ssl=context)
+        if _is_ip(host) and context is None:
+            # An address needs no lookup (uvloop would still ask a resolver thread: ~2 ms).
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, (host, port))
+            except BaseException:
+                sock.close()
+                raise
+            await loop.create_connection(lambda: stream, sock=sock)
+        else:
+            await loop.create_connection(lambda: stream, host, port, ssl=context)
     target = url.path.rstrip("/") + path
     lines = [
         f"POST {target} HTTP/1.1",
@@ -254,6 +269,14 @@ async def open_stream(base_url: str, path: str, data: bytes, headers: Mapping[st
     # aiohttp reads header bytes as UTF-8 with surrogate escapes: this writes them back as they came.
     stream.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + data)
     return stream
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 _SET_HERE = frozenset({"host", "content-length", "connection", "transfer-encoding"})
