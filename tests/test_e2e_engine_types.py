@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,3 +254,36 @@ def test_a_remote_takes_no_engine_place(start_gateway, tiny_models, upstream: Ga
     states = {e["model"]: e["state"] for e in gw.state()["engines"]}
     assert states == {"far": "ready", "tiny-b": "ready"}
     assert metric(gw, "llm_gateway_swaps_total") == 0
+
+
+def test_requests_in_flight_to_a_frozen_upstream_end_when_it_is_found_unreachable(
+    start_gateway, upstream: Gateway
+) -> None:
+    """SIGSTOP the upstream: once its probe fails, a stream gets its error event and a
+    plain request its error, instead of waiting for the client's own timeout."""
+    front = start_gateway([remote_model(upstream, health_check_timeout=1)])
+    assert front.post("/v1/chat/completions", chat("far")).status == 200
+    plain: list[Any] = []
+    waiting = threading.Thread(
+        target=lambda: plain.append(
+            front.post("/v1/chat/completions", chat("far", max_tokens=3000, ignore_eos=True), timeout=30)
+        )
+    )
+
+    def freeze(n: int) -> None:
+        if n == 3:
+            waiting.start()
+            time.sleep(0.2)  # the plain request is sent before the freeze
+            upstream.process.send_signal(signal.SIGSTOP)
+
+    try:
+        began = time.monotonic()
+        events = stream_events(front.url, chat("far", max_tokens=3000, ignore_eos=True), freeze)
+        ended = time.monotonic() - began
+        waiting.join(30)
+    finally:
+        upstream.process.send_signal(signal.SIGCONT)
+    assert b'"error"' in events[-1] and b"unreachable" in events[-1], events[-2:]
+    assert ended < 10
+    assert plain and plain[0].status == 502, plain
+    assert front.engine("far")["state"] == "crashed"

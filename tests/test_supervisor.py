@@ -112,10 +112,10 @@ class FakeInstance:
     def crash(self, code: int = -11) -> None:
         self.exited.set_result(code)
 
-    was_cut_off: bool = False
+    cut_off_reason: str | None = None
 
-    def cut_off(self) -> None:
-        self.was_cut_off = True
+    def cut_off(self, reason: str) -> None:
+        self.cut_off_reason = reason
 
     def upper_bound(self, kind: str, shape: PromptShape) -> int | None:
         return byte_bound(kind, shape, None)  # no chat template measured
@@ -548,7 +548,7 @@ async def test_drain_timeout_cuts_off_a_leasestuck(harness: Harness) -> None:
 
     await until(lambda: len(fx.starts) == 2)
     assert state_of(sup) == "starting"
-    assert a_engine.was_cut_off  # its answers in flight are ended, not awaited
+    assert a_engine.cut_off_reason  # its answers in flight are ended, not awaited
     assert fx.stops == [a_engine]
     drained = [r for r in sup.history if r.trigger == "drained"]
     assert len(drained) == 1 and "drain_timeout" in drained[0].reason

@@ -66,12 +66,13 @@ class EngineInstance:
     # that a drain timeout can end them at once.
     open_requests: set[asyncio.Future[EngineStream]] = field(default_factory=set, repr=False)
     open_responses: set[EngineStream] = field(default_factory=set, repr=False)
-    was_cut_off: bool = False
+    cut_off_reason: str | None = None  # why what was in flight on it was ended
 
-    def cut_off(self) -> None:
-        """drain_timeout passed: end what is still in flight (llama-server does not stop
-        on SIGTERM while a slot generates, and the client should know now)."""
-        self.was_cut_off = True
+    def cut_off(self, reason: str) -> None:
+        """End what is still in flight now: drain_timeout passed (llama-server does not
+        stop on SIGTERM while a slot generates), or an upstream stopped answering; the
+        clients should know now."""
+        self.cut_off_reason = reason
         for opening in list(self.open_requests):
             opening.cancel()
         for response in list(self.open_responses):

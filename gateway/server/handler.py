@@ -313,8 +313,8 @@ class _Call:
                     headers={"Retry-After": "1"},
                 )
             return f"{exc} (requeue {self.engine_full.used} of {self.engine_full.limit})"
-        if grant.instance.was_cut_off:
-            raise EngineFailed("cut off: drain_timeout passed during a swap before the engine answered")
+        if grant.instance.cut_off_reason:
+            raise EngineFailed(f"cut off before the engine answered: {grant.instance.cut_off_reason}")
         # Let a dying engine's exit reach the supervisor first, so the retry waits for a
         # fresh engine instead of being granted the dead one again.
         await asyncio.wait([grant.instance.exited], timeout=RETRY_SETTLE)

@@ -167,8 +167,8 @@ async def _head(instance: EngineInstance, stream: EngineStream) -> Head:
 
 def _raise_if_cut_off(instance: EngineInstance) -> None:
     current = asyncio.current_task()
-    if instance.was_cut_off and not (current and current.cancelling()):
-        raise NotSent("cut off by drain_timeout") from None
+    if instance.cut_off_reason and not (current and current.cancelling()):
+        raise NotSent(f"cut off: {instance.cut_off_reason}") from None
 
 
 async def _read(stream: EngineStream) -> bytes:
@@ -307,8 +307,8 @@ async def _relay_stream(
             record.read_usage(pipe.last)
         if pipe.client_gone:
             request["client_gone"] = True
-        elif instance.was_cut_off:
-            await write_error_event(response, EngineFailed("cut off: drain_timeout passed in a swap"))
+        elif instance.cut_off_reason:
+            await write_error_event(response, EngineFailed(f"cut off: {instance.cut_off_reason}"))
         elif broken:
             await write_error_event(response, EngineFailed(f"the engine failed mid-stream: {broken}"))
     except ConnectionResetError:

@@ -843,6 +843,7 @@ class Supervisor:
         # upstream is let go of: nothing is killed.)
         how = "frozen" if instance.variant.engine.local else "unreachable"
         instance.process.kill_now()
+        instance.cut_off(f"the engine is {how}: {problem}")  # an upstream's connections stay open else
         self._forget(slot, instance, how, None)
         self._count(how, instance.model.name)
         self._crashed(
@@ -896,7 +897,7 @@ class Supervisor:
                 self._drain(slot, f"idle for {instance.variant.timeouts.idle:g}s", resumable=False)
         elif timer is Timer.DRAIN and isinstance(slot.phase, Draining):
             cut = self.scheduler.in_flight(slot.phase.instance)
-            slot.phase.instance.cut_off()  # their answers end now; the engine is free to stop
+            slot.phase.instance.cut_off("drain_timeout passed in a swap")  # the engine is free to stop
             self._stop(slot, f"drain_timeout: {cut} request(s) still in flight are cut off")
         elif (
             timer is Timer.PROBE
