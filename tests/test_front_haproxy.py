@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +17,7 @@ import pytest
 
 from gateway.demo.harness import free_port
 from gateway.front import cli
-from gateway.front.haproxy import DEFAULT_MAX_BODY
+from gateway.front.haproxy import DEFAULT_MAX_BODY, FROZEN_NOTICE_SECONDS, NOTICE_SECONDS
 from tests.conftest import Gateway, Response, wait_until
 
 KEY = "sk-front-test"
@@ -104,7 +105,8 @@ def stand_ins() -> Iterator[Callable[..., StandIn]]:
     ) -> StandIn:
         gw = StandIn(host, list(models), key, aliases=aliases or {})
         gw.server = ThreadingHTTPServer((host, 0), handler_for(gw))
-        threading.Thread(target=gw.server.serve_forever, daemon=True).start()
+        # Polled often: shutdown() (a gateway that stops accepting) takes effect at once.
+        threading.Thread(target=gw.server.serve_forever, args=(0.02,), daemon=True).start()
         running.append(gw)
         return gw
 
@@ -274,6 +276,28 @@ def test_a_model_whose_gateways_are_down_gets_haproxys_503_in_openai_shape(front
     _, said = wait_until(lambda: (r := ask(proxy, "tiny-b"))[0] == 503 and r, timeout=10)
     assert said["error"]["code"] == "no_gateway" and said["error"]["type"] == "server_error"
     assert ask(proxy, "tiny")[0] == 200
+
+
+def seconds_to_down(front: Gateway, gw: StandIn, stop: Callable[[], object]) -> float:
+    """From `stop` to HAProxy's log saying the gateway is out."""
+    down = f"Server gateways/{gw.url.removeprefix('http://')} is DOWN"
+    started = time.monotonic()
+    stop()
+    wait_until(lambda: down in front.log(), timeout=30, interval=0.005)
+    return time.monotonic() - started
+
+
+def test_a_gateway_that_refuses_or_freezes_is_out_within_the_documented_time(front, stand_ins) -> None:
+    refusing, frozen = stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")
+    proxy = front([refusing, frozen])
+    refused = seconds_to_down(
+        proxy, refusing, lambda: (refusing.server.shutdown(), refusing.server.server_close())
+    )
+    # Listening, never accepting: what HAProxy sees of a process stopped by SIGSTOP.
+    froze = seconds_to_down(proxy, frozen, frozen.server.shutdown)
+    print(f"out after: refused {refused:.2f} s, frozen {froze:.2f} s")
+    slack = 0.3  # HAProxy's timers and this test's polling on a loaded machine
+    assert refused < NOTICE_SECONDS + slack and froze < FROZEN_NOTICE_SECONDS + slack
 
 
 def test_a_gateway_down_when_the_command_runs_is_reported_and_nothing_written(capsys, stand_ins) -> None:

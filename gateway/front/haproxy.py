@@ -20,8 +20,13 @@ HEADROOM = 16 * 1024  # buffer room for a request's headers beside its body
 DEFAULT_MAX_BODY = 96 * 1024
 # Health checks: a gateway whose /health stops answering 200 is out after CHECK_FALL
 # failures, the first after at most CHECK_INTERVAL, the next CHECK_FAST_INTERVAL apart.
-CHECK_INTERVAL, CHECK_FAST_INTERVAL, CHECK_FALL, CHECK_RISE = 1.0, 0.25, 2, 2
-NOTICE_SECONDS = CHECK_INTERVAL + CHECK_FAST_INTERVAL * (CHECK_FALL - 1)  # to see a gateway leave
+# A check unanswered for CHECK_TIMEOUT fails: a gateway answers /health in milliseconds
+# even under load, and a frozen box (SIGSTOP, swapping) accepts connections and never answers.
+CHECK_INTERVAL, CHECK_FAST_INTERVAL, CHECK_FALL, CHECK_RISE, CHECK_TIMEOUT = 1.0, 0.25, 2, 2, 1.0
+# At most, to see a gateway leave whose checks fail at once (refused, or 503 while it stops)...
+NOTICE_SECONDS = CHECK_INTERVAL + CHECK_FAST_INTERVAL * (CHECK_FALL - 1)
+# ...and one whose checks go unanswered.
+FROZEN_NOTICE_SECONDS = NOTICE_SECONDS + CHECK_TIMEOUT * CHECK_FALL
 
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9._:/@-]+")
 _HEADER_NAME = re.compile(r"[0-9A-Za-z_-]+")  # the header names that need no quoting in hdr()
@@ -154,7 +159,7 @@ def _defaults(settings: FrontSettings) -> str:
         "    timeout connect 5s",
         "    timeout http-request 60s",
         "    timeout http-keep-alive 60s",
-        "    timeout check 5s",
+        f"    timeout check {CHECK_TIMEOUT:g}s",
         "    # Generations are long, and wait in the gateway's queue while engines start.",
         f"    timeout client {timeout}",
         f"    timeout server {timeout}",
