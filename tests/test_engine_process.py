@@ -4,15 +4,19 @@ it must not load libraries or resolve symbols there (other threads may hold thei
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
-from gateway.engine.process import EngineProcess
+from gateway.engine.process import ENGINE_TAG, EngineProcess
 
 
 def test_the_parent_death_signal_is_set_without_a_library_lookup() -> None:
@@ -53,3 +57,29 @@ async def test_a_watch_nobody_awaits_logs_no_unretrieved_exception(caplog) -> No
         gc.collect()
         await asyncio.sleep(0)
     assert "never retrieved" not in caplog.text, caplog.text
+
+
+def _pids_with(marker: bytes) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{entry}/environ").read_bytes():
+                    found.append(int(entry))
+    return found
+
+
+async def test_what_an_engine_daemonizes_is_stopped_with_it() -> None:
+    """An engine command that forks a server into a session of its own and exits (the
+    output pipe held open by the daemon) stops in time, and the daemon with it."""
+    command = "setsid sleep 300 & echo daemonized"
+    process = EngineProcess(["sh", "-c", command], {}, label="daemon@1")
+    await process.spawn()
+    said = process.watch("daemonized")
+    await asyncio.wait_for(said, 5)
+    marker = f"{ENGINE_TAG}={process.tag}\0".encode()
+    assert len(_pids_with(marker)) >= 1  # the daemon, outside the engine's process group
+    started = time.monotonic()
+    await asyncio.wait_for(process.stop(1.0), 5)
+    assert time.monotonic() - started < 3
+    assert _pids_with(marker) == []

@@ -1,7 +1,9 @@
 """EngineProcess: one engine child process, its output, its exit, and its end.
 
 The child gets its own process group (one signal reaches anything it forked) and, on
-Linux, a parent-death signal, so it dies with the gateway even on SIGKILL.
+Linux, a parent-death signal, so it dies with the gateway even on SIGKILL. A process it
+started in a session of its own (a daemonizing command) leaves the group; it keeps the
+engine's environment, which carries a tag to find it by when the engine stops.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import re
@@ -19,7 +22,11 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 LOG_LINES_KEPT = 200
+LINE_KEPT_CHARS = 2000  # a longer output line is kept (and logged) cut to this
+OUTPUT_GRACE = 1.0  # seconds the output may stay open after the exit (a daemon can hold it)
+ENGINE_TAG = "LLM_GATEWAY_ENGINE"  # in each engine's environment: its own tag
 _PR_SET_PDEATHSIG = 1
+_tags = itertools.count(1)
 
 log = logging.getLogger("gateway.engine")
 
@@ -40,6 +47,20 @@ def _die_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment carries this engine's tag."""
+    needle = f"{ENGINE_TAG}={tag}\0".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if needle in environ.read() + b"\0":
+                    os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+
+
 def _retrieve(future: asyncio.Future[re.Match[str]]) -> None:
     """Mark the exception retrieved (asyncio logs an unretrieved one as an error)."""
     if not future.cancelled():
@@ -52,7 +73,8 @@ class EngineProcess:
     def __init__(self, argv: Sequence[str], env: Mapping[str, str], label: str) -> None:
         self.argv = list(argv)
         self.label = label  # "model@context", the prefix of every output line
-        self._env = {**os.environ, **env}
+        self.tag = f"{os.getpid()}.{next(_tags)}"
+        self._env = {**os.environ, **env, ENGINE_TAG: self.tag}
         self._proc: asyncio.subprocess.Process | None = None
         self._lines: deque[str] = deque(maxlen=LOG_LINES_KEPT)
         self._watches: list[tuple[re.Pattern[str], asyncio.Future[re.Match[str]]]] = []
@@ -91,30 +113,35 @@ class EngineProcess:
         return future
 
     async def wait(self) -> int:
-        """Wait for the exit (and the last output line); return the exit code."""
+        """Wait for the exit (and the last output lines); return the exit code."""
         assert self._proc is not None
         code = await self._proc.wait()
         if self._reader is not None:
-            await asyncio.shield(self._reader)
+            await asyncio.wait([self._reader], timeout=OUTPUT_GRACE)  # (asyncio.wait never cancels it)
         return code
 
     async def stop(self, timeout: float) -> int:
-        """SIGTERM the process group, SIGKILL it after `timeout` seconds; return the exit code."""
+        """SIGTERM the process group, SIGKILL it after `timeout` seconds, then whatever it
+        left behind; return the exit code."""
         if self._proc is None:
             return 0
         if self._proc.returncode is None:
             self._signal(signal.SIGTERM)
             try:
-                return await asyncio.wait_for(self.wait(), timeout)
+                await asyncio.wait_for(self._proc.wait(), timeout)
             except TimeoutError:
                 log.warning("%s pid=%s ignored SIGTERM for %.1fs: SIGKILL", self.label, self.pid, timeout)
-        self._signal(signal.SIGKILL)  # also reaches children left behind in the group
-        return await self.wait()
+        self.kill_now()
+        code = await self.wait()
+        if self._reader is not None:
+            self._reader.cancel()  # output a process beyond reach still writes is not read
+        return code
 
     def kill_now(self) -> None:
-        """SIGKILL without waiting: for the gateway's own last moments."""
-        if self._proc is not None and self._proc.returncode is None:
+        """SIGKILL the process group and every process that carries the engine's tag."""
+        if self._proc is not None:
             self._signal(signal.SIGKILL)
+            _kill_tagged(self.tag)
 
     def _signal(self, sig: signal.Signals) -> None:
         assert self._proc is not None
@@ -137,6 +164,7 @@ class EngineProcess:
                 future.set_exception(EOFError(f"{self.label} closed its output"))
 
     def _take_line(self, line: str) -> None:
+        line = line if len(line) <= LINE_KEPT_CHARS else line[:LINE_KEPT_CHARS] + " [cut]"
         self._lines.append(line)
         log.info("[%s pid=%s] %s", self.label, self.pid, line)
         for pattern, future in self._watches:
