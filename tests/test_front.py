@@ -181,6 +181,17 @@ def test_notes_name_what_will_not_work_as_well_as_it_could() -> None:
     assert found[1].startswith("http://10.0.0.5:7777 has shutdown_delay 0s; HAProxy needs up to 1.25s")
 
 
+def test_a_model_with_different_largest_contexts_on_its_gateways_is_warned_about() -> None:
+    small = gateway("10.0.0.1", "llama", ("llama-chat", "llama"), "embed", context=4096)
+    large = gateway("10.0.0.2", "llama", ("llama-chat", "llama"), context=32768)
+    same = gateway("10.0.0.3", "embed", context=4096)
+    assert notes([small, large, same]) == [
+        "the model 'llama' has different largest contexts on its gateways "
+        "(http://10.0.0.1:7777: 4096, http://10.0.0.2:7777: 32768): HAProxy sends a request to "
+        "any of them, so a prompt over 4096 tokens fails with 400 on some and not on others"
+    ]
+
+
 def test_front_is_a_subcommand_beside_the_flat_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         gateway_main(["front", "--help"])

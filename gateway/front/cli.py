@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gateway.front.fetch import FetchFailed, gateway_address, read_gateway
 from gateway.front.haproxy import NOTICE_SECONDS, FrontSettings, is_header_name, render
-from gateway.front.topology import Gateway, backends
+from gateway.front.topology import Backend, Gateway, backends, contexts
 
 EXIT_OK = 0
 EXIT_MISSING = 1  # a gateway did not answer: no config written
@@ -178,6 +178,7 @@ def notes(gateways: list[Gateway]) -> list[str]:
         "JSON holds it as UTF-8, not as \\u escapes"
         for name in sorted({s.name for g in gateways for s in g.names if not s.name.isascii()})
     ]
+    found += [note for route in backends(gateways) if (note := _contexts_differ(route))]
     found += [
         f"{g.url} has shutdown_delay {g.shutdown_delay:g}s; HAProxy needs up to {NOTICE_SECONDS:g}s "
         "to see it leave (requests it refuses meanwhile go to another gateway of their model, if any)"
@@ -185,6 +186,20 @@ def notes(gateways: list[Gateway]) -> list[str]:
         if g.shutdown_delay is not None and g.shutdown_delay < NOTICE_SECONDS
     ]
     return found
+
+
+def _contexts_differ(route: Backend) -> str | None:
+    """A model whose gateways have different largest contexts: HAProxy balances without
+    reading the prompt, so a long one fails on some of them (not an error: it may be meant)."""
+    found = contexts(route)
+    if len(set(found.values())) < 2:
+        return None
+    listed = ", ".join(f"{url}: {context}" for url, context in found.items())
+    return (
+        f"the model {route.names[0]!r} has different largest contexts on its gateways ({listed}): "
+        f"HAProxy sends a request to any of them, so a prompt over {min(found.values())} tokens "
+        "fails with 400 on some and not on others"
+    )
 
 
 def say(message: str) -> None:

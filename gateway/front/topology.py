@@ -92,6 +92,16 @@ def merged_models(gateways: list[Gateway]) -> dict[str, Any]:
     return {"object": "list", "data": list(chosen.values())}
 
 
+def contexts(route: Backend) -> dict[str, float]:
+    """The context_length each of a backend's gateways lists for its model (where one does)."""
+    found = {}
+    for gateway in route.gateways:
+        entry = next(s.entry for s in gateway.names if s.name == route.names[0])
+        if (value := _context(entry)) != math.inf:
+            found[gateway.url] = value
+    return found
+
+
 def _context(entry: dict[str, Any]) -> float:
     value = entry.get("context_length")
     return value if isinstance(value, int | float) and not isinstance(value, bool) else math.inf
