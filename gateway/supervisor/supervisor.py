@@ -841,9 +841,13 @@ class Supervisor:
         # Frozen: its requests would wait forever. Killed, its connections break: those
         # that got no byte are retried once, streams end with an error event. (An
         # upstream is let go of: nothing is killed.)
-        how = "frozen" if instance.variant.engine.local else "unreachable"
+        local = instance.variant.engine.local
+        how = "frozen" if local else "unreachable"
         instance.process.kill_now()
-        instance.cut_off(f"the engine is {how}: {problem}")  # an upstream's connections stay open else
+        if (
+            not local
+        ):  # a killed engine's connections break (what got no byte is retried); an upstream's stay open
+            instance.cut_off(f"the upstream is unreachable: {problem}")
         self._forget(slot, instance, how, None)
         self._count(how, instance.model.name)
         self._crashed(
