@@ -141,6 +141,31 @@ def test_bad_command_lines_are_refused(argv: list[str]) -> None:
     assert exited.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://h:7777\n",
+        "http://h\t:7777",
+        "http://h:7777/\r\n",
+        "http://h:7777/\x00",
+        "http://h:7777#x",
+        "http://h:7777?",
+        "http://u:p@h:7777",
+        "http://[fe80::1%25lo]:7777",
+        'http://a"b:7777',
+        "http://hôst:7777",
+    ],
+)
+def test_gateway_urls_that_are_not_just_a_host_and_port_are_refused(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--gateway", url])
+    assert (
+        exited.value.code == 2 and "argument --gateway: not a gateway's base URL" in capsys.readouterr().err
+    )
+
+
 ODD = gateway("10.0.0.3", 'it\'s a "model" #1', "модель", ("$HOME", "модель"), "x\ty")
 # Words HAProxy reads as flags or syntax where a pattern is expected.
 FLAGS = gateway("10.0.0.5", "-i", ("-f", "-i"), "--", "}", "{", "-m", "-n", "if", "!", "||", "or", "-u")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -21,11 +23,35 @@ class FetchFailed(Exception):
 
 
 def gateway_address(url: str) -> tuple[str, int]:
-    """(host, port) of a gateway's base URL, http://host:port; ValueError otherwise."""
+    """(host, port) of a gateway's base URL, http://host:port; ValueError otherwise.
+
+    Nothing else: urlsplit drops tabs and newlines silently, a query or fragment would
+    change the URLs asked, and the host goes into HAProxy's config as a word of its own.
+    """
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+    host = parts.hostname or ""
+    if (
+        not url.isascii()
+        or not url.isprintable()
+        or parts.scheme != "http"
+        or url.rstrip("/") != f"http://{parts.netloc}"
+        or parts.username is not None
+        or not (_HOST_NAME.fullmatch(host) or _is_ip(host))
+    ):
         raise ValueError(f"not a gateway's base URL (http://host:port): {url!r}")
-    return parts.hostname, parts.port or 80  # .port raises ValueError for a bad port
+    return host, parts.port or 80  # .port raises ValueError for a bad port
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _is_ip(host: str) -> bool:
+    """An IP address HAProxy reads: an IPv6 zone (fe80::1%lo) it refuses."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return "%" not in host
 
 
 def read_gateway(url: str, key: str | None, maxconn: int | None = None) -> Gateway:
