@@ -13,7 +13,7 @@ import pytest
 
 from gateway.__main__ import main as gateway_main
 from gateway.front.cli import listen_address, notes, parse_args
-from gateway.front.haproxy import FrontSettings, render, word
+from gateway.front.haproxy import MAX_BODY, MAX_MAXCONN, MAX_TIMEOUT, FrontSettings, render, word
 from gateway.front.topology import Gateway, Served, backends, merged_models
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "example.cfg.lua"
@@ -166,6 +166,31 @@ def test_gateway_urls_that_are_not_just_a_host_and_port_are_refused(
     )
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--timeout", str(MAX_TIMEOUT + 1)),  # HAProxy's timers end at 2147483647 ms
+        ("--max-body", "0"),
+        ("--max-body", str(MAX_BODY + 1)),  # tune.bufsize must stay below 256 MB
+        ("--max-body", str(256 * 1024 * 1024)),
+        ("--maxconn", str(MAX_MAXCONN + 1)),  # HAProxy reads a larger one wrapped around
+        ("--listen", "[fe80::1%lo]:8080"),  # HAProxy does not read IPv6 zones
+    ],
+)
+def test_values_haproxy_would_refuse_or_misread_are_refused(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--gateway", "http://h:1", option, value])
+    assert exited.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
+
+
+def test_settings_beyond_haproxys_limits_are_refused() -> None:
+    for settings in ({"timeout": MAX_TIMEOUT + 1}, {"max_body": MAX_BODY + 1}, {"max_body": 0}):
+        with pytest.raises(ValueError):
+            FrontSettings(**settings)  # type: ignore[arg-type]
+
+
 ODD = gateway("10.0.0.3", 'it\'s a "model" #1', "модель", ("$HOME", "модель"), "x\ty")
 # Words HAProxy reads as flags or syntax where a pattern is expected.
 FLAGS = gateway("10.0.0.5", "-i", ("-f", "-i"), "--", "}", "{", "-m", "-n", "if", "!", "||", "or", "-u")
@@ -183,6 +208,10 @@ SHAPES = {
     "no models": ([gateway("10.0.0.4")], FrontSettings()),
     "host names": ([gateway("gpu-a.example"), gateway("gpu-b.example", "llama")], FrontSettings()),
     "large bodies": ([A, B], FrontSettings(max_body=64 * 1024 * 1024, timeout=3600)),
+    "the largest values": (
+        [A, gateway("10.0.0.7", "llama", maxconn=MAX_MAXCONN)],
+        FrontSettings(max_body=MAX_BODY, timeout=MAX_TIMEOUT),
+    ),
 }
 
 

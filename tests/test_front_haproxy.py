@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.demo.harness import free_port
-from gateway.front import cli
+from gateway.front import cli, haproxy
 from gateway.front.haproxy import DEFAULT_MAX_BODY, FROZEN_NOTICE_SECONDS, NOTICE_SECONDS
 from tests.conftest import Gateway, Response, wait_until
 
@@ -312,6 +312,15 @@ def test_a_gateway_down_when_the_command_runs_is_reported_and_nothing_written(ca
     assert code == 0 and f"server {up.url.removeprefix('http://')} " in config
     assert f"server {down.url.removeprefix('http://')} " not in config
     assert "1 gateways left out" in err
+
+
+def test_a_model_list_larger_than_haproxy_holds_writes_no_config(capsys, stand_ins, monkeypatch) -> None:
+    # Instead of listing 256 MB of models: HAProxy's buffers held only the default body.
+    monkeypatch.setattr(haproxy, "MAX_BUFSIZE", DEFAULT_MAX_BODY + haproxy.HEADROOM)
+    many = stand_ins("127.0.0.2", *(f"model-{i}" for i in range(2000)))
+    code, config, err = front_config(capsys, [many])
+    assert code == 1 and config == ""
+    assert "models make a list of 184918 bytes, too large for HAProxy: no config written" in err
 
 
 def test_a_gateway_that_refuses_the_key_is_reported(capsys, stand_ins) -> None:

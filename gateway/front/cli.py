@@ -7,14 +7,23 @@ import ipaddress
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from gateway.front.fetch import FetchFailed, gateway_address, read_gateway
-from gateway.front.haproxy import NOTICE_SECONDS, FrontSettings, is_header_name, render
+from gateway.front.haproxy import (
+    MAX_BODY,
+    MAX_MAXCONN,
+    MAX_TIMEOUT,
+    NOTICE_SECONDS,
+    FrontSettings,
+    is_header_name,
+    render,
+)
 from gateway.front.topology import Backend, Gateway, backends, contexts
 
 EXIT_OK = 0
-EXIT_MISSING = 1  # a gateway did not answer: no config written
+EXIT_NO_CONFIG = 1  # a gateway did not answer, or no config HAProxy accepts could be written
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -27,16 +36,21 @@ def listen_address(text: str) -> tuple[str, int]:
         number = int(port)
     except ValueError:
         number = 0
-    if not sep or not 0 < number < 65536:
+    if not sep or not 0 < number < 65536 or "%" in host:  # HAProxy reads no IPv6 zone
         raise argparse.ArgumentTypeError(f"not ip:port, [ipv6]:port or :port: {text!r}")
     return host, number
 
 
-def positive_int(text: str) -> int:
-    value = int(text) if text.isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
-    return value
+def whole_number(largest: int) -> Callable[[str], int]:
+    """A parser of whole numbers from 1 to `largest` (what HAProxy accepts)."""
+
+    def parse(text: str) -> int:
+        value = int(text) if text.isdigit() else 0
+        if not 0 < value <= largest:
+            raise argparse.ArgumentTypeError(f"not a whole number from 1 to {largest}: {text!r}")
+        return value
+
+    return parse
 
 
 def header_name(text: str) -> str:
@@ -91,20 +105,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--maxconn",
-        type=positive_int,
+        type=whole_number(MAX_MAXCONN),
         metavar="N",
         help="connections at once to each gateway per model (default: each gateway's queue_limit)",
     )
     parser.add_argument(
         "--timeout",
-        type=positive_int,
+        type=whole_number(MAX_TIMEOUT),
         default=defaults.timeout,
         metavar="SECONDS",
         help=f"how long an answer may go without a byte (default {defaults.timeout})",
     )
     parser.add_argument(
         "--max-body",
-        type=positive_int,
+        type=whole_number(MAX_BODY),
         default=defaults.max_body,
         metavar="BYTES",
         help="the request body HAProxy buffers to read its model; a larger body whose model "
@@ -142,10 +156,15 @@ def main(argv: list[str]) -> int:
         none = "" if found else " (none answered)"
         say(f"{len(failures)} of {len(args.gateway)} gateways did not answer{none}: no config written")
         say("--allow-missing leaves out the gateways that do not answer")
-        return EXIT_MISSING
+        return EXIT_NO_CONFIG
     listen = tuple(args.listen or FrontSettings().listen)
     settings = FrontSettings(listen, args.sticky, args.timeout, args.max_body, args.expose_operations)
-    sys.stdout.write(render(found, settings, shlex.join(["llm-gateway", "front", *argv])))
+    try:
+        config = render(found, settings, shlex.join(["llm-gateway", "front", *argv]))
+    except ValueError as exc:
+        say(f"{exc}: no config written")
+        return EXIT_NO_CONFIG
+    sys.stdout.write(config)
     routes = backends(found)
     shared = sum(len(r.gateways) > 1 for r in routes)
     left_out = f"; {len(failures)} gateways left out" if failures else ""

@@ -18,6 +18,12 @@ HEADROOM = 16 * 1024  # buffer room for a request's headers beside its body
 # buffers are mapped afresh for every request: about 1.7 us per KiB of buffer on each
 # request's first byte (1 MiB: +1.7 ms).
 DEFAULT_MAX_BODY = 96 * 1024
+# What HAProxy 2.6 accepts: tune.bufsize below 256 MB with HTTP (it rounds up), timers up
+# to 2147483647 ms; a server's maxconn above 2^31 - 1 it reads wrapped around, silently.
+MAX_BUFSIZE = 256 * 1024 * 1024 - 16
+MAX_BODY = MAX_BUFSIZE - HEADROOM
+MAX_TIMEOUT = 2_147_483  # seconds
+MAX_MAXCONN = 2**31 - 1
 # Health checks: a gateway whose /health stops answering 200 is out after CHECK_FALL
 # failures, the first after at most CHECK_INTERVAL, the next CHECK_FAST_INTERVAL apart.
 # A check unanswered for CHECK_TIMEOUT fails: a gateway answers /health in milliseconds
@@ -43,6 +49,8 @@ class FrontSettings:
     def __post_init__(self) -> None:
         if self.sticky is not None and not is_header_name(self.sticky):
             raise ValueError(f"not a header name: {self.sticky!r}")
+        if not 0 < self.timeout <= MAX_TIMEOUT or not 0 < self.max_body <= MAX_BODY:
+            raise ValueError(f"timeout or max_body beyond HAProxy's limits: {self}")
 
 
 def is_header_name(text: str) -> bool:
@@ -128,11 +136,14 @@ def _names(gateway: Gateway) -> str:
 
 
 def _global(settings: FrontSettings, models_size: int) -> str:
+    bufsize = max(settings.max_body, models_size) + HEADROOM  # GET /v1/models' answer fits too
+    if bufsize > MAX_BUFSIZE:
+        raise ValueError(f"the gateways' models make a list of {models_size} bytes, too large for HAProxy")
     return _lines(
         "global",
         "    log stdout format raw local0 info",
         "    # A request's whole body must fit one buffer for HAProxy to read its model.",
-        f"    tune.bufsize {max(settings.max_body, models_size) + HEADROOM}",
+        f"    tune.bufsize {bufsize}",
     )
 
 
