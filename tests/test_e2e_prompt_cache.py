@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Gateway, metric, tiny_model_config, wait_until
 
 TURN = "word " * 300  # 1500 bytes: about 1500 tokens on the demo model (one a byte)
@@ -139,16 +140,6 @@ def test_another_model_file_under_the_same_name_drops_the_cache(start_gateway, t
     assert gw.state()["prompt_cache"] == {}
 
 
-def test_other_cache_types_are_not_restored(start_gateway, tiny_models) -> None:
-    gw = start_gateway(models(tiny_models, c8192=["--cache-type-k", "f32"]))
-    talk = Conversation(gw)
-    talk.say(TURN)
-    upgraded = talk.say("more " * 400)
-    assert talk.contexts[-1] == "8192" and upgraded["cache_n"] == 0
-    assert "saved with KV cache types f16/f16, this engine runs f32/f16" in gw.log()
-    assert metric(gw, "llm_gateway_prompt_cache_restores_total") == 0
-
-
 def test_state_lists_the_cached_conversations_per_model(start_gateway, tiny_models) -> None:
     gw = start_gateway(models(tiny_models), max_engines=1)
     Conversation(gw).say(TURN)
@@ -158,3 +149,39 @@ def test_state_lists_the_cached_conversations_per_model(start_gateway, tiny_mode
     (entry,) = cached["tiny"]
     assert entry["tokens"] >= 1500 and entry["bytes"] > 0 and entry["cache_types"] == "f16/f16"
     json.dumps(cached)  # plain JSON
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--cache-type-k", "f32"], "saved with KV cache types f16/f16, this engine runs f32/f16"),
+        # Positions encoded otherwise: the saved cache would give other logits.
+        (
+            ["--rope-scaling", "linear", "--rope-scale", "4"],
+            'saved with engine args "", this engine runs "--rope-scaling linear --rope-scale 4"',
+        ),
+        # Two KV streams, where llama-server refuses a slot saved from one ("n_stream
+        # mismatch"): trying would cost the file the other variants can use.
+        (["-np", "2"], "saved from 1 KV cache stream(s), this engine has 2"),
+    ],
+)
+def test_a_variant_with_another_kv_cache_is_not_restored_into(
+    start_gateway, tiny_models, args: list[str], why: str
+) -> None:
+    gw = start_gateway(models(tiny_models, c8192=args))
+    talk = Conversation(gw)
+    talk.say(TURN)
+    upgraded = talk.say("more " * 400)
+    assert talk.contexts[-1] == "8192" and upgraded["cache_n"] == 0
+    assert why in gw.log()
+    assert metric(gw, "llm_gateway_prompt_cache_restores_total") == 0
+    assert any(entry["tokens"] >= talk.processed_before for entry in gw.state()["prompt_cache"]["tiny"])
+
+
+def test_args_that_leave_the_kv_cache_alone_do_not_stop_a_restore(start_gateway, tiny_models) -> None:
+    gw = start_gateway(models(tiny_models, c8192=["-t", "2", "-np", "2", "-kvu", "--metrics", "-lv", "3"]))
+    talk = Conversation(gw)
+    talk.say(TURN)
+    upgraded = talk.say("more " * 400)
+    assert talk.contexts[-1] == "8192"
+    assert upgraded["cache_n"] >= 0.95 * talk.processed_before, talk.timings

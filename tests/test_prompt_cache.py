@@ -8,13 +8,14 @@ import logging
 import os
 import struct
 from array import array
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config.schema import PromptCache, Timeouts, Variant
-from gateway.engine.prompt_cache import MIN_TOKENS, PromptKeeper, PromptStore, Source
+from gateway.config.schema import EngineKind, Model, PromptCache, RequestRules, Timeouts, Variant
+from gateway.engine.prompt_cache import MIN_TOKENS, PromptKeeper, PromptStore, Source, kv_args
 from gateway.engine.slotfile import MAGIC, UnreadableSlotFile, common_prefix, read_tokens
 from gateway.utils.metrics import Metrics
 
@@ -27,7 +28,7 @@ def slot_file(path: Path, tokens: list[int], state_bytes: int = 64) -> Path:
 
 def source(model_file: Path, k: str = "f16") -> Source:
     stat = os.stat(model_file)
-    return Source(str(model_file), stat.st_size, stat.st_mtime_ns, k, "f16")
+    return Source(str(model_file), stat.st_size, stat.st_mtime_ns, k, "f16", 1, ())
 
 
 @pytest.fixture
@@ -35,6 +36,16 @@ def model_file(tmp_path: Path) -> Path:
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF" + b"\0" * 60)
     return path
+
+
+def llama_cpp_model(model_file: Path, *variant_args: tuple[str, ...], args: tuple[str, ...] = ()) -> Model:
+    """Model "m" on `model_file`: a variant of 2048 for each of `variant_args` (default: one without)."""
+    timeouts = Timeouts(health_check=1, startup=1, drain=1, stop=1, idle=0)
+    variants = tuple(
+        Variant("m", 2048, extra, None, timeouts, model_file=str(model_file))
+        for extra in variant_args or ((),)
+    )
+    return Model("m", (), EngineKind.LLAMA_CPP, None, args, {}, 64, RequestRules({}, {}, ()), variants)
 
 
 def store(tmp_path: Path, max_size: int = 1 << 30) -> PromptStore:
@@ -81,6 +92,41 @@ def test_other_cache_types_do_not_match(tmp_path: Path, model_file: Path, caplog
         assert prompts.match("m", source(model_file, k="q8_0"), CONVERSATION, room=10_000) is None
     assert "saved with KV cache types f16/f16, this engine runs q8_0/f16" in caplog.text
     assert prompts.waiting("m", set())  # kept for the variants that run f16
+
+
+def test_the_engine_args_that_change_the_kv_cache_are_part_of_its_identity(model_file: Path) -> None:
+    rope = ("--rope-scaling", "linear", "--rope-scale", "4")
+    neutral = ("-t", "2", "--threads_batch", "2", "-np", "3", "-kvu", "--metrics", "-a", "x", "-lv", "4")
+    assert kv_args(("-m", "f.gguf", *neutral, *rope, "-ctk", "q8_0")) == rope
+    model = llama_cpp_model(model_file, (), neutral, rope, args=("-m", str(model_file), "-t", "1"))
+    plain, harmless, scaled = (Source.of(model, variant) for variant in model.variants)
+    assert plain == harmless != scaled
+    assert plain is not None and scaled is not None and plain.args == () and scaled.args == rope
+
+
+def test_a_split_kv_cache_is_part_of_the_identity(model_file: Path) -> None:
+    """llama.cpp restores a slot only into an engine with as many KV streams ("n_stream
+    mismatch"): one for a unified cache, one per slot for -np N without --kv-unified."""
+    model = llama_cpp_model(model_file)
+    variant = model.variants[0]
+    streams = [
+        Source.of(model, replace(variant, slots=slots, kv_unified=unified)).kv_streams  # type: ignore[union-attr]
+        for slots, unified in ((None, False), (1, False), (4, True), (2, False))
+    ]
+    assert streams == [1, 1, 1, 2]
+
+
+def test_other_engine_args_or_kv_streams_do_not_match(tmp_path: Path, model_file: Path, caplog) -> None:
+    prompts = store(tmp_path)
+    prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    scaled = replace(source(model_file), args=("--rope-scale", "4"))
+    split = replace(source(model_file), kv_streams=2)
+    with caplog.at_level(logging.INFO, logger="gateway.prompt_cache"):
+        assert prompts.match("m", scaled, CONVERSATION, room=10_000) is None
+        assert prompts.match("m", split, CONVERSATION, room=10_000) is None
+    assert 'saved with engine args "", this engine runs "--rope-scale 4"' in caplog.text
+    assert "saved from 1 KV cache stream(s), this engine has 2" in caplog.text
+    assert prompts.match("m", source(model_file), CONVERSATION, room=10_000) is not None
 
 
 def test_a_changed_model_file_drops_its_files(tmp_path: Path, model_file: Path) -> None:
@@ -146,8 +192,13 @@ async def test_a_short_prompt_or_an_engine_that_took_everything_is_not_tokenized
     prompts = store(tmp_path)
     saved = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
     keeper = PromptKeeper(prompts, Metrics())
-    timeouts = Timeouts(health_check=1, startup=1, drain=1, stop=1, idle=0)
-    variant = Variant("m", 2048, (), None, timeouts, model_file=str(model_file))
+    model = llama_cpp_model(model_file)
     engine: Any = NoCalls()
-    assert await keeper.restore_for(engine, "m", variant, "chat", {}, 0, MIN_TOKENS - 1, set()) is None
-    assert await keeper.restore_for(engine, "m", variant, "chat", {}, 0, None, {saved.path.name}) is None
+    assert (
+        await keeper.restore_for(engine, model, model.variants[0], "chat", {}, 0, MIN_TOKENS - 1, set())
+        is None
+    )
+    assert (
+        await keeper.restore_for(engine, model, model.variants[0], "chat", {}, 0, None, {saved.path.name})
+        is None
+    )

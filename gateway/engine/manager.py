@@ -292,7 +292,7 @@ class EngineManager:
         """Save its slots to the prompt cache (bounded), then SIGTERM, then SIGKILL
         after the stop timeout; the exit code."""
         if instance.prompts is not None:
-            await instance.prompts.save_all(instance.client, instance.model.name, instance.variant)
+            await instance.prompts.save_all(instance.client, instance.model, instance.variant)
             instance.prompts.forget_engine(instance.client)
         return await instance.process.stop(instance.variant.timeouts.stop)
 

@@ -15,18 +15,21 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import time
 import uuid
 from array import array
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config.schema import PromptCache, Variant
+from gateway.config.schema import Model, PromptCache, Variant
 from gateway.engine.client import EngineClient, EngineRequestError
 from gateway.engine.counting import LlamaCppCounter
+from gateway.engine.llamacpp import LlamaCppEngine
 from gateway.engine.slotfile import UnreadableSlotFile, common_prefix, digest, read_tokens
 from gateway.utils.metrics import Metrics
 from gateway.utils.sizes import human_bytes
@@ -38,29 +41,79 @@ SAVE_WAIT = 5.0  # seconds one save may take before it is skipped
 SAVE_BUDGET = 10.0  # seconds all saves of one stopping engine may take
 RESTORE_WAIT = 5.0  # seconds one restore may take before the request goes on without it
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_LLAMA_CPP = LlamaCppEngine()  # the keeper serves llama.cpp engines only
+
+
+# Engine flags that change neither the values a KV cache holds nor whether a saved one
+# can be restored, with the number of values each takes: a slot saved by an engine is
+# valid in one whose args differ only in these. Any other flag is part of what a saved
+# KV cache is valid for (when in doubt, a flag is: --rope-scale, for one, gives other
+# values for the same tokens). -c, --host and --port never appear: the config refuses them.
+_NEUTRAL: dict[str, int] = {
+    flag: values
+    for flags, values in (
+        ("-t --threads -tb --threads-batch --threads-http", 1),  # how many threads compute it
+        ("-np --parallel", 1),  # how many slots share it (Source has the KV streams)
+        ("-kvu --kv-unified -no-kvu --no-kv-unified", 0),  # likewise
+        ("--slot-save-path -a --alias -lv --verbosity --log-verbosity --log-file", 1),  # files, name, log
+        ("--metrics --slots --no-slots -v --verbose --log-verbose", 0),  # endpoints, log
+        ("-m --model -ctk --cache-type-k -ctv --cache-type-v", 1),  # in Source as what they resolve to
+    )
+    for flag in flags.split()
+}
+
+
+def kv_args(args: Iterable[str]) -> tuple[str, ...]:
+    """The engine arguments that can change what its KV cache holds: all but the neutral
+    flags and their values (llama-server reads "--a_b" as "--a-b")."""
+    kept: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        values = _NEUTRAL.get(arg.replace("_", "-") if arg.startswith("--") else arg)
+        if values is None:
+            kept.append(arg)
+        for _ in range(values or 0):
+            next(rest, None)
+    return tuple(kept)
 
 
 @dataclass(frozen=True)
 class Source:
-    """What a saved KV cache is only valid for: the model file as it was, the cache types."""
+    """What a saved KV cache is only valid for: the model file as it was, the cache types,
+    the number of KV streams (llama.cpp restores a slot only into an engine with as many)
+    and the engine arguments that can change the cache's values."""
 
     model_file: str
     file_size: int
     file_mtime_ns: int
     cache_type_k: str
     cache_type_v: str
+    kv_streams: int
+    args: tuple[str, ...]
 
     @classmethod
-    def of(cls, variant: Variant) -> Source | None:
+    def of(cls, model: Model, variant: Variant) -> Source | None:
         if variant.model_file is None:
             return None
         try:
             stat = os.stat(variant.model_file)
         except OSError:
             return None
+        # One stream per slot when each slot has a cache of its own, else one in all.
+        room = _LLAMA_CPP.capacity(variant, model)
         return cls(
-            variant.model_file, stat.st_size, stat.st_mtime_ns, variant.cache_type_k, variant.cache_type_v
+            variant.model_file,
+            stat.st_size,
+            stat.st_mtime_ns,
+            variant.cache_type_k,
+            variant.cache_type_v,
+            room.slots if room.shared is None else 1,
+            kv_args([*model.args, *variant.args]),
         )
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Source:
+        return cls(**{**meta, "args": tuple(meta["args"])})
 
     def same_file(self, other: Source) -> bool:
         return (self.model_file, self.file_size, self.file_mtime_ns) == (
@@ -68,6 +121,24 @@ class Source:
             other.file_size,
             other.file_mtime_ns,
         )
+
+    def mismatch(self, engine: Source) -> str | None:
+        """Why a KV cache saved from this source (of the same model file) is not valid in
+        an engine of `engine`, or None when it is."""
+        if (self.cache_type_k, self.cache_type_v) != (engine.cache_type_k, engine.cache_type_v):
+            return (
+                f"saved with KV cache types {self.cache_type_k}/{self.cache_type_v}, "
+                f"this engine runs {engine.cache_type_k}/{engine.cache_type_v}"
+            )
+        if self.kv_streams != engine.kv_streams:
+            return (
+                f"saved from {self.kv_streams} KV cache stream(s), this engine has {engine.kv_streams} "
+                "(-np N without --kv-unified gives each slot its own)"
+            )
+        if self.args != engine.args:
+            saved, running = shlex.join(self.args), shlex.join(engine.args)
+            return f'saved with engine args "{saved}", this engine runs "{running}"'
+        return None
 
 
 @dataclass(eq=False)
@@ -164,17 +235,9 @@ class PromptStore:
             shared = common_prefix(saved.tokens, tokens)
             if shared < MIN_TOKENS or (best is not None and shared <= best[1]):
                 continue
-            if saved.source != source:
-                log.info(
-                    "prompt cache: %d saved tokens of %s not restored: saved with KV cache types %s/%s, "
-                    "this engine runs %s/%s",
-                    shared,
-                    model,
-                    saved.source.cache_type_k,
-                    saved.source.cache_type_v,
-                    source.cache_type_k,
-                    source.cache_type_v,
-                )
+            why = saved.source.mismatch(source)
+            if why is not None:
+                log.info("prompt cache: %d saved tokens of %s not restored: %s", shared, model, why)
                 continue
             best = (saved, shared)
         return best
@@ -237,7 +300,7 @@ def _read_meta(meta_path: Path) -> SavedPrompt | None:
         return SavedPrompt(
             path,
             meta["model"],
-            Source(**meta["source"]),
+            Source.from_meta(meta["source"]),
             tokens,
             meta["digest"],
             meta["saved_at"],
@@ -257,16 +320,16 @@ class PromptKeeper:
         self._counter = LlamaCppCounter()
         self._restoring: dict[EngineClient, asyncio.Lock] = {}
 
-    async def save_all(self, client: EngineClient, model: str, variant: Variant) -> None:
+    async def save_all(self, client: EngineClient, model: Model, variant: Variant) -> None:
         """Save each idle slot that holds MIN_TOKENS or more (bounded in time)."""
-        source = Source.of(variant)
+        source = Source.of(model, variant)
         if source is None:
             return
         try:
             async with asyncio.timeout(SAVE_BUDGET):
                 for slot in await client.get_json("/slots"):
                     if not slot.get("is_processing") and int(slot.get("n_prompt_tokens") or 0) >= MIN_TOKENS:
-                        await self._save(client, model, variant, source, int(slot["id"]))
+                        await self._save(client, model.name, variant, source, int(slot["id"]))
         except TimeoutError:
             log.warning(
                 "prompt cache: saving %s took over %gs: the rest is skipped", variant.key, SAVE_BUDGET
@@ -307,7 +370,7 @@ class PromptKeeper:
     async def restore_for(
         self,
         client: EngineClient,
-        model: str,
+        model: Model,
         variant: Variant,
         kind: str,
         body: dict[str, Any],
@@ -320,16 +383,16 @@ class PromptKeeper:
         reserved for its answer; `most`: the most tokens its prompt can have, if known;
         `restored`: the files this engine has taken already (the engine finds those itself).
         A request that cannot share enough with any saved prompt is not tokenized."""
-        if (most is not None and most < MIN_TOKENS) or not self.store.waiting(model, restored):
+        if (most is not None and most < MIN_TOKENS) or not self.store.waiting(model.name, restored):
             return None
-        source = Source.of(variant)
+        source = Source.of(model, variant)
         if source is None:
             return None
         try:
             tokens = await self._counter.tokens(client, kind, body)
         except (EngineRequestError, KeyError, TypeError, ValueError):
             return None
-        found = self.store.match(model, source, tokens, len(tokens) + reserve) if tokens else None
+        found = self.store.match(model.name, source, tokens, len(tokens) + reserve) if tokens else None
         if found is None or found[0].path.name in restored:
             return None
         lock = self._restoring.setdefault(client, asyncio.Lock())

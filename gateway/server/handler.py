@@ -252,7 +252,7 @@ class _Call:
             return self.data
         slot = await instance.prompts.restore_for(
             instance.client,
-            instance.model.name,
+            instance.model,
             instance.variant,
             pending.kind,
             self.body,
