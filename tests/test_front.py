@@ -191,6 +191,25 @@ def test_settings_beyond_haproxys_limits_are_refused() -> None:
             FrontSettings(**settings)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("", "is empty"),
+        ("sk-1\n", "holds characters"),
+        ("sk-\t1", "holds characters"),
+        ("ключ", "holds characters"),
+    ],
+)
+def test_a_key_that_is_empty_or_cannot_be_sent_is_refused(
+    value: str, said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FRONT_KEY", value)
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--gateway", "http://h:1", "--api-key-env", "FRONT_KEY"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"--api-key-env: the environment variable FRONT_KEY {said}" in err
+
+
 ODD = gateway("10.0.0.3", 'it\'s a "model" #1', "модель", ("$HOME", "модель"), "x\ty")
 # Words HAProxy reads as flags or syntax where a pattern is expected.
 FLAGS = gateway("10.0.0.5", "-i", ("-f", "-i"), "--", "}", "{", "-m", "-n", "if", "!", "||", "or", "-u")

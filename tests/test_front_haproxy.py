@@ -31,6 +31,7 @@ class StandIn:
     models: list[str]
     key: str | None = None
     up: bool = True
+    admin_key: str | None = None  # the one key /gateway/* takes, where set
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> the model it names
     seen: list[str] = field(default_factory=list)  # "METHOD /path" of each request that arrived
     server: ThreadingHTTPServer = field(init=False)
@@ -54,7 +55,9 @@ def handler_for(gw: StandIn) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def refused(self) -> bool:
-            if gw.key and self.headers.get("Authorization") != f"Bearer {gw.key}":
+            admin = gw.admin_key and self.path.startswith("/gateway/")
+            keys = {gw.admin_key} if admin else {gw.key, gw.admin_key}
+            if gw.key and self.headers.get("Authorization") not in {f"Bearer {key}" for key in keys}:
                 self.answer(401, {"error": {"message": "invalid API key", "code": "unauthorized"}})
                 return True
             return False
@@ -101,9 +104,13 @@ def stand_ins() -> Iterator[Callable[..., StandIn]]:
     running: list[StandIn] = []
 
     def start(
-        host: str, *models: str, key: str | None = None, aliases: dict[str, str] | None = None
+        host: str,
+        *models: str,
+        key: str | None = None,
+        admin_key: str | None = None,
+        aliases: dict[str, str] | None = None,
     ) -> StandIn:
-        gw = StandIn(host, list(models), key, aliases=aliases or {})
+        gw = StandIn(host, list(models), key, admin_key=admin_key, aliases=aliases or {})
         gw.server = ThreadingHTTPServer((host, 0), handler_for(gw))
         # Polled often: shutdown() (a gateway that stops accepting) takes effect at once.
         threading.Thread(target=gw.server.serve_forever, args=(0.02,), daemon=True).start()
@@ -323,7 +330,23 @@ def test_a_model_list_larger_than_haproxy_holds_writes_no_config(capsys, stand_i
     assert "models make a list of 184918 bytes, too large for HAProxy: no config written" in err
 
 
-def test_a_gateway_that_refuses_the_key_is_reported(capsys, stand_ins) -> None:
+def test_a_gateway_that_refuses_the_key_is_reported(capsys, stand_ins, monkeypatch) -> None:
     locked = stand_ins("127.0.0.2", "tiny", key=KEY)
     code, config, err = front_config(capsys, [locked])
-    assert code == 1 and config == "" and "answered 401" in err and "--api-key-env" in err
+    assert code == 1 and config == "" and "answered 401 Unauthorized (give a key with --api-key-env)" in err
+    monkeypatch.setenv("FRONT_KEY", "sk-wrong")
+    code, config, err = front_config(capsys, [locked], "--api-key-env", "FRONT_KEY")
+    assert code == 1 and "answered 401 Unauthorized (it refused the key from --api-key-env)" in err
+
+
+def test_a_key_that_is_not_the_admin_key_is_told_what_would_do(capsys, stand_ins, monkeypatch) -> None:
+    monkeypatch.setenv("FRONT_KEY", KEY)
+    locked = stand_ins("127.0.0.2", "tiny", key=KEY, admin_key="sk-admin")
+    code, config, err = front_config(capsys, [locked], "--api-key-env", "FRONT_KEY")
+    assert code == 1 and config == ""
+    assert (
+        "GET /gateway/models answered 401 Unauthorized (it needs the admin key in --api-key-env, "
+        "or give --maxconn)" in err
+    )
+    code, config, err = front_config(capsys, [locked], "--api-key-env", "FRONT_KEY", "--maxconn", "8")
+    assert code == 0 and "maxconn 8" in config

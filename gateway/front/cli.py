@@ -141,9 +141,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     addresses = [gateway_address(url) for url in args.gateway]
     if len(set(addresses)) < len(addresses):
         parser.error("a gateway is given twice")
-    if args.api_key_env and args.api_key_env not in os.environ:
-        parser.error(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    if args.api_key_env:
+        problem = key_problem(os.environ.get(args.api_key_env))
+        if problem:
+            parser.error(f"--api-key-env: the environment variable {args.api_key_env} {problem}")
     return args
+
+
+def key_problem(key: str | None) -> str | None:
+    """Why `key` (an environment variable's value) cannot be sent as a key, if it cannot."""
+    if key is None:
+        return "is not set"
+    if not key:
+        return "is empty"  # not "no key": the gateways would refuse every call, unexplained
+    if not key.isascii() or not key.isprintable():
+        return "holds characters an HTTP header cannot carry"
+    return None
 
 
 def main(argv: list[str]) -> int:

@@ -94,13 +94,22 @@ def _get(url: str, path: str, key: str | None) -> dict[str, Any]:
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        hint = " (give a key with --api-key-env)" if exc.code == 401 else ""
+        hint = _key_hint(path, key is not None) if exc.code == 401 else ""
         raise FetchFailed(url, f"GET {path} answered {exc.code} {exc.reason}{hint}") from None
     except (OSError, ValueError) as exc:  # refused, timed out, reset; not JSON
         raise FetchFailed(url, f"GET {path} failed: {_reason(exc)}") from None
     if not isinstance(body, dict):
         raise FetchFailed(url, f"GET {path} did not answer a JSON object")
     return body
+
+
+def _key_hint(path: str, key_given: bool) -> str:
+    """What would get past a 401."""
+    if not key_given:
+        return " (give a key with --api-key-env)"
+    if path == "/gateway/models":  # only this call needs more than an API key
+        return " (it needs the admin key in --api-key-env, or give --maxconn)"
+    return " (it refused the key from --api-key-env)"
 
 
 def _reason(exc: Exception) -> str:
