@@ -125,6 +125,24 @@ def test_a_damaged_file_is_logged_and_the_request_runs_without_it(
     assert talk.say("one more")["prompt_n"] < talk.processed_before  # the engine itself is fine
 
 
+def test_a_restore_refused_for_room_is_made_once_the_idle_slots_are_erased(
+    start_gateway, tiny_models
+) -> None:
+    """Another chat's cells fill the unified cache of 512: llama-server refuses the saved
+    one with the words it has for a damaged file. The gateway erases the idle slots and
+    tries once more: the file was good."""
+    gw = start_gateway(tiny_model_config(tiny_models, variants=[{"context": 512}]), max_engines=1)
+    talk = Conversation(gw)
+    talk.say("word " * 85)
+    other_model(gw)  # its slots are saved
+    Conversation(gw).say("other " * 74)
+    back = talk.say("and again")
+    assert talk.contexts == ["512"] * 2 and 400 < talk.processed_before < 512 - 40, talk.timings
+    assert back["cache_n"] >= 0.95 * talk.processed_before, talk.timings
+    assert metric(gw, "llm_gateway_prompt_cache_restores_total", outcome="restored") == 1
+    assert metric(gw, "llm_gateway_prompt_cache_restores_total", outcome="failed") == 0
+
+
 def test_another_model_file_under_the_same_name_drops_the_cache(start_gateway, tiny_models) -> None:
     gw = start_gateway(models(tiny_models), max_engines=1)
     talk = Conversation(gw)

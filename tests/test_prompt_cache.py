@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.config.schema import EngineKind, Model, PromptCache, RequestRules, Timeouts, Variant
+from gateway.engine.client import EngineAnswered
 from gateway.engine.prompt_cache import MIN_TOKENS, PromptKeeper, PromptStore, Source, kv_args
 from gateway.engine.slotfile import MAGIC, UnreadableSlotFile, common_prefix, read_tokens
 from gateway.utils.metrics import Metrics
@@ -53,6 +54,69 @@ def store(tmp_path: Path, max_size: int = 1 << 30) -> PromptStore:
 
 
 CONVERSATION = list(range(1000, 1000 + 2 * MIN_TOKENS))
+REFUSED = EngineAnswered(
+    "POST /slots/0?action=restore: HTTP 400",
+    400,
+    json.dumps(
+        {
+            "error": {
+                "message": "Unable to restore slot: No available space in KV cache or invalid slot save file"
+            }
+        }
+    ),
+)
+
+
+class FakeEngine:
+    """llama-server's slot endpoints as the keeper calls them: one idle slot; a save
+    writes a slot file of `tokens`, or raises `save_error`; each restore answers with
+    the next of `restores`, an exception or the tokens restored."""
+
+    def __init__(
+        self,
+        folder: Path,
+        tokens: list[int] = CONVERSATION,
+        state_bytes: int = 64,
+        save_error: Exception | None = None,
+        restores: tuple[Exception | int, ...] = (),
+    ) -> None:
+        self.folder, self.tokens, self.state_bytes, self.save_error = folder, tokens, state_bytes, save_error
+        self.restores = list(restores)
+        self.calls: list[str] = []
+
+    async def get_json(self, path: str) -> Any:
+        self.calls.append(path)
+        return [{"id": 0, "is_processing": False, "n_prompt_tokens": len(self.tokens)}]
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        self.calls.append(path)
+        if path.endswith("action=save"):
+            if self.save_error is not None:
+                raise self.save_error
+            slot_file(self.folder / body["filename"], self.tokens, self.state_bytes)
+            return {"n_saved": len(self.tokens)}
+        if path.endswith("action=restore"):
+            outcome = self.restores.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return {"n_restored": outcome}
+        return {}  # an erase
+
+
+def counted(metrics: Metrics, name: str, outcome: str) -> float:
+    value = metrics.registry.get_sample_value(f"llm_gateway_{name}_total", {"model": "m", "outcome": outcome})
+    return value or 0.0
+
+
+async def restore(
+    keeper: PromptKeeper, engine: FakeEngine, model_file: Path, prompt: list[int]
+) -> int | None:
+    """restore_for a completion of token ids (the keeper tokenizes nothing then)."""
+    model = llama_cpp_model(model_file)
+    client: Any = engine
+    return await keeper.restore_for(
+        client, model, model.variants[0], "completion", {"prompt": prompt}, 8, None, set()
+    )
 
 
 def test_the_header_gives_the_tokens_and_refuses_other_layouts(tmp_path: Path) -> None:
@@ -202,3 +266,19 @@ async def test_a_short_prompt_or_an_engine_that_took_everything_is_not_tokenized
         await keeper.restore_for(engine, model, model.variants[0], "chat", {}, 0, None, {saved.path.name})
         is None
     )
+
+
+@pytest.mark.parametrize(("second", "kept"), [(len(CONVERSATION), True), (REFUSED, False)])
+async def test_a_refused_restore_is_tried_once_more_after_erasing_the_idle_slots(
+    tmp_path: Path, model_file: Path, second: Exception | int, kept: bool
+) -> None:
+    """llama-server refuses a file for a cache without room as for a damaged one: only a
+    second refusal, with the idle slots erased, tells the file is bad."""
+    prompts, metrics = store(tmp_path), Metrics()
+    saved = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    engine = FakeEngine(prompts.folder, restores=(REFUSED, second))
+    slot = await restore(PromptKeeper(prompts, metrics), engine, model_file, [*CONVERSATION, 1])
+    assert engine.calls.count("/slots/0?action=erase") == 1
+    assert engine.calls.count("/slots/0?action=restore") == 2
+    assert (slot == 0) is kept and saved.path.exists() is kept and (saved in prompts.saved) is kept
+    assert counted(metrics, "prompt_cache_restores", "failed") == (0 if kept else 1)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.schema import Model, PromptCache, Variant
-from gateway.engine.client import EngineClient, EngineRequestError
+from gateway.engine.client import EngineAnswered, EngineClient, EngineRequestError
 from gateway.engine.counting import LlamaCppCounter
 from gateway.engine.llamacpp import LlamaCppEngine
 from gateway.engine.slotfile import UnreadableSlotFile, common_prefix, digest, read_tokens
@@ -404,17 +404,29 @@ class PromptKeeper:
     ) -> int | None:
         began = time.monotonic()
         try:
-            slot = await _idle_slot(client)
-            if slot is None:
-                return None
-            answer = await asyncio.wait_for(
-                client.post_json(f"/slots/{slot}?action=restore", {"filename": saved.path.name}), RESTORE_WAIT
-            )
-            count = int(answer["n_restored"])
+            try:
+                done = await _restore_into_idle_slot(client, saved)
+            except EngineAnswered as refused:
+                # llama-server refuses a file when the cache has no room for it in the
+                # words it has for a damaged one: the cells idle slots keep of other
+                # requests may take that room. Erased, they free it; a second refusal
+                # means the file is bad.
+                log.info(
+                    "prompt cache: %s refused by %s (%s): its idle slots are erased and it is tried again",
+                    saved.path.name,
+                    variant.key,
+                    refused.engine_message,
+                )
+                await _LLAMA_CPP.clear_idle_slots(client)
+                restored.clear()  # what it had taken was in those slots
+                done = await _restore_into_idle_slot(client, saved)
         except (TimeoutError, EngineRequestError, KeyError, TypeError, ValueError) as exc:
             self._metrics.prompt_cache_restores.labels(saved.model, "failed").inc()
             self.store.forget(saved, f"the restore into {variant.key} failed: {exc or type(exc).__name__}")
             return None
+        if done is None:
+            return None
+        slot, count = done
         restored.add(saved.path.name)
         self.store.touch(saved)
         self._metrics.prompt_cache_restores.labels(saved.model, "restored").inc()
@@ -431,6 +443,18 @@ class PromptKeeper:
 
     def forget_engine(self, client: EngineClient) -> None:
         self._restoring.pop(client, None)
+
+
+async def _restore_into_idle_slot(client: EngineClient, saved: SavedPrompt) -> tuple[int, int] | None:
+    """The idle slot `saved` was restored into and the tokens restored; None when no slot
+    is idle."""
+    slot = await _idle_slot(client)
+    if slot is None:
+        return None
+    answer = await asyncio.wait_for(
+        client.post_json(f"/slots/{slot}?action=restore", {"filename": saved.path.name}), RESTORE_WAIT
+    )
+    return slot, int(answer["n_restored"])
 
 
 async def _idle_slot(client: EngineClient) -> int | None:
