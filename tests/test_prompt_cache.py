@@ -8,6 +8,7 @@ import logging
 import os
 import struct
 from array import array
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,54 @@ async def test_a_refused_restore_is_tried_once_more_after_erasing_the_idle_slots
     assert engine.calls.count("/slots/0?action=restore") == 2
     assert (slot == 0) is kept and saved.path.exists() is kept and (saved in prompts.saved) is kept
     assert counted(metrics, "prompt_cache_restores", "failed") == (0 if kept else 1)
+
+
+def raises(error: Exception) -> Callable[..., Any]:
+    def fail(*args: object, **kwargs: object) -> Any:
+        raise error
+
+    return fail
+
+
+def unlink_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every removal fails, as in a folder made read-only (chmod does not stop root)."""
+    monkeypatch.setattr(Path, "unlink", raises(PermissionError(13, "Permission denied")))
+
+
+def test_a_file_that_cannot_be_removed_is_logged_and_forgotten(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    prompts = store(tmp_path)
+    saved = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    unlink_fails(monkeypatch)
+    prompts.forget(saved, "a test")
+    assert saved not in prompts.saved
+    assert "Permission denied" in caplog.text
+
+
+@pytest.mark.parametrize("save_error", [None, REFUSED])
+async def test_a_save_in_a_folder_where_nothing_can_be_removed_does_not_fail_the_stop(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch, save_error: Exception | None
+) -> None:
+    """A failed save removes what it wrote; when that fails too the stop goes on (it was
+    cut short, and the engine SIGKILLed with its other slots unsaved)."""
+    prompts, metrics = store(tmp_path), Metrics()
+    monkeypatch.setattr(PromptStore, "add", raises(OSError(28, "No space left on device")))
+    unlink_fails(monkeypatch)
+    model = llama_cpp_model(model_file)
+    client: Any = FakeEngine(prompts.folder, save_error=save_error)
+    await PromptKeeper(prompts, metrics).save_all(client, model, model.variants[0])
+    assert counted(metrics, "prompt_cache_saves", "failed") == 1
+
+
+async def test_a_directory_where_a_file_was_costs_the_request_nothing(
+    tmp_path: Path, model_file: Path, caplog
+) -> None:
+    prompts, metrics = store(tmp_path), Metrics()
+    saved = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    saved.path.unlink()
+    saved.path.mkdir()  # llama-server cannot read it, and it cannot be unlinked
+    engine = FakeEngine(prompts.folder, restores=(REFUSED, REFUSED))
+    assert await restore(PromptKeeper(prompts, metrics), engine, model_file, [*CONVERSATION, 1]) is None
+    assert saved not in prompts.saved and counted(metrics, "prompt_cache_restores", "failed") == 1
+    assert "Is a directory" in caplog.text

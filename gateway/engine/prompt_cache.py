@@ -206,7 +206,7 @@ class PromptStore:
         try:
             tokens = read_tokens(path)
         except (UnreadableSlotFile, OSError):
-            path.unlink(missing_ok=True)
+            _remove(path)
             raise
         now = time.time()
         saved = SavedPrompt(path, model, source, tokens, digest(tokens), now, now)
@@ -257,8 +257,7 @@ class PromptStore:
             len(saved.tokens),
             why,
         )
-        for path in (saved.path, saved.path.with_suffix(".json")):
-            path.unlink(missing_ok=True)
+        _remove(saved.path, saved.path.with_suffix(".json"))
 
     def _trim(self) -> None:
         """Least recently used first, until the files fit max_size."""
@@ -288,6 +287,19 @@ class PromptStore:
     def close(self) -> None:
         if self.owned:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _remove(*paths: Path) -> None:
+    """Remove files of the cache. One that cannot be (a read-only folder, a directory in
+    its place) is left, with one log line: no request or stop may fail for it."""
+    left: list[str] = []
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            left.append(f"{path}: {exc.strerror or exc}")
+    if left:
+        log.warning("prompt cache: cannot remove %s", "; ".join(left))
 
 
 def _read_meta(meta_path: Path) -> SavedPrompt | None:
@@ -334,7 +346,7 @@ class PromptKeeper:
             log.warning(
                 "prompt cache: saving %s took over %gs: the rest is skipped", variant.key, SAVE_BUDGET
             )
-        except (EngineRequestError, KeyError, TypeError, ValueError) as exc:
+        except (EngineRequestError, KeyError, TypeError, ValueError, OSError) as exc:
             log.warning("prompt cache: saving %s failed: %s", variant.key, exc)
 
     async def _save(
@@ -347,11 +359,11 @@ class PromptKeeper:
                 client.post_json(f"/slots/{slot}?action=save", {"filename": path.name}), SAVE_WAIT
             )
             if int(answer.get("n_saved", 0)) < MIN_TOKENS:
-                path.unlink(missing_ok=True)
+                _remove(path)
                 return
             saved = self.store.add(model, source, path)
         except (TimeoutError, EngineRequestError, UnreadableSlotFile, OSError, ValueError, TypeError) as exc:
-            path.unlink(missing_ok=True)
+            _remove(path)
             self._metrics.prompt_cache_saves.labels(model, "failed").inc()
             log.warning(
                 "prompt cache: save of %s slot %d skipped: %s", variant.key, slot, exc or type(exc).__name__
@@ -420,7 +432,7 @@ class PromptKeeper:
                 await _LLAMA_CPP.clear_idle_slots(client)
                 restored.clear()  # what it had taken was in those slots
                 done = await _restore_into_idle_slot(client, saved)
-        except (TimeoutError, EngineRequestError, KeyError, TypeError, ValueError) as exc:
+        except (TimeoutError, EngineRequestError, KeyError, TypeError, ValueError, OSError) as exc:
             self._metrics.prompt_cache_restores.labels(saved.model, "failed").inc()
             self.store.forget(saved, f"the restore into {variant.key} failed: {exc or type(exc).__name__}")
             return None
