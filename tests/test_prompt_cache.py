@@ -334,3 +334,18 @@ async def test_a_directory_where_a_file_was_costs_the_request_nothing(
     assert await restore(PromptKeeper(prompts, metrics), engine, model_file, [*CONVERSATION, 1]) is None
     assert saved not in prompts.saved and counted(metrics, "prompt_cache_restores", "failed") == 1
     assert "Is a directory" in caplog.text
+
+
+def test_a_file_whose_meta_cannot_be_written_is_not_kept(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the .json is not written, so the pair is removed, not indexed (the
+    entry would outlive its .bin and fail its restore)."""
+    prompts = store(tmp_path)
+    older = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    monkeypatch.setattr(Path, "write_text", raises(OSError(28, "No space left on device")))
+    path = slot_file(prompts.new_path("m"), CONVERSATION)
+    with pytest.raises(OSError, match="No space left"):
+        prompts.add("m", source(model_file), path)
+    assert prompts.saved == [older] and older.path.exists()
+    assert not path.exists() and not path.with_suffix(".json").exists()

@@ -202,18 +202,19 @@ class PromptStore:
     def add(self, model: str, source: Source, path: Path) -> SavedPrompt:
         """Index a file an engine just wrote; one that holds the same tokens is dropped
         (a shorter one it extends is kept: a later branch of the conversation may fit
-        only that). Raises UnreadableSlotFile or OSError (the file is removed then)."""
+        only that). Raises UnreadableSlotFile or OSError: the file is removed then, and
+        nothing indexed whose .json is not written (a full disk)."""
         try:
             tokens = read_tokens(path)
+            now = time.time()
+            saved = SavedPrompt(path, model, source, tokens, digest(tokens), now, now)
+            path.with_suffix(".json").write_text(json.dumps(saved.meta()))
         except (UnreadableSlotFile, OSError):
-            _remove(path)
+            _remove(path, path.with_suffix(".json"))
             raise
-        now = time.time()
-        saved = SavedPrompt(path, model, source, tokens, digest(tokens), now, now)
         for older in [s for s in self.saved if s.model == model and s.digest == saved.digest]:
             self.forget(older, "saved again")
         self.saved.append(saved)
-        saved.path.with_suffix(".json").write_text(json.dumps(saved.meta()))
         self._trim()
         return saved
 
