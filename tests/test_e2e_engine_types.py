@@ -7,8 +7,11 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +19,9 @@ from typing import Any
 import pytest
 from conftest import Gateway, alive, metric, tiny_model_config, wait_until
 
-from gateway.demo.harness import spawn_gateway, stop_process, wait_healthy
+from gateway.demo.harness import free_port, spawn_gateway, stop_process, wait_healthy
 
+FAKE = Path(__file__).with_name("fakes") / "fake_engine.py"
 PROMPT_800 = "word " * 160  # 800 bytes: about 800 tokens on the demo model (one a byte)
 
 
@@ -287,3 +291,30 @@ def test_requests_in_flight_to_a_frozen_upstream_end_when_it_is_found_unreachabl
     assert ended < 10
     assert plain and plain[0].status == 502, plain
     assert front.engine("far")["state"] == "crashed"
+
+
+def test_a_request_an_upstream_took_is_never_sent_twice(start_gateway) -> None:
+    """An upstream that drops the connection after reading the request may have run it
+    (and billed it): the client gets 502, the upstream saw it once."""
+    port = free_port()
+    fake = subprocess.Popen(
+        [sys.executable, str(FAKE), "drop", "--port", str(port)], stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", fake)
+        gw = start_gateway(
+            [
+                {
+                    "name": "far",
+                    "engine": "remote",
+                    "url": f"http://127.0.0.1:{port}",
+                    "variants": [{"context": 2048}],
+                }
+            ]
+        )
+        reply = gw.post("/v1/chat/completions", chat("far"))
+        assert reply.status == 502 and "not sent again" in reply.json()["error"]["message"], reply.body
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/completions", timeout=5) as seen:
+            assert json.loads(seen.read())["completions"] == 1
+    finally:
+        stop_process(fake)

@@ -266,9 +266,12 @@ class EngineManager:
         room: RunningRoom = await adapter.running_room(client, model, variant)
         counter = adapter.counter(model)
         overhead = None
-        if counter is not None:
-            with contextlib.suppress(EngineRequestError, KeyError, TypeError, ValueError):
-                overhead = await counter.template_overhead(client, adapter.rewrite(model, {}))
+        if counter is not None:  # (an engine that cannot measure it still serves, unbounded)
+            with contextlib.suppress(
+                EngineRequestError, KeyError, TypeError, ValueError, OverflowError, TimeoutError
+            ):
+                async with asyncio.timeout(variant.timeouts.health_check):
+                    overhead = await counter.template_overhead(client, adapter.rewrite(model, {}))
         return EngineInstance(
             model=model,
             variant=variant,

@@ -140,6 +140,10 @@ def _apply_rules(body: dict[str, Any], model: Model) -> dict[str, Any]:
     return rewritten
 
 
+# An engine that answers these to a counting call lacks the route its `count` names.
+_NOT_OFFERED = frozenset({404, 405, 501})
+
+
 class _Tries:
     """How many times one cause may send a request back to the queue."""
 
@@ -282,12 +286,24 @@ class _Call:
             return None
         if instance.counter is None:  # the engine cannot count: the estimate stands
             return None
+        wait = instance.variant.timeouts.health_check
         try:
-            tokens = await instance.counter.count(instance.client, pending.kind, self.body)
+            async with asyncio.timeout(wait):
+                tokens = int(await instance.counter.count(instance.client, pending.kind, self.body))
         except EngineAnswered as exc:
+            if exc.status in _NOT_OFFERED:
+                raise EngineFailed(
+                    f"the engine does not offer the token count its config names: {exc}"
+                ) from None
             raise EngineRejected(exc.status, exc.engine_message) from None
         except EngineRequestError as exc:
             return self._retry_or_fail(f"counting failed: {exc}")
+        except TimeoutError:
+            return self._retry_or_fail(f"counting took over {wait:g}s (health_check_timeout)")
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # an answer of another shape
+            raise EngineFailed(
+                f"the engine's token count could not be read: {type(exc).__name__}: {exc}"
+            ) from None
         fits_shared_cache = await asyncio.shield(self.supervisor.confirm(grant, pending.shape, tokens))
         pending.exact_tokens, pending.method = tokens, "exact"
         if not instance.room.fits(pending.needs(tokens)):
@@ -315,6 +331,11 @@ class _Call:
             return f"{exc} (requeue {self.engine_full.used} of {self.engine_full.limit})"
         if grant.instance.cut_off_reason:
             raise EngineFailed(f"cut off before the engine answered: {grant.instance.cut_off_reason}")
+        if exc.delivered and not grant.instance.variant.engine.local:
+            # An upstream that took the request may have run it (and billed it): never twice.
+            raise EngineFailed(
+                f"the upstream failed after it got the request, which is not sent again: {exc}"
+            )
         # Let a dying engine's exit reach the supervisor first, so the retry waits for a
         # fresh engine instead of being granted the dead one again.
         await asyncio.wait([grant.instance.exited], timeout=RETRY_SETTLE)

@@ -53,13 +53,17 @@ class NotSent(Exception):
     """The engine failed before any byte went to the client: the request may be retried.
 
     `prompt_tokens` is set when the engine refused the prompt as too long for its context;
-    `engine_full` when the engine's KV cache ran out while it processed the request.
+    `engine_full` when the engine's KV cache ran out while it processed the request;
+    `delivered` unless the request never reached the engine (no connection).
     """
 
-    def __init__(self, reason: str, prompt_tokens: int | None = None, engine_full: bool = False) -> None:
+    def __init__(
+        self, reason: str, prompt_tokens: int | None = None, engine_full: bool = False, delivered: bool = True
+    ) -> None:
         super().__init__(reason)
         self.prompt_tokens = prompt_tokens
         self.engine_full = engine_full
+        self.delivered = delivered
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ async def _open(instance: EngineInstance, path: str, data: bytes, headers: Mappi
     try:
         return await opening
     except (OSError, TimeoutError, ValueError) as exc:
-        raise NotSent(f"engine unreachable: {type(exc).__name__}: {exc}") from None
+        raise NotSent(f"engine unreachable: {type(exc).__name__}: {exc}", delivered=False) from None
     except asyncio.CancelledError:
         _raise_if_cut_off(instance)
         raise

@@ -12,15 +12,21 @@ or every, completion request fails as llama-server's do when its KV cache runs o
 bare-error (completion requests get 415 with an empty body, as llama-server answers a
 body it cannot decode), full-after-role (the first stream opens with a role event for
 each of two answers, as llama-server's chat streams with n > 1 do, then has that error).
+For engine = "openai" (`--port N` given): count-garbage (POST /tokenize answers without
+vLLM's `count`), count-missing (no /tokenize nor /apply-template: 404), count-hangs
+(POST /tokenize never answers), drop (a completion request is read, then its
+connection closed without an answer; GET /completions says how many came).
 """
 
 import json
 import os
 import sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODE = sys.argv[1]
 CONTEXT = int(sys.argv[sys.argv.index("--ctx-size") + 1]) if "--ctx-size" in sys.argv else 4096
+PORT = int(sys.argv[sys.argv.index("--port") + 1]) if "--port" in sys.argv else 0
 OVERFLOW_PROMPT = 1500
 FULL = {"code": 500, "message": "Context size has been exceeded.", "type": "server_error"}
 ANSWER = {
@@ -60,12 +66,17 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(503, {"error": {"message": "Loading model", "code": 503}})
             else:
                 self._json(200, {"status": "ok"})
+        elif self.path == "/completions":
+            self._json(200, {"completions": completions})
         elif self.path == "/slots":
             self._json(200, [{"id": 0, "n_ctx": CONTEXT}])
         else:
             self._json(404, {"error": {"message": "not found"}})
 
     def do_POST(self) -> None:
+        if MODE.startswith("count-") and self.path in ("/apply-template", "/tokenize"):
+            self._count_fault()
+            return
         if self.path == "/apply-template":
             self._json(200, {"prompt": "x"})
             return
@@ -78,7 +89,10 @@ class Handler(BaseHTTPRequestHandler):
         global completions
         completions += 1
         stream = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))).get("stream") is True
-        if MODE == "undercount":
+        if MODE == "drop":
+            self.close_connection = True
+            self.connection.shutdown(2)  # as a box that dies with the request read
+        elif MODE == "undercount":
             self._undercount()
         elif MODE == "bare-error":
             self.send_response(415)
@@ -106,6 +120,14 @@ class Handler(BaseHTTPRequestHandler):
             data = event if isinstance(event, str) else json.dumps(event, separators=(",", ":"))
             self.wfile.write(f"data: {data}\n\n".encode())
 
+    def _count_fault(self) -> None:
+        if MODE == "count-garbage":
+            self._json(200, {"tokens": [1, 2, 3]})
+        elif MODE == "count-missing":
+            self._json(404, {"error": {"message": "Not Found"}})
+        else:
+            time.sleep(60)
+
     def _undercount(self) -> None:
         if CONTEXT < 2048:
             message = (
@@ -128,7 +150,8 @@ def main() -> None:
     if MODE == "exit-on-start":
         print("fake engine: cannot load model", flush=True)
         sys.exit(3)
-    server = HTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    server.daemon_threads = True
     print(f"main: server is listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
 
