@@ -275,3 +275,16 @@ def test_a_running_upstream_takes_no_engine_place() -> None:
 def test_an_upstream_is_never_excess() -> None:
     remote = EngineView("r", EngineState.READY, RunningEngine(R.variants[0], 4096), local=False)
     assert excess(engines(remote, ready(A), ready(B, last_used=1.0)), Limits(max_engines=1)) == ("a",)
+
+
+def test_a_load_backing_off_does_not_hold_up_another() -> None:
+    """Two upstreams probed again with back-off: the one whose back-off is over starts."""
+    dead, alive = make_remote("dead", 4096), make_remote("alive", 4096)
+    result = plan(
+        [],
+        {},
+        SELECTOR,
+        backing_off={"dead@4096"},
+        loads=[dead.variants[0], alive.variants[0]],
+    )
+    assert start_of(result) == ("alive@4096", (), True)

@@ -1288,3 +1288,13 @@ async def test_a_load_pending_across_a_reload_loads_the_new_config(harness: Harn
     await handled(sup)
     assert state_of(sup) == "ready" and engine_of(sup)["pid"] == engine.process.pid
     assert len(fx.starts) == 2  # and no loop of restarts
+
+
+async def test_a_long_back_off_never_postpones_a_shorter_one(harness: Harness) -> None:
+    sup = harness.sup
+    loop = asyncio.get_running_loop()
+    sup._arm_retry(0.2)
+    sup._arm_retry(8.0)  # another variant's longer back-off
+    assert sup._retry is not None and sup._retry.when() <= loop.time() + 0.2
+    sup._arm_retry(0.05)
+    assert sup._retry.when() <= loop.time() + 0.05

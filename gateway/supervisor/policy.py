@@ -121,7 +121,8 @@ def plan(
        too small) decides the next start: the first whose variant is not backing off
        after failures, if there is one. Starts are made only for it, which keeps arrival
        order fair and an A,B,A,B pattern from thrashing.
-    4. With no such request, a load asked for ahead of traffic is the next start.
+    4. With no such request, a load asked for ahead of traffic is the next start (one whose
+       variant is not backing off first).
     5. `place` finds room for that start (see there).
     """
     result = Plan()
@@ -160,7 +161,8 @@ def plan(
         elif placement is not None:
             result.start = replace(placement, head=(item, selection))
         return result
-    for variant in loads:
+    # Loads whose variant may start now first: one backing off does not hold the others up.
+    for variant in sorted(loads, key=lambda v: v.key in backing_off):
         engine = engines.get(variant.model)
         if engine is not None and engine.active:
             running = engine.running

@@ -914,11 +914,14 @@ class Supervisor:
             slot.look_at_slots(self._effects)
 
     def _arm_retry(self, delay: float) -> None:
+        """Reconcile again after `delay`, unless a retry is due sooner already (one
+        failing variant's long back-off must not hold up another's short one)."""
+        loop = asyncio.get_running_loop()
+        if self._retry is not None and self._retry.when() <= loop.time() + delay:
+            return
         if self._retry is not None:
             self._retry.cancel()
-        self._retry = asyncio.get_running_loop().call_later(
-            delay, self._post, ev.TimerFired(None, "retry", None)
-        )
+        self._retry = loop.call_later(delay, self._post, ev.TimerFired(None, "retry", None))
 
     # --- control: load ahead of traffic, reload, unload, shut down ---------------------------
 
@@ -1145,7 +1148,9 @@ def _start_error(error: StartFailed) -> GatewayError:
     message = f"{error}" + (f"; last engine output:\n{tail}" if tail else "")
     if error.kind == "timeout":
         return EngineTimeout(message)
-    if error.kind in ("spawn", "unreachable"):
+    if error.kind == "unreachable":
+        return Unavailable(message, headers={"Retry-After": "1"})
+    if error.kind == "spawn":
         return Unavailable(message)
     return EngineFailed(message)
 
