@@ -120,12 +120,25 @@ def test_a_remote_engine_is_read_with_its_url_and_limits(tmp_path: Path, monkeyp
             '{ name = "a", engine = "vllm", variants = { { context = 1 } } }',
             ['unknown engine type "vllm"', '"openai"'],
         ),
+        (
+            '{ name = "a", engine = "remote", url = "http://me:s3cret@h:1", variants = { { context = 1 } } }',
+            ["models[1].url", "must not hold credentials", "api_key_env"],
+        ),
+        (
+            '{ name = "a", engine = "remote", url = "http://h:1/v1?x=1", variants = { { context = 1 } } }',
+            ["models[1].url", "no query or fragment"],
+        ),
+        (
+            '{ name = "a", engine = "remote", url = "http://h:99999", variants = { { context = 1 } } }',
+            ["models[1].url", "no valid port"],
+        ),
     ],
 )
 def test_bad_engine_configs_are_refused_naming_the_key(tmp_path: Path, models: str, words: list[str]) -> None:
     message = error(tmp_path, models)
     for word in words:
         assert word in message, message
+    assert "s3cret" not in message  # a password never reaches a log
 
 
 def test_an_unset_key_variable_is_a_warning_not_an_error(tmp_path: Path, monkeypatch, caplog) -> None:

@@ -607,6 +607,15 @@ local function upstream(path, m, engine)
     if not out.url:match("^https?://[^/%s]+[^%s]*$") then
       fail(path .. ".url", "must be an http:// or https:// URL like \"http://10.0.0.5:7777\" (got %s)", show(m.url))
     end
+    local authority = out.url:match("^https?://([^/]+)")
+    if authority:find("@", 1, true) then -- (its value is not shown: it holds a password)
+      fail(path .. ".url", "must not hold credentials: name the variable with the key in api_key_env")
+    end
+    if out.url:find("[?#]") then
+      fail(path .. ".url", "must have no query or fragment: the request paths are appended to it (got %s)", show(m.url))
+    end
+    local port = authority:match(":(%d+)$")
+    if port and not valid_port(port) then fail(path .. ".url", "has no valid port (got %s)", show(m.url)) end
     out.url = out.url:gsub("/+$", "")
     if m.api_key_env ~= nil then
       out.api_key_env = non_empty_string(path .. ".api_key_env", m.api_key_env)
