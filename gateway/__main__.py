@@ -103,7 +103,7 @@ async def serve(config: GatewayConfig, recent: RecentLines | None = None) -> int
     try:
         await server.start()
     except OSError as exc:
-        log.error("cannot listen: %s", exc)
+        log.error("cannot start: %s", exc)  # listening, or the prompt cache's folder
         await server.stop(announce=False)
         return EXIT_LISTEN
     signalled = await stop

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.demo.harness import lua_config, spawn_gateway
 from gateway.supervisor.supervisor import BACKOFF_BASE
 from tests.conftest import Gateway, alive, tiny_model_config, wait_until
 
@@ -308,3 +310,19 @@ def test_drain_timeout_cuts_off_requests_in_flight_at_once(start_gateway, tiny_m
     assert "drain_timeout" in plain_result[0].json()["error"]["message"]
     assert swap_result[0].status == 200
     assert gateway.state()["counters"]["starts"] == 2  # no swap back for a re-run
+
+
+def test_a_gateway_that_cannot_listen_says_so_and_exits_at_once(tmp_path, tiny_models) -> None:
+    """Its address taken: exit 3 with the reason, without waiting out a shutdown budget."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "taken.cfg.lua"
+        config.write_text(lua_config(port, tiny_model_config(tiny_models)))
+        log = tmp_path / "taken.log"
+        began = time.monotonic()
+        code = spawn_gateway(config, log).wait(30)
+    assert code == 3
+    assert time.monotonic() - began < 10
+    assert "cannot start" in log.read_text() and "address already in use" in log.read_text()

@@ -186,7 +186,8 @@ class GatewayServer:
         self.control.close()
         self.dashboard.close()
         try:
-            await asyncio.wait_for(self.supervisor.shutdown(), self._shutdown_budget())
+            if self.supervisor.started:  # (not when the start failed before it)
+                await asyncio.wait_for(self.supervisor.shutdown(), self._shutdown_budget())
         except TimeoutError:
             log.error("shutdown took too long: killing the engine")
         finally:

@@ -133,6 +133,10 @@ class Supervisor:
         self._post(ev.ShutdownRequested(done))
         await done
 
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
