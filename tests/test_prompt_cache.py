@@ -349,3 +349,20 @@ def test_a_file_whose_meta_cannot_be_written_is_not_kept(
         prompts.add("m", source(model_file), path)
     assert prompts.saved == [older] and older.path.exists()
     assert not path.exists() and not path.with_suffix(".json").exists()
+
+
+async def test_a_slot_larger_than_max_size_is_skipped_as_too_large(
+    tmp_path: Path, model_file: Path, caplog
+) -> None:
+    """Not counted as saved, and it does not push the smaller files out on its way."""
+    small = slot_file(tmp_path / "probe.bin", CONVERSATION).stat().st_size
+    prompts, metrics = store(tmp_path, max_size=small + 100), Metrics()
+    kept = prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), CONVERSATION))
+    model = llama_cpp_model(model_file)
+    client: Any = FakeEngine(prompts.folder, tokens=[7, *CONVERSATION], state_bytes=1 << 20)
+    await PromptKeeper(prompts, metrics).save_all(client, model, model.variants[0])
+    assert counted(metrics, "prompt_cache_saves", "too_large") == 1
+    assert counted(metrics, "prompt_cache_saves", "saved") == 0
+    assert "larger than max_size" in caplog.text
+    assert prompts.saved == [kept]
+    assert sorted(prompts.folder.iterdir()) == sorted([kept.path, kept.path.with_suffix(".json")])

@@ -170,6 +170,22 @@ class SavedPrompt:
         }
 
 
+class TooLarge(Exception):
+    """A slot file larger than max_size: kept, it would be dropped at once."""
+
+
+# What skips a save: the engine's answer, the file, the disk, or max_size.
+_SAVE_SKIPPED = (
+    TimeoutError,
+    EngineRequestError,
+    UnreadableSlotFile,
+    TooLarge,
+    OSError,
+    ValueError,
+    TypeError,
+)
+
+
 class PromptStore:
     """The saved prompts of every model: files in one folder (each `.bin` with a `.json`
     that says what it holds, so that a configured folder outlives a restart), at most
@@ -202,14 +218,17 @@ class PromptStore:
     def add(self, model: str, source: Source, path: Path) -> SavedPrompt:
         """Index a file an engine just wrote; one that holds the same tokens is dropped
         (a shorter one it extends is kept: a later branch of the conversation may fit
-        only that). Raises UnreadableSlotFile or OSError: the file is removed then, and
-        nothing indexed whose .json is not written (a full disk)."""
+        only that). Raises UnreadableSlotFile, TooLarge or OSError: the file is removed
+        then, and nothing indexed whose .json is not written (a full disk)."""
         try:
+            size = path.stat().st_size
+            if size > self.max_size:
+                raise TooLarge(f"{human_bytes(size)}, larger than max_size {human_bytes(self.max_size)}")
             tokens = read_tokens(path)
             now = time.time()
             saved = SavedPrompt(path, model, source, tokens, digest(tokens), now, now)
             path.with_suffix(".json").write_text(json.dumps(saved.meta()))
-        except (UnreadableSlotFile, OSError):
+        except (UnreadableSlotFile, TooLarge, OSError):
             _remove(path, path.with_suffix(".json"))
             raise
         for older in [s for s in self.saved if s.model == model and s.digest == saved.digest]:
@@ -363,9 +382,10 @@ class PromptKeeper:
                 _remove(path)
                 return
             saved = self.store.add(model, source, path)
-        except (TimeoutError, EngineRequestError, UnreadableSlotFile, OSError, ValueError, TypeError) as exc:
+        except _SAVE_SKIPPED as exc:
             _remove(path)
-            self._metrics.prompt_cache_saves.labels(model, "failed").inc()
+            outcome = "too_large" if isinstance(exc, TooLarge) else "failed"
+            self._metrics.prompt_cache_saves.labels(model, outcome).inc()
             log.warning(
                 "prompt cache: save of %s slot %d skipped: %s", variant.key, slot, exc or type(exc).__name__
             )
