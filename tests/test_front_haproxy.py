@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.demo.harness import free_port
-from gateway.front import cli, haproxy
+from gateway.front import cli, fetch, haproxy
 from gateway.front.haproxy import DEFAULT_MAX_BODY, FROZEN_NOTICE_SECONDS, NOTICE_SECONDS
 from tests.conftest import Gateway, Response, wait_until
 
@@ -32,6 +32,9 @@ class StandIn:
     key: str | None = None
     up: bool = True
     admin_key: str | None = None  # the one key /gateway/* takes, where set
+    listing: bytes | None = None  # its /v1/models answer, instead of one made from `models`
+    details: dict[str, Any] = field(default_factory=lambda: {"queue_limit": 8, "shutdown_delay": 2})
+    drip: float = 0.0  # seconds between the bytes of its /v1/models answer
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> the model it names
     seen: list[str] = field(default_factory=list)  # "METHOD /path" of each request that arrived
     server: ThreadingHTTPServer = field(init=False)
@@ -47,12 +50,24 @@ def handler_for(gw: StandIn) -> type[BaseHTTPRequestHandler]:
             pass
 
         def answer(self, status: int, body: Any) -> None:
-            data = json.dumps(body).encode()
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            if gw.drip and self.path == "/v1/models":
+                return self.drip(status, data)
             self.send_response(status)
             for name, value in (("Content-Type", "application/json"), ("Content-Length", str(len(data)))):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
+
+        def drip(self, status: int, data: bytes) -> None:
+            """The whole answer, head and body, a byte at a time."""
+            head = f"HTTP/1.0 {status} OK\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            for byte in head + data:
+                try:
+                    self.wfile.write(bytes([byte]))
+                except OSError:  # the command gave up
+                    return
+                time.sleep(gw.drip)
 
         def refused(self) -> bool:
             admin = gw.admin_key and self.path.startswith("/gateway/")
@@ -78,9 +93,9 @@ def handler_for(gw: StandIn) -> type[BaseHTTPRequestHandler]:
                     }
                     for m in gw.models
                 ]
-                self.answer(200, {"object": "list", "data": entries, "from": gw.host})
+                self.answer(200, gw.listing or {"object": "list", "data": entries, "from": gw.host})
             elif self.path == "/gateway/models":
-                self.answer(200, {"models": [], "queue_limit": 8, "shutdown_delay": 2})
+                self.answer(200, {"models": [], **gw.details})
             else:
                 self.answer(404, {"error": {"message": "no such endpoint"}})
 
@@ -328,6 +343,47 @@ def test_a_model_list_larger_than_haproxy_holds_writes_no_config(capsys, stand_i
     code, config, err = front_config(capsys, [many])
     assert code == 1 and config == ""
     assert "models make a list of 184918 bytes, too large for HAProxy: no config written" in err
+
+
+@pytest.mark.parametrize(
+    ("listing", "details"),
+    [
+        (b'{"data": [{"id": "x", "meta": "str"}]}', None),
+        (b'{"data": [{"id": "x", "meta": {"alias_of": 5}}]}', None),
+        (b'{"data": [{"id": "x", "meta": {"alias_of": ""}}]}', None),
+        (b'{"data": [{"id": ""}]}', None),
+        (b'{"data": [{"id": 5}]}', None),
+        (b'{"data": [null]}', None),
+        (b'{"data": {"id": "x"}}', None),
+        (b'{"data": [{"id": "x", "context_length": NaN}]}', None),
+        (b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+        (b"[]", None),
+        (b"\xff", None),
+        (None, {"queue_limit": True}),
+        (None, {"queue_limit": 2**31}),
+        (None, {"queue_limit": 8.5}),
+    ],
+)
+def test_a_malformed_answer_is_that_gateways_problem(capsys, stand_ins, listing, details) -> None:
+    good, bad = stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")
+    bad.listing, bad.details = listing, details or bad.details
+    code, config, err = front_config(capsys, [good, bad])
+    assert code == 1 and config == "" and err.startswith(f"llm-gateway front: {bad.url}: ")
+    assert "1 of 2 gateways did not answer: no config written" in err
+    code, config, err = front_config(capsys, [good, bad], "--allow-missing")
+    assert code == 0 and f"{good.url} (maxconn 8)" in config and "1 gateways left out" in err
+
+
+def test_a_gateway_that_answers_a_byte_at_a_time_is_given_up_on_at_the_deadline(
+    capsys, stand_ins, monkeypatch
+) -> None:
+    monkeypatch.setattr(fetch, "FETCH_TIMEOUT", 1.0)
+    good, slow = stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")
+    slow.drip = 0.05  # each read gets a byte well within the deadline: about 12 s in all
+    started = time.monotonic()
+    code, config, err = front_config(capsys, [good, slow], "--allow-missing")
+    assert time.monotonic() - started < 2.5
+    assert code == 0 and f"{slow.url}: no complete answer within 1 s" in err
 
 
 def test_a_gateway_that_refuses_the_key_is_reported(capsys, stand_ins, monkeypatch) -> None:

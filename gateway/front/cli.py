@@ -8,9 +8,8 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
-from gateway.front.fetch import FetchFailed, gateway_address, read_gateway
+from gateway.front.fetch import gateway_address, read_all
 from gateway.front.haproxy import (
     MAX_BODY,
     MAX_MAXCONN,
@@ -185,22 +184,6 @@ def main(argv: list[str]) -> int:
     for note in notes(found):
         say(note)
     return EXIT_OK
-
-
-def read_all(
-    urls: list[str], key: str | None, maxconn: int | None
-) -> tuple[list[Gateway], list[FetchFailed]]:
-    """Every gateway at once (a host that is down costs its timeout once, not in turn)."""
-
-    def read(url: str) -> Gateway | FetchFailed:
-        try:
-            return read_gateway(url, key, maxconn)
-        except FetchFailed as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
-        results = list(pool.map(read, urls))
-    return [r for r in results if isinstance(r, Gateway)], [r for r in results if isinstance(r, FetchFailed)]
 
 
 def notes(gateways: list[Gateway]) -> list[str]:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import math
+import os
 import re
-import urllib.error
-import urllib.request
-from typing import Any
+import reprlib
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
+import aiohttp
+
+from gateway.front.haproxy import MAX_MAXCONN
 from gateway.front.topology import Gateway, Served
 
-FETCH_TIMEOUT = 5.0  # seconds per request to a gateway
+# Seconds for all that is asked of one gateway: a deadline, not a limit per read, which
+# a gateway answering a byte at a time would never reach.
+FETCH_TIMEOUT = 5.0
 
 
 class FetchFailed(Exception):
@@ -54,53 +61,120 @@ def _is_ip(host: str) -> bool:
     return "%" not in host
 
 
-def read_gateway(url: str, key: str | None, maxconn: int | None = None) -> Gateway:
+def read_all(
+    urls: list[str], key: str | None, maxconn: int | None
+) -> tuple[list[Gateway], list[FetchFailed]]:
+    """Every gateway at once (a host that is down costs the deadline once, not in turn):
+    those that told what they serve, and why the others did not."""
+    results = asyncio.run(_read_all(urls, key, maxconn))
+    return [r for r in results if isinstance(r, Gateway)], [r for r in results if isinstance(r, FetchFailed)]
+
+
+async def _read_all(urls: list[str], key: str | None, maxconn: int | None) -> list[Gateway | FetchFailed]:
+    async with aiohttp.ClientSession() as session:
+        return await asyncio.gather(*(_read_in_time(session, url, key, maxconn) for url in urls))
+
+
+async def _read_in_time(
+    session: aiohttp.ClientSession, url: str, key: str | None, maxconn: int | None
+) -> Gateway | FetchFailed:
+    try:
+        async with asyncio.timeout(FETCH_TIMEOUT):
+            return await _read_gateway(session, url, key, maxconn)
+    except TimeoutError:
+        return FetchFailed(url, f"no complete answer within {FETCH_TIMEOUT:g} s")
+    except FetchFailed as exc:
+        return exc
+
+
+async def _read_gateway(
+    session: aiohttp.ClientSession, url: str, key: str | None, maxconn: int | None
+) -> Gateway:
     """The gateway at `url` as its /v1/models and /gateway/models describe it; `maxconn`
     instead of its queue_limit (then /gateway/models may refuse, e.g. without the admin key)."""
     host, port = gateway_address(url)
-    listing = _get(url, "/v1/models", key)
     try:
-        names = tuple(_served(entry) for entry in listing["data"])
-    except (KeyError, TypeError, ValueError):
-        raise FetchFailed(url, "its /v1/models answer does not list models") from None
+        names = _served_names(await _get(session, url, "/v1/models", key))
+    except ValueError as exc:
+        raise FetchFailed(url, f"its /v1/models answer does not list models: {exc}") from None
     try:
-        details = _get(url, "/gateway/models", key)
+        details = await _get(session, url, "/gateway/models", key)
     except FetchFailed:
         if maxconn is None:
             raise
         details = {}
     if maxconn is None:
         maxconn = details.get("queue_limit")
-        if not isinstance(maxconn, int) or maxconn < 1:
-            raise FetchFailed(url, "/gateway/models tells no queue_limit (give --maxconn)")
+        if not _whole_number(maxconn, MAX_MAXCONN):
+            raise FetchFailed(
+                url, f"/gateway/models tells no queue_limit from 1 to {MAX_MAXCONN} (give --maxconn)"
+            )
     delay = details.get("shutdown_delay")
-    return Gateway(
-        url.rstrip("/"), host, port, names, maxconn, delay if isinstance(delay, int | float) else None
-    )
+    return Gateway(url, host, port, names, maxconn, delay if _seconds(delay) else None)
+
+
+def _served_names(listing: dict[str, Any]) -> tuple[Served, ...]:
+    """The names a /v1/models answer lists; ValueError saying what is wrong with it."""
+    data = listing.get("data")
+    if not isinstance(data, list):
+        raise ValueError("no list in 'data'")
+    return tuple(_served(entry) for entry in data)
 
 
 def _served(entry: Any) -> Served:
-    name = entry["id"]
-    alias_of = (entry.get("meta") or {}).get("alias_of")
-    if not isinstance(name, str) or not isinstance(alias_of, str | None):
-        raise ValueError(entry)
-    return Served(name, alias_of or name, entry)
+    meta = entry.get("meta") if isinstance(entry, dict) else None
+    alias_of = meta.get("alias_of") if isinstance(meta, dict) else None
+    if (
+        not isinstance(entry, dict)
+        or not _name(entry.get("id"))
+        or not isinstance(meta, dict | None)
+        or not (alias_of is None or _name(alias_of))
+    ):
+        raise ValueError(f"not an entry with a name and what it is an alias of: {reprlib.repr(entry)}")
+    return Served(entry["id"], alias_of or entry["id"], entry)
 
 
-def _get(url: str, path: str, key: str | None) -> dict[str, Any]:
+def _name(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _whole_number(value: Any, largest: int) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= largest
+
+
+def _seconds(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
+async def _get(session: aiohttp.ClientSession, url: str, path: str, key: str | None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(url.rstrip("/") + path, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        hint = _key_hint(path, key is not None) if exc.code == 401 else ""
-        raise FetchFailed(url, f"GET {path} answered {exc.code} {exc.reason}{hint}") from None
-    except (OSError, ValueError) as exc:  # refused, timed out, reset; not JSON
+        async with session.get(url + path, headers=headers, allow_redirects=False) as response:
+            raw = await response.read()
+    except aiohttp.ClientError as exc:  # refused, reset, not HTTP
         raise FetchFailed(url, f"GET {path} failed: {_reason(exc)}") from None
+    if response.status != 200:
+        hint = _key_hint(path, key is not None) if response.status == 401 else ""
+        raise FetchFailed(url, f"GET {path} answered {response.status} {response.reason}{hint}")
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # not JSON (nor UTF-8), or nested too deep
+        raise FetchFailed(url, f"GET {path} did not answer JSON: {reprlib.repr(str(exc))}") from None
     if not isinstance(body, dict):
         raise FetchFailed(url, f"GET {path} did not answer a JSON object")
     return body
+
+
+def _reason(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):  # its own text repeats the address
+        error = exc.os_error  # asyncio words a refusal "Connect call failed": the errno says it
+        return os.strerror(error.errno) if error.errno and error.errno > 0 else str(error.strerror or error)
+    return str(exc) or type(exc).__name__
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity: Python reads them, but the model list HAProxy serves must be JSON."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _key_hint(path: str, key_given: bool) -> str:
@@ -110,7 +184,3 @@ def _key_hint(path: str, key_given: bool) -> str:
     if path == "/gateway/models":  # only this call needs more than an API key
         return " (it needs the admin key in --api-key-env, or give --maxconn)"
     return " (it refused the key from --api-key-env)"
-
-
-def _reason(exc: Exception) -> str:
-    return str(exc.reason) if isinstance(exc, urllib.error.URLError) else str(exc) or type(exc).__name__
