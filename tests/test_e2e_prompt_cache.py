@@ -143,6 +143,17 @@ def test_a_restore_refused_for_room_is_made_once_the_idle_slots_are_erased(
     assert metric(gw, "llm_gateway_prompt_cache_restores_total", outcome="failed") == 0
 
 
+def test_token_ids_beyond_32_bits_are_left_to_the_engine(start_gateway, tiny_models) -> None:
+    """No saved prompt can hold such an id: it matches none and the request goes on as it
+    stands (it was a 500)."""
+    gw = start_gateway(models(tiny_models), max_engines=1)
+    Conversation(gw).say(TURN)
+    other_model(gw)  # its slots are saved
+    ids = [65] * 1600 + [2**40]  # as long as the saved prompt, so that it is compared
+    reply = gw.post("/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 4})
+    assert reply.status < 500, reply.body
+
+
 def test_another_model_file_under_the_same_name_drops_the_cache(start_gateway, tiny_models) -> None:
     gw = start_gateway(models(tiny_models), max_engines=1)
     talk = Conversation(gw)

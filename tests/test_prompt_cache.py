@@ -366,3 +366,15 @@ async def test_a_slot_larger_than_max_size_is_skipped_as_too_large(
     assert "larger than max_size" in caplog.text
     assert prompts.saved == [kept]
     assert sorted(prompts.folder.iterdir()) == sorted([kept.path, kept.path.with_suffix(".json")])
+
+
+@pytest.mark.parametrize("odd", [2**31, 2**40, -(2**31) - 1])
+async def test_token_ids_no_slot_file_can_hold_match_nothing(
+    tmp_path: Path, model_file: Path, odd: int
+) -> None:
+    """A completion's token ids beyond 32 bits (the engine refuses them itself): no 500."""
+    prompts = store(tmp_path)
+    prompts.add("m", source(model_file), slot_file(prompts.new_path("m"), [65] * 300))
+    engine = FakeEngine(prompts.folder)
+    assert await restore(PromptKeeper(prompts, Metrics()), engine, model_file, [65] * 300 + [odd]) is None
+    assert engine.calls == []

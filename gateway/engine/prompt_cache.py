@@ -30,7 +30,7 @@ from gateway.config.schema import Model, PromptCache, Variant
 from gateway.engine.client import EngineAnswered, EngineClient, EngineRequestError
 from gateway.engine.counting import LlamaCppCounter
 from gateway.engine.llamacpp import LlamaCppEngine
-from gateway.engine.slotfile import UnreadableSlotFile, common_prefix, digest, read_tokens
+from gateway.engine.slotfile import UnreadableSlotFile, as_tokens, common_prefix, digest, read_tokens
 from gateway.utils.metrics import Metrics
 from gateway.utils.sizes import human_bytes
 
@@ -245,6 +245,9 @@ class PromptStore:
         request's own reservation: what it restores beyond the shared start is dropped
         as the prompt is processed), among those saved from this model file with these
         cache types. Those of an older model file are dropped on the way."""
+        wanted = as_tokens(tokens)
+        if wanted is None:
+            return None
         best: tuple[SavedPrompt, int] | None = None
         for saved in [s for s in self.saved if s.model == model]:
             if not saved.source.same_file(source):
@@ -252,7 +255,7 @@ class PromptStore:
                 continue
             if len(saved.tokens) > room:
                 continue
-            shared = common_prefix(saved.tokens, tokens)
+            shared = common_prefix(saved.tokens, wanted)
             if shared < MIN_TOKENS or (best is not None and shared <= best[1]):
                 continue
             why = saved.source.mismatch(source)

@@ -41,6 +41,15 @@ def read_tokens(path: Path) -> array[int]:
     return data[3 : 3 + data[2]]
 
 
+def as_tokens(values: list[int]) -> array[int] | None:
+    """Token ids as a slot file holds them (32-bit), or None when one does not fit: a
+    prompt with such an id shares nothing with any saved one."""
+    try:
+        return array("i", values)
+    except OverflowError:
+        return None
+
+
 def digest(tokens: array[int] | list[int]) -> str:
     """A hash of a token sequence (its count is part of it)."""
     packed = tokens if isinstance(tokens, array) else array("i", tokens)
