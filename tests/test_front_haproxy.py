@@ -295,8 +295,13 @@ def test_a_model_whose_gateways_are_down_gets_haproxys_503_in_openai_shape(front
     a, b = stand_ins("127.0.0.2", "tiny"), stand_ins("127.0.0.3", "tiny-b")
     proxy = front([a, b])
     b.up = False
-    _, said = wait_until(lambda: (r := ask(proxy, "tiny-b"))[0] == 503 and r, timeout=10)
+    body = json.dumps({"model": "tiny-b", "messages": []}).encode()
+    refused = wait_until(
+        lambda: (r := proxy.request("POST", "/v1/chat/completions", raw=body)).status == 503 and r
+    )
+    said = refused.json()
     assert said["error"]["code"] == "no_gateway" and said["error"]["type"] == "server_error"
+    assert refused.headers["retry-after"] == "1"  # as a gateway's own 503 says
     assert ask(proxy, "tiny")[0] == 200
 
 

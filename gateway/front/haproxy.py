@@ -65,6 +65,11 @@ _ERRORS = {
     503: ("server_error", "no_gateway", "no gateway serving this model is up or free; retry later"),
     504: ("server_error", "gateway_timeout", "the gateway did not answer in time"),
 }
+# Seconds to wait before retrying, where that may help: a 503 (no gateway of the model up
+# or free) says so as a gateway's own 503 does. 400 and 408 about a request HAProxy could
+# not parse come as its built-in HTML instead: HAProxy 2.6 sends those before any
+# http-error applies (haproxy/haproxy#3032).
+_RETRY_AFTER = {503: 1}
 
 
 def openai_error(type_: str, code: str, message: str) -> dict[str, Any]:
@@ -182,12 +187,13 @@ def _defaults(settings: FrontSettings) -> str:
         "    option redispatch 1",
         "    retry-on conn-failure empty-response",
         f"    default-server init-addr libc,none {check}",
-        *(
-            f"    http-error status {status} content-type application/json string "
-            f"{json_word(openai_error(type_, code, message))}"
-            for status, (type_, code, message) in _ERRORS.items()
-        ),
+        *(_http_error(status, openai_error(*error)) for status, error in _ERRORS.items()),
     )
+
+
+def _http_error(status: int, body: dict[str, Any]) -> str:
+    retry = f" hdr Retry-After {_RETRY_AFTER[status]}" if status in _RETRY_AFTER else ""
+    return f"    http-error status {status} content-type application/json string {json_word(body)}{retry}"
 
 
 def _frontend(routes: list[Backend], models: dict[str, Any], settings: FrontSettings) -> str:
