@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
@@ -432,7 +433,7 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
             admin_key=server.get("admin_key"),
             config_timeout=float(server["config_timeout"]),
             shutdown_delay=float(server["shutdown_delay"]),
-            prompt_cache=_prompt_cache(server["prompt_cache"]),
+            prompt_cache=_prompt_cache(server["prompt_cache"], path),
             preload=(server["preload"]["model"], server["preload"]["context"])
             if server.get("preload")
             else None,
@@ -448,10 +449,30 @@ def _build(path: Path, tree: dict[str, Any]) -> GatewayConfig:
     return config
 
 
-def _prompt_cache(value: dict[str, Any]) -> PromptCache | None:
+def _prompt_cache(value: dict[str, Any], path: Path) -> PromptCache | None:
     if not value["enabled"]:
         return None
-    return PromptCache(os.path.normpath(value["dir"]) if value.get("dir") else None, int(value["max_size"]))
+    folder = os.path.normpath(value["dir"]) if value.get("dir") else None
+    problem = _unusable_folder(folder) if folder else None
+    if problem:
+        raise ConfigError(f"{path}: server.prompt_cache.dir: {problem}")
+    return PromptCache(folder, int(value["max_size"]))
+
+
+def _unusable_folder(folder: str) -> str | None:
+    """Why the prompt cache cannot use `folder`, if it cannot: it must be a directory, or
+    one the gateway can make in its nearest existing parent. Making one there is tried
+    (and undone): access() says yes to root everywhere, /proc included."""
+    if os.path.lexists(folder):
+        return None if os.path.isdir(folder) else f'"{folder}" is not a directory'
+    parent = next(p for p in Path(folder).parents if os.path.lexists(p))
+    if not parent.is_dir():
+        return f'"{folder}" cannot be made: {parent} is not a directory'
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".llm-gateway-probe-", dir=parent))
+    except OSError as exc:
+        return f'"{folder}" cannot be made in {parent}: {exc.strerror or exc}'
+    return None
 
 
 def _memory_budget(value: int | str | None) -> tuple[int | None, str]:
