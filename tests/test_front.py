@@ -246,6 +246,13 @@ def test_haproxy_accepts_every_config_shape(shape: str, haproxy_binary: str, tmp
     assert all("could not resolve address" in line for line in warnings), warnings
 
 
+def test_the_command_line_in_the_header_stays_one_comment_line() -> None:
+    command = "llm-gateway front --api-key-env 'K\n    bind 127.0.0.1:1\n'"  # a variable's name may hold one
+    text = render([A], FrontSettings(), command)
+    assert "#   llm-gateway front --api-key-env 'K\\n    bind 127.0.0.1:1\\n' > haproxy.cfg.new\n" in text
+    assert text.count("\n    bind ") == 1  # the one --listen writes
+
+
 def test_notes_name_what_will_not_work_as_well_as_it_could() -> None:
     quick = Gateway("http://10.0.0.5:7777", "10.0.0.5", 7777, gateway("x", "модель").names, 8, 0.0)
     found = notes([A, quick])

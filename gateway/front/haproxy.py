@@ -121,7 +121,7 @@ def _header(gateways: list[Gateway], command: str) -> str:
     return _lines(
         "# HAProxy configuration written by `llm-gateway front`: do not edit, write it again",
         "# when the gateways' models change, check it, and reload:",
-        f"#   {command or 'llm-gateway front --gateway URL ...'} > haproxy.cfg.new",
+        f"#   {_printable(command) or 'llm-gateway front --gateway URL ...'} > haproxy.cfg.new",
         "#   haproxy -c -f haproxy.cfg.new && mv haproxy.cfg.new /etc/haproxy/haproxy.cfg",
         "#   systemctl reload haproxy",
         "# Requests go to a gateway that serves the `model` of their JSON body (HAProxy 2.4 or",
@@ -130,6 +130,11 @@ def _header(gateways: list[Gateway], command: str) -> str:
         "# Gateways and the models they serve (aliases in brackets):",
         *served,
     )
+
+
+def _printable(text: str) -> str:
+    """`text` with its control characters escaped: a newline would end the comment."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _names(gateway: Gateway) -> str:
