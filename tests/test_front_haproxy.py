@@ -389,6 +389,7 @@ def test_a_gateway_that_answers_a_byte_at_a_time_is_given_up_on_at_the_deadline(
     code, config, err = front_config(capsys, [good, slow], "--allow-missing")
     assert time.monotonic() - started < 2.5
     assert code == 0 and f"{slow.url}: no complete answer within 1 s" in err
+    assert f"{good.url} (maxconn 8)" in config and f"{slow.url} (maxconn" not in config
 
 
 def test_a_gateway_that_refuses_the_key_is_reported(capsys, stand_ins, monkeypatch) -> None:

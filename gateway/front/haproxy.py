@@ -57,7 +57,9 @@ def is_header_name(text: str) -> bool:
     return bool(_HEADER_NAME.fullmatch(text))
 
 
-# Errors HAProxy makes itself, in OpenAI's shape like the gateways' own.
+# Errors HAProxy makes itself, in OpenAI's shape like the gateways' own. Not those about a
+# request it cannot parse as HTTP (400, 408 for a head that never ends, 422): HAProxy 2.6
+# sends its built-in HTML for them before any http-error applies (haproxy/haproxy#3032).
 _ERRORS = {
     400: ("invalid_request_error", "bad_request", "the front (HAProxy) could not read the request"),
     408: ("invalid_request_error", "request_timeout", "the request did not arrive in time"),
@@ -65,10 +67,8 @@ _ERRORS = {
     503: ("server_error", "no_gateway", "no gateway serving this model is up or free; retry later"),
     504: ("server_error", "gateway_timeout", "the gateway did not answer in time"),
 }
-# Seconds to wait before retrying, where that may help: a 503 (no gateway of the model up
-# or free) says so as a gateway's own 503 does. 400 and 408 about a request HAProxy could
-# not parse come as its built-in HTML instead: HAProxy 2.6 sends those before any
-# http-error applies (haproxy/haproxy#3032).
+# Seconds to wait before retrying where that may help: no gateway of the model up or free,
+# said as a gateway's own 503 says it.
 _RETRY_AFTER = {503: 1}
 
 
