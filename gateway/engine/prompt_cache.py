@@ -243,8 +243,8 @@ class PromptStore:
         """The saved prompt of `model` that shares the longest start with `tokens` (at
         least MIN_TOKENS) and takes at most `room` tokens of the engine's cache (the
         request's own reservation: what it restores beyond the shared start is dropped
-        as the prompt is processed), among those saved from this model file with these
-        cache types. Those of an older model file are dropped on the way."""
+        as the prompt is processed), among those valid for an engine of `source`. Those
+        of an older model file are dropped on the way."""
         wanted = as_tokens(tokens)
         if wanted is None:
             return None
@@ -440,22 +440,7 @@ class PromptKeeper:
     ) -> int | None:
         began = time.monotonic()
         try:
-            try:
-                done = await _restore_into_idle_slot(client, saved)
-            except EngineAnswered as refused:
-                # llama-server refuses a file when the cache has no room for it in the
-                # words it has for a damaged one: the cells idle slots keep of other
-                # requests may take that room. Erased, they free it; a second refusal
-                # means the file is bad.
-                log.info(
-                    "prompt cache: %s refused by %s (%s): its idle slots are erased and it is tried again",
-                    saved.path.name,
-                    variant.key,
-                    refused.engine_message,
-                )
-                await _LLAMA_CPP.clear_idle_slots(client)
-                restored.clear()  # what it had taken was in those slots
-                done = await _restore_into_idle_slot(client, saved)
+            done = await _restore_with_room(client, variant, saved, restored)
         except (TimeoutError, EngineRequestError, KeyError, TypeError, ValueError, OSError) as exc:
             self._metrics.prompt_cache_restores.labels(saved.model, "failed").inc()
             self.store.forget(saved, f"the restore into {variant.key} failed: {exc or type(exc).__name__}")
@@ -479,6 +464,27 @@ class PromptKeeper:
 
     def forget_engine(self, client: EngineClient) -> None:
         self._restoring.pop(client, None)
+
+
+async def _restore_with_room(
+    client: EngineClient, variant: Variant, saved: SavedPrompt, restored: set[str]
+) -> tuple[int, int] | None:
+    """Restore `saved` into an idle slot; once refused, again after the engine erased its
+    idle slots. llama-server refuses a file for a cache without room in the words it has
+    for a damaged one, and the cells idle slots keep of earlier requests may take that
+    room: only a second refusal (raised) means the file is bad."""
+    try:
+        return await _restore_into_idle_slot(client, saved)
+    except EngineAnswered as refused:
+        log.info(
+            "prompt cache: %s refused by %s (%s): its idle slots are erased and it is tried again",
+            saved.path.name,
+            variant.key,
+            refused.engine_message,
+        )
+    await _LLAMA_CPP.clear_idle_slots(client)
+    restored.clear()  # the files it had taken may have been in those slots
+    return await _restore_into_idle_slot(client, saved)
 
 
 async def _restore_into_idle_slot(client: EngineClient, saved: SavedPrompt) -> tuple[int, int] | None:
