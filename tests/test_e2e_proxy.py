@@ -275,3 +275,23 @@ def test_a_client_that_stops_reading_holds_the_engine_back_not_the_gateways_memo
         received += data
     sock.close()
     assert received.count(b"data: {") > 19000  # every token, once the client read again
+
+
+def test_an_http_1_0_client_gets_the_stream_without_chunk_framing(gateway: Gateway) -> None:
+    """HTTP/1.0 has no chunked encoding (nginx proxies with it by default): the events
+    come as they are, up to the close."""
+    body = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 8, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1])), timeout=30)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answer = b""
+    while data := sock.recv(65536):
+        answer += data
+    sock.close()
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head
+    blocks = [block for block in events.split(b"\n\n") if block]
+    assert blocks and all(block.startswith(b"data: ") for block in blocks), events[:300]
+    assert blocks[-1] == b"data: [DONE]"

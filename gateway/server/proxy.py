@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from gateway.engine.manager import EngineInstance
 from gateway.engine.stream import EngineStream, Head, StreamBroken, open_stream
@@ -342,11 +342,15 @@ class ClientPipe:
         self._carry = b""  # a renamed stream's last line, until it is whole
         self._backlog: list[bytes] | None = None  # payloads held while the client catches up
         self._backlogged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # HTTP/1.0 has no chunked encoding: its answer is the bytes up to the close.
+        self._chunked = request.version >= HttpVersion11
         self.last = b""  # the last payload that reported what was generated (usage, timings)
         self.client_gone = False
 
     async def run(self, first: bytes) -> str | None:
         """Relay the rest of the stream after its `first` bytes; why it broke off, if it did."""
+        if b'"timings"' in first or b'"usage"' in first:  # a short answer may be all in it
+            self.last = first
         await self._response.write(self._renamed(first))  # also sends the headers
         self._stream.relay_to(self.deliver)
         while not self._stream.ended.done():
@@ -375,8 +379,10 @@ class ClientPipe:
             self._backlog = [out]
             if not self._backlogged.done():
                 self._backlogged.set_result(None)
-        else:
+        elif self._chunked:
             self._transport.write(b"%x\r\n%b\r\n" % (len(out), out))
+        else:
+            self._transport.write(out)
 
     async def _catch_up(self) -> None:
         """Write what was held back at the client's pace (aiohttp's writer waits for it to
