@@ -45,7 +45,10 @@ class LiveEvents:
     """A numbered ring of recent events, and the followers fed from it."""
 
     def __init__(self, kept: int = KEPT) -> None:
-        self._ids = itertools.count(1)
+        # Ids go on from the start's wall clock (microseconds): a follower's id from an
+        # earlier run of the gateway is older than every one of this run, never mistaken
+        # for one of them (it then gets the state afresh).
+        self._ids = itertools.count(int(time.time() * 1_000_000))
         self._recent: deque[LiveEvent] = deque(maxlen=kept)
         self._followers: set[Follower] = set()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from gateway.utils.live import Follower, LiveEvent, LiveKind
 
 KEEPALIVE = 15.0  # seconds without a write before a comment goes out
 BATCH = 256  # events written at once at most
+ENCODED_KEPT = 4096  # frames kept encoded: followers read the same recent events
 RETRY = b"retry: 1000\n\n"  # milliseconds an EventSource waits before it reconnects
 HEADERS = {**SSE_HEADERS, "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff"}
 
@@ -43,6 +45,7 @@ class EventStream:
         self._config = config
         self._kept = kept
         self._closing = asyncio.Event()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()  # frames by event id, newest last
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         wanted = EventFilter.from_query(request.query)
@@ -99,9 +102,18 @@ class EventStream:
                 upcoming.cancel()
 
     def _frames(self, events: list[LiveEvent], wanted: EventFilter) -> bytes:
-        shown = [event for event in events if wanted.wants(event)]
-        engines = self._engines() if any(e.kind is LiveKind.TRANSITION for e in shown) else {}
-        return b"".join(_frame(event, engines) for event in shown)
+        return b"".join(self._encoded(event) for event in events if wanted.wants(event))
+
+    def _encoded(self, event: LiveEvent) -> bytes:
+        """An event's frame, encoded once for every follower (each encoding its own cost
+        the gateway 10 ms per request with 100 followers)."""
+        encoded = self._cache.get(event.id)
+        if encoded is None:
+            engines = self._engines() if event.kind is LiveKind.TRANSITION else {}
+            encoded = self._cache[event.id] = _frame(event, engines)
+            if len(self._cache) > ENCODED_KEPT:
+                self._cache.popitem(last=False)
+        return encoded
 
     def _engines(self) -> dict[str, dict[str, Any]]:
         return {engine["model"]: engine for engine in self._supervisor.snapshot()["engines"]}
@@ -127,6 +139,6 @@ def _last_event_id(request: web.Request) -> int | None:
     value = request.headers.get("Last-Event-ID", "").strip()
     if not value:
         return None
-    if not (value.isascii() and value.isdigit()):
+    if not (value.isascii() and value.isdigit() and len(value) <= 20):
         raise InvalidRequest("Last-Event-ID must be an event id this stream sent", param="Last-Event-ID")
     return int(value)
