@@ -377,3 +377,17 @@ def test_no_tracebacks_in_the_log_after_the_table(gateway: Gateway) -> None:
     for needle in ("Traceback", "unexpected error", "Error handling request"):
         at = log.find(needle)
         assert at < 0, log[max(0, at - 300) : at + 1500]
+
+
+def test_a_malformed_header_never_puts_a_key_in_the_log(start_gateway, tiny_models) -> None:
+    """aiohttp's message for a header it cannot parse quotes the raw bytes: the log, the
+    dashboard's live log and /gateway/logs must not carry an API key that way."""
+    gw = start_gateway(tiny_model_config(tiny_models), api_keys=["KEY-ALICE-111"])
+    port = int(gw.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer KEY-ALICE-111 \x01\r\n\r\n"
+        )
+        assert b" 400 " in sock.recv(4096).split(b"\r\n", 1)[0]  # (its own key comes back to it alone)
+    wait_until(lambda: "bad HTTP request" in gw.log())
+    assert "KEY-ALICE-111" not in gw.log()

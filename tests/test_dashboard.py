@@ -197,6 +197,18 @@ async def test_shutdown_ends_the_streams_at_once(dashboard: Any) -> None:
         assert rest == b""
 
 
+async def test_streams_opened_before_the_keys_changed_are_ended(dashboard: Any) -> None:
+    """A reload that revokes a key must not leave streams opened with it running; a
+    stream opened afterwards is served as ever."""
+    server, client = dashboard
+    async with client.get("/gateway/events") as response:
+        await frames(response, 1)
+        server.dashboard.keys_changed()
+        assert await asyncio.wait_for(response.content.read(), 2) == b""
+    async with client.get("/gateway/events") as response:
+        assert [kind for _, kind, _ in await frames(response, 1)] == ["state"]
+
+
 def test_a_lost_notice_has_no_id() -> None:
     lost = LiveEvent(0, LiveKind.LOST, {"count": 3}, 1.0)
     assert stream._frame(lost, {}) == b'event: lost\ndata: {"at":1.0,"count":3}\n\n'

@@ -114,7 +114,10 @@ class GatewayServer:
         await asyncio.to_thread(self.manager.learn, config)
         if config.server.listen != self.config.server.listen:
             log.warning("listen addresses change only with a restart")
+        keys = (self.config.server.admin_key, self.config.server.api_keys)
         self.config = config
+        if keys != (config.server.admin_key, config.server.api_keys):
+            self.dashboard.keys_changed()
         self.supervisor.reload(config)
         log.info("config reloaded from %s: %d models", config.source, len(config.models))
         return config

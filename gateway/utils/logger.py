@@ -58,7 +58,8 @@ def _bad_http_in_one_line(record: logging.LogRecord) -> bool:
     answered it with 400 already, so one warning line, not an error with a traceback."""
     error = record.exc_info[1] if record.exc_info else None
     if isinstance(error, BadHttpMessage):
-        record.msg, record.args = "bad HTTP request from a client: %s", (error,)
+        # Its type only: aiohttp's message quotes the raw header bytes, API keys included.
+        record.msg, record.args = "bad HTTP request from a client (answered 400): %s", (type(error).__name__,)
         record.exc_info, record.exc_text = None, None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
     return True

@@ -34,6 +34,10 @@ class Dashboard:
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
 
+    def keys_changed(self) -> None:
+        """A reload changed the keys: streams opened with an old one must not go on."""
+        self._events.end_streams()
+
     def close(self) -> None:
         """Shutdown: end the event streams."""
         self._events.close()

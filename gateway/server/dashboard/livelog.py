@@ -12,7 +12,8 @@ from typing import Any
 from gateway.utils.live import LiveEvents, LiveKind
 
 ENGINE_LOGGER = "gateway.engine"
-ENGINE_LINE = re.compile(r"^\[(?P<engine>[^\]\s]+) pid=(?P<pid>\d+)\] ?(?P<line>.*)$", re.DOTALL)
+# "[model@context pid=N] line": a model's name may hold spaces and brackets.
+ENGINE_LINE = re.compile(r"^\[(?P<engine>.+?@\d+) pid=(?P<pid>\d+)\] ?(?P<line>.*)$", re.DOTALL)
 
 
 def log_event(record: logging.LogRecord) -> dict[str, Any]:

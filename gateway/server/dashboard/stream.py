@@ -65,6 +65,12 @@ class EventStream:
         """Shutdown: end every stream (they would hold the server open)."""
         self._closing.set()
 
+    def end_streams(self) -> None:
+        """End the streams open now (their clients reconnect, with the key they have now);
+        later ones are served as ever."""
+        self._closing.set()  # wakes every stream's wait at once
+        self._closing.clear()
+
     def _opening(self, resume: int | None, wanted: EventFilter) -> bytes:
         newest = self._kept.catch_up()
         if resume is not None and resume <= newest:
