@@ -59,6 +59,9 @@ async function readFrames(body, onFrame, onBytes) {
       const frame = parseFrame(text);
       if (frame) onFrame(frame);
     }
+    // Let the page render between reads: when data waits, read() resolves at once and a
+    // busy gateway's events would keep the page from drawing (minutes behind at 50 req/s).
+    await new Promise((resolve) => setTimeout(resolve, 0));
   }
 }
 
@@ -81,7 +84,9 @@ export class EventFeed {
     this.on.status(this.connected ? "reconnecting" : "connecting");
     try {
       const response = await fetch("/gateway/events", { headers, signal: this.controller.signal, cache: "no-store" });
-      if (response.status === 401) return this.on.key(storedKey() !== null, await errorMessage(response));
+      // 400 with a key: one the gateway cannot read as a header (too long, say). Ask again.
+      const refused = response.status === 401 || (response.status === 400 && storedKey() !== null);
+      if (refused) return this.on.key(storedKey() !== null, await errorMessage(response));
       if (!response.ok) throw new Error(await errorMessage(response));
       this.failures = 0;
       this.connected = true;
@@ -89,6 +94,10 @@ export class EventFeed {
       this.arm();
       await readFrames(response.body, (frame) => this.take(frame), () => this.arm());
     } catch (error) {
+      // A key a header cannot carry (a character outside Latin-1): fetch refuses it.
+      if (error.name === "TypeError" && storedKey() !== null && /header|ISO-8859-1/i.test(error.message)) {
+        return this.on.key(true, "the key cannot be sent: it holds a character a header cannot carry");
+      }
       if (error.name !== "AbortError") this.on.status("reconnecting", error.message);
     }
     clearTimeout(this.watchdog);

@@ -112,6 +112,13 @@ export class Log {
     this.list = list;
     this.source = source;
     this.filter = filter;
+    // Whether the view follows the newest line, kept as the reader scrolls: measuring it
+    // for every line forced a layout per line (seconds a minute on a busy gateway).
+    this.following = true;
+    this.scrolling = false; // a scroll to the end is due at the next frame
+    list.addEventListener("scroll", () => {
+      this.following = list.scrollTop + list.clientHeight >= list.scrollHeight - 8;
+    });
     for (const control of [source, filter]) control.addEventListener("input", () => this.refilter());
   }
 
@@ -121,7 +128,6 @@ export class Log {
   }
 
   add(line) {
-    const following = this.list.scrollTop + this.list.clientHeight >= this.list.scrollHeight - 8;
     const item = element("li", `${line.source} level-${line.level}`);
     item.append(
       element("time", null, clockTime(line.time ?? line.at)),
@@ -132,7 +138,13 @@ export class Log {
     item.hidden = !this.shows(item);
     this.list.append(item);
     while (this.list.children.length > LOG_KEPT) this.list.firstElementChild.remove();
-    if (following) this.list.scrollTop = this.list.scrollHeight;
+    if (this.following && !this.scrolling) {
+      this.scrolling = true;
+      requestAnimationFrame(() => {
+        this.scrolling = false;
+        this.list.scrollTop = this.list.scrollHeight;
+      });
+    }
   }
 
   shows(item) {
