@@ -48,10 +48,11 @@ Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], object]
 @pytest.fixture
 async def engine() -> AsyncIterator[Callable[[Answer], asyncio.Future[str]]]:
     servers: list[asyncio.Server] = []
+    heads: list[bytes] = []  # the request heads the engines got
 
     async def start(answer: Answer) -> str:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
             await answer(reader, writer)  # type: ignore[misc]
             writer.close()
 
@@ -59,6 +60,7 @@ async def engine() -> AsyncIterator[Callable[[Answer], asyncio.Future[str]]]:
         servers.append(server)
         return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
+    start.heads = heads  # type: ignore[attr-defined]
     yield start  # type: ignore[misc]
     for server in servers:
         server.close()
@@ -117,6 +119,9 @@ async def test_the_request_goes_out_as_http_with_its_body(engine) -> None:
     url = await engine(echo)
     assert await read_all(url + "/prefix") == (204, b"")
     assert await seen == b"{}"
+    line, *headers = engine.heads[-1].decode().split("\r\n")
+    assert line == "POST /prefix/v1/chat/completions HTTP/1.1"  # the url's path comes first
+    assert {"Content-Length: 2", "Connection: close", "Content-Type: application/json"} <= set(headers)
 
 
 async def test_a_header_with_a_line_break_is_never_sent(engine) -> None:
