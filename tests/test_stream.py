@@ -130,3 +130,12 @@ async def test_a_header_with_a_line_break_is_never_sent(engine) -> None:
 
     with pytest.raises(ValueError, match="line break"):
         await open_stream(await engine(never), "/v1/x", b"{}", {"Authorization": "Bearer a\r\nX-Evil: 1"})
+
+
+def test_a_read_of_several_whole_chunks_gives_each_payload_and_sizes_are_plain_hex() -> None:
+    body = ChunkedBody()
+    assert body.feed(chunked(EVENTS)[:-5]) == EVENTS  # all but the last chunk's "0\r\n\r\n"
+    assert not body.done
+    for size in (b"0x1f", b"1_f", b"+1f", b""):  # int() would take the first three
+        with pytest.raises(ValueError):
+            ChunkedBody().feed(size + b"\r\n" + b"x" * 31 + b"\r\n")

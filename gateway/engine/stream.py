@@ -4,7 +4,8 @@ the protocol level.
 aiohttp's client would parse every chunk of a streamed answer into a stream reader and
 wake a coroutine to copy it to the client: most of the gateway's CPU per chunk. Here the
 connection is an asyncio Protocol: `data_received` undoes the engine's chunked framing
-and hands each payload straight to a sink (the client's side, gateway/server/proxy.py).
+and hands the payloads of each read straight to a sink (the client's side,
+gateway/server/proxy.py), all at once: one write to the client per read of the engine.
 Until a sink is set, payloads are kept, so that the start of an answer can be read
 first (to retry a refused request before anything reached the client).
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import re
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -25,8 +25,7 @@ from yarl import URL
 
 CONNECT_TIMEOUT = 5.0  # seconds, as the engine client's sock_connect
 MAX_HEAD = 64 * 1024  # bytes of status line and headers an engine may send
-_HEX = re.compile(rb"[0-9a-fA-F]+")
-Sink = Callable[[bytes], None]
+Sink = Callable[[list[bytes]], None]  # the payloads of one read, in order
 
 
 class StreamBroken(ConnectionError):
@@ -51,38 +50,47 @@ class ChunkedBody:
         self.done = False
 
     def feed(self, data: bytes) -> list[bytes]:
-        if not (self._buffer or self._data or self._crlf or self._trailers):
-            # The usual read: exactly one whole chunk (llama-server writes one per event).
-            end = data.find(b"\r\n")
-            size = int(data[:end], 16) if 0 < end <= 8 and _HEX.fullmatch(data[:end]) else 0
-            if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
-                return [data[end + 2 : end + 2 + size]]
-        out: list[bytes] = []
+        """The payloads `data` completes or continues (one slice of it per chunk it holds)."""
         buffer = self._buffer + data if self._buffer else data
-        while buffer and not self.done:
-            if self._data:
-                piece, buffer = buffer[: self._data], buffer[self._data :]
+        out: list[bytes] = []
+        at, end = 0, len(buffer)
+        while at < end and not self.done:
+            if self._data:  # inside a chunk's payload
+                piece = buffer[at : at + self._data]
+                at += len(piece)
                 self._data -= len(piece)
                 self._crlf = 0 if self._data else 2
                 out.append(piece)
-            elif self._crlf:
-                skipped = min(self._crlf, len(buffer))
-                buffer, self._crlf = buffer[skipped:], self._crlf - skipped
-            else:
-                end = buffer.find(b"\r\n")
-                if end < 0:
+            elif self._crlf:  # the CRLF after a payload
+                skipped = min(self._crlf, end - at)
+                at, self._crlf = at + skipped, self._crlf - skipped
+            else:  # a size line, or a trailer line after the last chunk
+                eol = buffer.find(b"\r\n", at)
+                if eol < 0:
                     break
-                line, buffer = buffer[:end], buffer[end + 2 :]
+                line, at = buffer[at:eol], eol + 2
                 if self._trailers:
                     self.done = not line
+                    continue
+                size = _chunk_size(line)
+                if size and at + size + 2 <= end:  # the usual case: the whole chunk is here
+                    out.append(buffer[at : at + size])
+                    at += size + 2
                 else:
-                    self._data = int(line.split(b";", 1)[0].strip(), 16)  # ValueError: not chunked
-                    self._trailers = self._data == 0
-        self._buffer = b"" if self.done else buffer
+                    self._data, self._trailers = size, size == 0
+        self._buffer = b"" if self.done else buffer[at:]
         return out
 
     def ended_at_close(self) -> bool:
         return self.done
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk's size from its size line (raises ValueError if it is none)."""
+    size = line.split(b";", 1)[0].strip()
+    if not size or size.strip(b"0123456789abcdefABCDEF"):  # (int() would also take "0x1f", "1_f")
+        raise ValueError(f"not a chunk size: {line[:20]!r}")
+    return int(size, 16)
 
 
 class LengthBody:
@@ -135,11 +143,11 @@ class EngineStream(asyncio.Protocol):
         except ValueError:
             self._fail("a chunked body that does not parse")
             return
-        for payload in payloads:
+        if payloads:
             if self._sink is not None:
-                self._sink(payload)
+                self._sink(payloads)
             else:
-                self._kept.append(payload)
+                self._kept.extend(payloads)
                 self._wake()
         if self._body.done:
             self._end(None)
@@ -163,7 +171,7 @@ class EngineStream(asyncio.Protocol):
         return b"".join(kept)
 
     def relay_to(self, sink: Sink) -> None:
-        """From now on every payload goes to `sink` as it arrives."""
+        """From now on the payloads of every read go to `sink` as they arrive."""
         assert not self._kept, "read what came first"
         self._sink = sink
 
@@ -244,15 +252,7 @@ async def open_stream(base_url: str, path: str, data: bytes, headers: Mapping[st
     async with asyncio.timeout(CONNECT_TIMEOUT):
         if _is_ip(host) and context is None:
             # An address needs no lookup (uvloop would still ask a resolver thread: ~2 ms).
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.sock_connect(sock, (host, port))
-            except BaseException:
-                sock.close()
-                raise
-            await loop.create_connection(lambda: stream, sock=sock)
+            await loop.create_connection(lambda: stream, sock=await _connect(host, port))
         else:
             await loop.create_connection(lambda: stream, host, port, ssl=context)
     target = url.path.rstrip("/") + path
@@ -264,11 +264,25 @@ async def open_stream(base_url: str, path: str, data: bytes, headers: Mapping[st
         *(f"{name}: {value}" for name, value in headers.items() if name.lower() not in _SET_HERE),
     ]
     if any("\r" in line or "\n" in line for line in lines):
+        stream.close()
         raise ValueError("a header with a line break")  # the engine must never see a split header
     assert stream.transport is not None
     # aiohttp reads header bytes as UTF-8 with surrogate escapes: this writes them back as they came.
     stream.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + data)
     return stream
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket to an address (no name lookup)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_ip(host: str) -> bool:

@@ -362,10 +362,14 @@ class ClientPipe:
             await self._response.write(self._renamer(self._carry) if self._renamer else self._carry)
         return None if self.client_gone else self._stream.ended.result()
 
-    def deliver(self, payload: bytes) -> None:
-        """A payload from the engine (called by its connection, as it arrives)."""
-        if b'"timings"' in payload or b'"usage"' in payload:
-            self.last = payload
+    def deliver(self, payloads: list[bytes]) -> None:
+        """The payloads of one read of the engine (called by its connection, as they arrive):
+        written to the client at once, as one chunk."""
+        for piece in reversed(payloads):
+            if b'"timings"' in piece or b'"usage"' in piece:
+                self.last = piece
+                break
+        payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
         out = self._renamed(payload)
         if not out or self.client_gone:
             return
