@@ -295,3 +295,38 @@ def test_an_http_1_0_client_gets_the_stream_without_chunk_framing(gateway: Gatew
     blocks = [block for block in events.split(b"\n\n") if block]
     assert blocks and all(block.startswith(b"data: ") for block in blocks), events[:300]
     assert blocks[-1] == b"data: [DONE]"
+
+
+def connections_to(port: int, pid: int) -> set[str]:
+    """The TCP states (/proc/net/tcp's hex codes) of `pid`'s connections to 127.0.0.1:`port`."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    states = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == f"0100007F:{port:04X}" and fields[9] in inodes:
+            states.add(fields[3])
+    return states
+
+
+ESTABLISHED, CLOSE_WAIT = "01", "08"
+
+
+def test_a_spare_connection_waits_at_the_engine_and_one_it_closed_is_not_used(gateway: Gateway) -> None:
+    assert gateway.request("POST", "/v1/chat/completions", raw=GOOD_CHAT).status == 200
+    port, pid = gateway.engine()["port"], gateway.process.pid
+    # Opened ahead for the next request: the gateway holds a connection to the idle engine.
+    wait_until(lambda: ESTABLISHED in connections_to(port, pid))
+    # llama-server closes a connection that brought no request for 5 s.
+    wait_until(lambda: CLOSE_WAIT in connections_to(port, pid), timeout=10)
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 4, "stream": True}
+    resp = gateway.post("/v1/chat/completions", body)
+    assert resp.status == 200 and b"data: [DONE]" in resp.body
+    assert gateway.state()["counters"].get("requeued", 0) == 0  # not sent on the closed one, then retried
+    wait_until(lambda: connections_to(port, pid) == {ESTABLISHED})  # the closed one is gone, a new one waits

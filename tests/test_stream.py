@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from gateway.engine.stream import ChunkedBody, StreamBroken, open_stream
+from gateway.engine.stream import ChunkedBody, SpareConnection, StreamBroken, open_stream, spare_for
 
 EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":"' + b"x" * 300 + b'"}\n\n', b"data: [DONE]\n\n"]
 
@@ -130,6 +130,97 @@ async def test_a_header_with_a_line_break_is_never_sent(engine) -> None:
 
     with pytest.raises(ValueError, match="line break"):
         await open_stream(await engine(never), "/v1/x", b"{}", {"Authorization": "Bearer a\r\nX-Evil: 1"})
+
+
+class Engine:
+    """A listening socket that counts its connections and reads a request head on each."""
+
+    def __init__(self, close_at_once: bool = False) -> None:
+        self.accepted: list[asyncio.StreamWriter] = []
+        self.requested: list[int] = []  # the index of each connection a request came on
+        self.closed = 0  # connections it closed without reading
+        self.close_at_once = close_at_once
+        self.url = ""
+        self.changed = asyncio.Event()
+
+    async def start(self) -> Engine:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not check():
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = len(self.accepted)
+        self.accepted.append(writer)
+        self.changed.set()
+        if self.close_at_once:
+            writer.close()
+            await writer.wait_closed()
+            self.closed += 1
+            self.changed.set()
+            return
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        self.requested.append(index)
+        self.changed.set()
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+        writer.close()
+
+
+async def send(url: str, spare: SpareConnection) -> int:
+    stream = await open_stream(url, "/v1/x", b"{}", {}, spare)
+    return (await stream.head).status
+
+
+async def test_a_request_goes_out_on_the_spare_connection_opened_ahead_and_the_next_is_opened() -> None:
+    engine = await Engine().start()
+    spare = spare_for(engine.url)
+    assert spare is not None
+    spare.open_next()
+    await engine.until(lambda: len(engine.accepted) == 1)
+    assert await send(engine.url, spare) == 204
+    assert engine.requested == [0]  # on the connection opened before the request
+    await engine.until(lambda: len(engine.accepted) == 2)  # the next spare
+    assert await send(engine.url, spare) == 204
+    assert engine.requested == [0, 1]
+    spare.close()
+    await engine.until(lambda: len(engine.accepted) == 3)
+    await asyncio.sleep(0.05)  # a closed spare opens nothing more
+    assert len(engine.accepted) == 3
+
+
+async def test_a_spare_the_engine_closed_or_one_too_old_is_not_used(monkeypatch) -> None:
+    closing = await Engine(close_at_once=True).start()
+    spare = spare_for(closing.url)
+    assert spare is not None
+    spare.open_next()
+    await closing.until(lambda: closing.closed == 1)  # on loopback its FIN is here as it closes
+    assert spare.take() is None  # closed by the engine: the request would connect itself
+    spare.close()
+
+    engine = await Engine().start()
+    spare = spare_for(engine.url)
+    assert spare is not None
+    spare.open_next()
+    await engine.until(lambda: len(engine.accepted) == 1)
+    monkeypatch.setattr("gateway.engine.stream.SPARE_MAX_AGE", 0.0)
+    assert await send(engine.url, spare) == 204
+    assert engine.requested and 0 not in engine.requested  # a fresh connection, not the aged spare
+    spare.close()
+
+
+def test_only_an_engine_at_an_address_over_plain_http_gets_a_spare() -> None:
+    assert spare_for("http://127.0.0.1:8080") is not None
+    assert spare_for("http://[::1]:8080") is not None
+    assert spare_for("http://localhost:8080") is None  # a name to look up: connected as before
+    assert spare_for("https://127.0.0.1:8443") is None
 
 
 def test_a_read_of_several_whole_chunks_gives_each_payload_and_sizes_are_plain_hex() -> None:

@@ -28,7 +28,7 @@ from gateway.engine.gguf import longest_token_bytes
 from gateway.engine.process import EngineProcess
 from gateway.engine.prompt_cache import PromptKeeper, PromptStore
 from gateway.engine.remote import RemoteLink
-from gateway.engine.stream import EngineStream
+from gateway.engine.stream import EngineStream, SpareConnection, spare_for
 from gateway.engine.types import adapter_for
 from gateway.models import PromptShape, Room, byte_bound
 from gateway.utils.metrics import Metrics
@@ -67,6 +67,7 @@ class EngineInstance:
     open_requests: set[asyncio.Future[EngineStream]] = field(default_factory=set, repr=False)
     open_responses: set[EngineStream] = field(default_factory=set, repr=False)
     cut_off_reason: str | None = None  # why what was in flight on it was ended
+    spare: SpareConnection | None = field(default=None, repr=False)  # a local engine's next connection
 
     def cut_off(self, reason: str) -> None:
         """End what is still in flight now: drain_timeout passed (llama-server does not
@@ -272,6 +273,10 @@ class EngineManager:
             ):
                 async with asyncio.timeout(variant.timeouts.health_check):
                     overhead = await counter.template_overhead(client, adapter.rewrite(model, {}))
+        spare = spare_for(client.base_url) if port is not None else None
+        if spare is not None:
+            spare.open_next()
+            exited.add_done_callback(lambda _: spare.close())
         return EngineInstance(
             model=model,
             variant=variant,
@@ -289,11 +294,14 @@ class EngineManager:
             startup_seconds=time.monotonic() - process.started_monotonic,
             exited=exited,
             prompts=self._keeper(model, variant),
+            spare=spare,
         )
 
     async def stop(self, instance: EngineInstance) -> int:
         """Save its slots to the prompt cache (bounded), then SIGTERM, then SIGKILL
         after the stop timeout; the exit code."""
+        if instance.spare is not None:
+            instance.spare.close()
         if instance.prompts is not None:
             await instance.prompts.save_all(instance.client, instance.model, instance.variant)
             instance.prompts.forget_engine(instance.client)

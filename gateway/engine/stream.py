@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -24,6 +25,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 CONNECT_TIMEOUT = 5.0  # seconds, as the engine client's sock_connect
+# Seconds a spare connection is used for at most: llama-server closes a connection on
+# which no request came for 5 s.
+SPARE_MAX_AGE = 4.0
 MAX_HEAD = 64 * 1024  # bytes of status line and headers an engine may send
 Sink = Callable[[list[bytes]], None]  # the payloads of one read, in order
 
@@ -241,16 +245,21 @@ def _parse_head(raw: bytes) -> Head:
     return Head(int(code), reason[0] if reason else "", headers)
 
 
-async def open_stream(base_url: str, path: str, data: bytes, headers: Mapping[str, str]) -> EngineStream:
-    """Connect to the engine and send the request (raises OSError or TimeoutError when
-    the connection cannot be made)."""
+async def open_stream(
+    base_url: str, path: str, data: bytes, headers: Mapping[str, str], spare: SpareConnection | None = None
+) -> EngineStream:
+    """Connect to the engine (on the spare connection if one is ready) and send the
+    request (raises OSError or TimeoutError when the connection cannot be made)."""
     url = URL(base_url)
     host, port = url.host or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
     context = ssl.create_default_context() if url.scheme == "https" else None
     stream = EngineStream()
     loop = asyncio.get_running_loop()
+    ready = spare.take() if spare is not None else None
     async with asyncio.timeout(CONNECT_TIMEOUT):
-        if _is_ip(host) and context is None:
+        if ready is not None:
+            await loop.create_connection(lambda: stream, sock=ready)
+        elif _is_ip(host) and context is None:
             # An address needs no lookup (uvloop would still ask a resolver thread: ~2 ms).
             await loop.create_connection(lambda: stream, sock=await _connect(host, port))
         else:
@@ -283,6 +292,76 @@ async def _connect(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class SpareConnection:
+    """One connection to a local engine, opened ahead of the request that will use it, so
+    that the request is sent at once instead of after a connect. A connection serves one
+    request (llama-server closes it after a stream): taking the spare opens the next."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._address = (host, port)
+        self._ready: tuple[socket.socket, float] | None = None  # the socket, and when it connected
+        self._opening: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def take(self) -> socket.socket | None:
+        """The spare, if one is ready, young and still open (the next one is opened now)."""
+        ready, self._ready = self._ready, None
+        self.open_next()
+        if ready is None:
+            return None
+        sock, connected = ready
+        if time.monotonic() - connected < SPARE_MAX_AGE and _still_open(sock):
+            return sock
+        sock.close()
+        return None
+
+    def close(self) -> None:
+        """For good: the engine stops."""
+        self._closed = True
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._ready is not None:
+            self._ready[0].close()
+            self._ready = None
+
+    def open_next(self) -> None:
+        """Open the spare, unless one is open or opening."""
+        if not self._closed and self._opening is None and self._ready is None:
+            self._opening = asyncio.ensure_future(self._open())
+
+    async def _open(self) -> None:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                sock = await _connect(*self._address)
+        except (OSError, TimeoutError):
+            return  # no spare: the next request connects itself (and asks for one again)
+        finally:
+            self._opening = None
+        if self._closed:
+            sock.close()
+        else:
+            self._ready = (sock, time.monotonic())
+
+
+def spare_for(base_url: str) -> SpareConnection | None:
+    """A spare connection for an engine reached by plain HTTP at an address (a local one)."""
+    url = URL(base_url)
+    if url.scheme != "http" or url.host is None or url.port is None or not _is_ip(url.host):
+        return None
+    return SpareConnection(url.host, url.port)
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether the engine has not closed the connection (nor written on it)."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True  # nothing to read: open, and silent as it should be
+    except OSError:
+        return False
+    return False  # closed (b"") or written on
 
 
 def _is_ip(host: str) -> bool:

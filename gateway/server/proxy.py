@@ -146,7 +146,9 @@ async def _open(instance: EngineInstance, path: str, data: bytes, headers: Mappi
     # Not retried here: a POST the engine may have taken is retried, if at all, by the
     # handler once it knows whether the engine died.
     client = instance.client
-    opening = asyncio.ensure_future(open_stream(client.base_url, path, data, {**headers, **client.headers}))
+    opening = asyncio.ensure_future(
+        open_stream(client.base_url, path, data, {**headers, **client.headers}, instance.spare)
+    )
     instance.open_requests.add(opening)
     try:
         return await opening
