@@ -31,6 +31,28 @@ def test_a_chunked_body_split_anywhere_gives_its_payloads(size: int, extension: 
     assert body.done
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64, 10_000])
+@pytest.mark.parametrize("extension", [b"", b";name=value"])
+def test_chunks_passed_through_as_they_came_split_anywhere_less_the_last_chunk(
+    size: int, extension: bytes
+) -> None:
+    body = ChunkedBody()
+    framed = chunked(EVENTS, extension)
+    passed = b"".join(body.pass_through(part) for part in splits(framed + b"Trailer: x\r\n\r\n", size))
+    assert passed == framed[: -len(b"0\r\n\r\n")]  # the client's own last chunk ends it
+    assert body.done
+
+
+def test_passing_through_starts_only_where_a_chunk_starts() -> None:
+    body = ChunkedBody()
+    framed = chunked(EVENTS)
+    first = framed.index(b"\r\n", 3) + 2  # the first whole chunk
+    assert body.feed(framed[:first]) == [EVENTS[0]] and body.at_chunk_start()
+    assert not (body.feed(framed[first : first + 10]) and body.at_chunk_start())  # inside a payload
+    with pytest.raises(ValueError):
+        ChunkedBody().pass_through(b"zz\r\nnonsense")
+
+
 def test_one_whole_chunk_a_read_is_one_payload() -> None:
     body = ChunkedBody()
     assert body.feed(b"f\r\n" + EVENTS[0] + b"\r\n") == [EVENTS[0]]
@@ -230,3 +252,27 @@ def test_a_read_of_several_whole_chunks_gives_each_payload_and_sizes_are_plain_h
     for size in (b"0x1f", b"1_f", b"+1f", b""):  # int() would take the first three
         with pytest.raises(ValueError):
             ChunkedBody().feed(size + b"\r\n" + b"x" * 31 + b"\r\n")
+
+
+async def test_a_chunk_the_engine_broke_off_inside_is_completed_for_the_clients_framing(engine) -> None:
+    framed = chunked(EVENTS)
+    second = framed.index(b"\r\n", 3) + 2  # where the second chunk starts
+    cut = framed.index(b"x" * 100)  # inside its payload
+    relaying = asyncio.Event()
+
+    async def dies(reader, writer) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed[:second])
+        await relaying.wait()
+        writer.write(framed[second:cut])
+
+    stream = await open_stream(await engine(dies), "/v1/x", b"{}", {})
+    await stream.head
+    first = await stream.read()
+    passed: list[bytes] = []
+    assert stream.relay_chunks(passed.append)
+    relaying.set()
+    assert await stream.ended == "the engine closed the connection"
+    client = ChunkedBody()  # what the client reads: whole chunks, the cut one padded
+    payloads = client.feed(b"".join(passed) + stream.chunk_end() + b"0\r\n\r\n")
+    assert first == EVENTS[0] and client.done
+    assert payloads[-1].startswith(b'data: {"b":"') and payloads[-1].endswith(b"\n\n")

@@ -51,6 +51,7 @@ class ChunkedBody:
         self._data = 0  # payload bytes of the current chunk still to come
         self._crlf = 0  # bytes of the CRLF after a chunk's payload still to skip
         self._trailers = False  # the last chunk came: skip trailers up to the blank line
+        self._skip = 0  # (passing through) bytes of the current chunk still to come
         self.done = False
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -85,13 +86,45 @@ class ChunkedBody:
         self._buffer = b"" if self.done else buffer[at:]
         return out
 
+    def at_chunk_start(self) -> bool:
+        """Whether what was fed so far ends where a chunk starts (or in its size line)."""
+        return not (self._data or self._crlf or self._trailers or self.done)
+
+    def pass_through(self, data: bytes) -> bytes:
+        """The bytes of `data` to pass on as they are, framing and all: up to the last
+        chunk (not that, nor trailers), less a size line not yet whole (held for the
+        next read). Framing is followed by the sizes alone, payloads are not copied."""
+        if self.done:
+            return b""
+        buffer = self._buffer + data if self._buffer else data
+        at, end = self._skip, len(buffer)
+        self._buffer, self._skip = b"", 0
+        while at < end:
+            eol = buffer.find(b"\r\n", at)
+            if eol < 0:
+                self._buffer = buffer[at:]
+                return buffer[:at]
+            size = _chunk_size(buffer[at:eol])
+            if not size:
+                self.done = True
+                return buffer[:at]
+            at = eol + size + 4  # its size line's CRLF, its payload and the CRLF after it
+        self._skip = at - end
+        return buffer
+
+    def chunk_end(self) -> bytes:
+        """What completes a chunk passed on in part (the engine broke off inside it):
+        blank lines for the payload still missing, and the CRLF after it, so that the
+        client's framing holds for what comes next."""
+        return b"\n" * (self._skip - 2) + b"\r\n"[-self._skip :] if self._skip else b""
+
     def ended_at_close(self) -> bool:
         return self.done
 
 
 def _chunk_size(line: bytes) -> int:
     """A chunk's size from its size line (raises ValueError if it is none)."""
-    size = line.split(b";", 1)[0].strip()
+    size = line.split(b";", 1)[0].strip() if b";" in line or b" " in line or b"\t" in line else line
     if not size or size.strip(b"0123456789abcdefABCDEF"):  # (int() would also take "0x1f", "1_f")
         raise ValueError(f"not a chunk size: {line[:20]!r}")
     return int(size, 16)
@@ -129,6 +162,8 @@ class EngineStream(asyncio.Protocol):
         self._raw = b""  # the head, until it is whole
         self._body: ChunkedBody | LengthBody | None = None
         self._sink: Sink | None = None
+        self._chunks: ChunkedBody | None = None  # passing the engine's chunks on as they are
+        self._chunk_sink: Callable[[bytes], None] | None = None
         self._kept: list[bytes] = []  # payloads before a sink is set
         self._arrived: asyncio.Future[None] = loop.create_future()  # a reader waits on it
 
@@ -138,6 +173,9 @@ class EngineStream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass of it)
 
     def data_received(self, data: bytes) -> None:
+        if self._chunks is not None:
+            self._pass_on(self._chunks, data)
+            return
         if self._body is None:
             data = self._read_head(data)
             if self._body is None:
@@ -179,6 +217,21 @@ class EngineStream(asyncio.Protocol):
         assert not self._kept, "read what came first"
         self._sink = sink
 
+    def relay_chunks(self, sink: Callable[[bytes], None]) -> bool:
+        """From now on the bytes of every read go to `sink` as the engine framed them,
+        less its last chunk; False (nothing changes) unless the body is chunked and all
+        fed so far ends where a chunk starts."""
+        assert not self._kept, "read what came first"
+        body = self._body
+        if not isinstance(body, ChunkedBody) or not body.at_chunk_start():
+            return False
+        self._chunks, self._chunk_sink = body, sink
+        return True
+
+    def chunk_end(self) -> bytes:
+        """What completes the chunk passed on last, if the engine broke off inside it."""
+        return self._chunks.chunk_end() if self._chunks is not None else b""
+
     def pause(self) -> None:
         if self.transport is not None:
             self.transport.pause_reading()
@@ -213,6 +266,17 @@ class EngineStream(asyncio.Protocol):
         self._body = ChunkedBody() if chunked else LengthBody(int(length) if length else None)
         self.head.set_result(head)
         return rest
+
+    def _pass_on(self, chunks: ChunkedBody, data: bytes) -> None:
+        try:
+            passed = chunks.pass_through(data)
+        except ValueError:
+            self._fail("a chunked body that does not parse")
+            return
+        if passed and self._chunk_sink is not None:
+            self._chunk_sink(passed)
+        if chunks.done:
+            self._end(None)
 
     def _fail(self, why: str) -> None:
         if not self.head.done():

@@ -323,11 +323,13 @@ async def _relay_stream(
 
 
 class ClientPipe:
-    """The client's side of a relayed stream. Each payload the engine sends is written to
-    the client's transport as it arrives, framed as a chunk, renamed if it must be. When
-    the client reads slower than the engine writes, the engine is no longer read (its
-    connection's flow control holds it back) until the client has caught up: memory stays
-    bounded whatever the client does."""
+    """The client's side of a relayed stream: what each read of the engine brings is
+    written to the client's transport as it arrives. Most streams pass the engine's
+    chunks on as they are (framing and all, nothing copied); a renamed one, or one to an
+    HTTP/1.0 client, is unframed, renamed, and framed again if the client takes chunks.
+    When the client reads slower than the engine writes, the engine is no longer read
+    (its connection's flow control holds it back) until the client has caught up: memory
+    stays bounded whatever the client does."""
 
     def __init__(
         self,
@@ -338,15 +340,17 @@ class ClientPipe:
     ) -> None:
         assert request.transport is not None
         self._transport = request.transport
+        self._writer = request.writer  # its drain() waits for the client to catch up
         self._response = response
         self._stream = stream
         self._renamer = renamer
         self._carry = b""  # a renamed stream's last line, until it is whole
-        self._backlog: list[bytes] | None = None  # payloads held while the client catches up
+        self._backlog: list[bytes] | None = None  # bytes held while the client catches up
         self._backlogged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # HTTP/1.0 has no chunked encoding: its answer is the bytes up to the close.
         self._chunked = request.version >= HttpVersion11
-        self.last = b""  # the last payload that reported what was generated (usage, timings)
+        self._previous = b""  # the read before the last one (an event may span both)
+        self.last = b""  # the last read(s) that reported what was generated (usage, timings)
         self.client_gone = False
 
     async def run(self, first: bytes) -> str | None:
@@ -354,26 +358,41 @@ class ClientPipe:
         if b'"timings"' in first or b'"usage"' in first:  # a short answer may be all in it
             self.last = first
         await self._response.write(self._renamed(first))  # also sends the headers
-        self._stream.relay_to(self.deliver)
+        as_framed = self._renamer is None and self._chunked
+        if not (as_framed and self._stream.relay_chunks(self.deliver_chunks)):
+            self._stream.relay_to(self.deliver)
         while not self._stream.ended.done():
             waits: list[asyncio.Future[Any]] = [self._stream.ended, self._backlogged]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             await self._catch_up()
         await self._catch_up()
+        if self._stream.ended.result() is not None and (rest := self._stream.chunk_end()):
+            self._send(rest)  # the error event that follows must be a chunk of its own
         if self._carry:
             await self._response.write(self._renamer(self._carry) if self._renamer else self._carry)
         return None if self.client_gone else self._stream.ended.result()
 
+    def deliver_chunks(self, data: bytes) -> None:
+        """Bytes of the engine's chunks, framing and all (called by its connection)."""
+        if b'"timings"' in data or b'"usage"' in data:
+            self.last = self._previous + data
+        self._previous = data
+        self._send(data)
+
     def deliver(self, payloads: list[bytes]) -> None:
-        """The payloads of one read of the engine (called by its connection, as they arrive):
-        written to the client at once, as one chunk."""
+        """The payloads of one read of the engine (called by its connection): one chunk."""
         for piece in reversed(payloads):
             if b'"timings"' in piece or b'"usage"' in piece:
                 self.last = piece
                 break
-        payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
-        out = self._renamed(payload)
-        if not out or self.client_gone:
+        out = self._renamed(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+        if out:
+            self._send(b"%x\r\n%b\r\n" % (len(out), out) if self._chunked else out)
+
+    def _send(self, out: bytes) -> None:
+        """Write to the client now, or hold it (and stop reading the engine) while the
+        client's buffer is full."""
+        if self.client_gone:
             return
         if self._backlog is not None:
             self._backlog.append(out)
@@ -385,20 +404,20 @@ class ClientPipe:
             self._backlog = [out]
             if not self._backlogged.done():
                 self._backlogged.set_result(None)
-        elif self._chunked:
-            self._transport.write(b"%x\r\n%b\r\n" % (len(out), out))
         else:
             self._transport.write(out)
 
     async def _catch_up(self) -> None:
-        """Write what was held back at the client's pace (aiohttp's writer waits for it to
-        drain), then read the engine again."""
+        """Write what was held back at the client's pace, then read the engine again."""
         if self._backlog is None:
             return
         while self._backlog:
             held, self._backlog = self._backlog, []
             for out in held:
-                await self._response.write(out)
+                if self._transport.is_closing():
+                    raise ConnectionResetError("the client left")
+                self._transport.write(out)
+                await self._writer.drain()
         self._backlog = None
         self._backlogged = asyncio.get_running_loop().create_future()
         self._stream.resume()
