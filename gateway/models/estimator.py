@@ -25,6 +25,7 @@ class TokenEstimator:
 
     def __init__(self) -> None:
         self._samples: dict[str, deque[float]] = {}
+        self.learned = 0  # exact counts recorded so far: estimates change when it does
 
     def observe(self, model: str, shape: PromptShape, tokens: int) -> None:
         """Record an exact count for a prompt of this shape."""
@@ -33,6 +34,7 @@ class TokenEstimator:
         text_tokens = max(0, tokens - shape.token_ids - shape.messages * TEMPLATE_TOKENS_PER_MESSAGE)
         ratio = text_tokens / shape.text_bytes
         self._samples.setdefault(model, deque(maxlen=SAMPLES_KEPT)).append(ratio)
+        self.learned += 1
 
     def ratio(self, model: str) -> float | None:
         """The learned tokens-per-byte ratio (largest recent), if any exact count was seen."""

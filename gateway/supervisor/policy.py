@@ -130,16 +130,23 @@ def plan(
     blocked: set[str] = set()  # engines whose next request waits for room
     candidates: list[tuple[Waiting, Selection, bool]] = []  # (item, selection, is the head)
     waited = False  # an earlier request still waits
+    # Requests of one model with the same needs are selected alike (a long queue is
+    # mostly such repeats): selected once per plan.
+    selections: dict[tuple[str, Needs], Selection] = {}
     for item in waiting:
         engine = engines.get(item.model.name)
         running = engine.running if engine is not None else None
-        selection = selector.select(item.needs, item.model, running)
+        key = (item.model.name, item.needs)
+        selection = selections.get(key)
+        if selection is None:
+            selection = selections[key] = selector.select(item.needs, item.model, running)
         if selection.outcome is Outcome.REJECTED:
             result.rejects.append((item, selection))
             continue
         if selection.outcome is Outcome.REUSED:
             assert running is not None
-            fit = Fit.BLOCKED if engine is None or engine.clearing else _take(free, item, running)
+            blocked_before = item.model.name in blocked or engine is None or engine.clearing
+            fit = Fit.BLOCKED if blocked_before else _take(free, item, running)
             if item.model.name not in blocked and fit is Fit.GRANTED:
                 result.grants.append((item, selection))
                 continue

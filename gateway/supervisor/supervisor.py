@@ -50,6 +50,7 @@ BACKOFF_MAX = 8.0
 # Seconds between health probes of an engine with requests in flight: one that stops
 # answering (SIGSTOP, a driver fault, swapping) would otherwise hold them forever.
 PROBE_INTERVAL = 1.0
+EVENTS_PER_ROUND = 256  # events handled at most before the supervisor decides again
 # Seconds between looks at an engine's /slots while abandoned requests may still run.
 SLOTS_LOOK_INTERVAL = 0.02
 
@@ -112,6 +113,8 @@ class Supervisor:
         self._room_made: dict[str, tuple[float, tuple[str, ...], str]] = {}  # swaps under way
         self._measured: dict[Variant, int] = {}  # the most an engine of each variant took, in bytes
         self._unreachable: dict[str, str] = {}  # remote models whose last probe failed: why
+        # Each queued request's view for the policy, by its seq, and what it was made from.
+        self._waiting_kept: dict[int, tuple[tuple[int | None, str, int], EngineInstance | None, Waiting]] = {}
         self._shutdown: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._faults_seen: set[str] = set()  # causes whose traceback was logged
@@ -223,12 +226,17 @@ class Supervisor:
 
     async def _run(self) -> None:
         while True:
-            event = await self._inbox.get()
+            # Every event already waiting is handled before one reconcile: deciding looks
+            # at the whole queue, so a burst of arrivals costs one look, not one each.
+            events = [await self._inbox.get()]
+            while len(events) < EVENTS_PER_ROUND and not self._inbox.empty():
+                events.append(self._inbox.get_nowait())
             self._handling = True
-            try:
-                self._handle(event)
-            except Exception as exc:
-                self._event_failed(event, exc)
+            for event in events:
+                try:
+                    self._handle(event)
+                except Exception as exc:
+                    self._event_failed(event, exc)
             self._reconcile_safely()
             self._publish_queue()
             self._handling = False
@@ -588,7 +596,20 @@ class Supervisor:
             self.live.publish(LiveKind.QUEUE, {"models": shown})
 
     def _waiting(self) -> list[Waiting]:
-        return [self._as_waiting(p) for p in self.scheduler.queue]
+        """The queue as the policy sees it. A request's view changes only when it is
+        counted, its engine changes or the estimator learns: it is kept until then (each
+        decision looks at the whole queue, and a long queue must not cost its length
+        squared)."""
+        kept, self._waiting_kept = self._waiting_kept, {}
+        for pending in self.scheduler.queue:
+            slot = self.slots.get(pending.model.name)
+            ready = slot.ready if slot is not None else None
+            key = (pending.exact_tokens, pending.method, self.estimator.learned)
+            seen = kept.get(pending.seq)
+            if seen is None or seen[0] != key or seen[1] is not ready:
+                seen = (key, ready, self._as_waiting(pending))
+            self._waiting_kept[pending.seq] = seen
+        return [self._waiting_kept[pending.seq][2] for pending in self.scheduler.queue]
 
     def _as_waiting(self, pending: PendingRequest) -> Waiting:
         needs = self._needs(pending)
