@@ -79,6 +79,10 @@ class EngineInstance:
         for response in list(self.open_responses):
             response.close()
 
+    def heard_since(self, when: float) -> bool:
+        """Whether one of its answers in flight brought bytes since `when` (loop time)."""
+        return any(stream.last_read >= when for stream in self.open_responses)
+
     @property
     def where(self) -> str:
         """Where it runs, for log lines: its pid and port, or the upstream's URL."""
@@ -317,7 +321,13 @@ class EngineManager:
 
     async def probe(self, instance: EngineInstance) -> str | None:
         """None while the engine is well (see EngineAdapter.probe), else what is wrong."""
+        started = asyncio.get_running_loop().time()
         problem = await instance.engine.probe(instance.client, instance.variant.timeouts.health_check)
+        if problem is not None and instance.heard_since(started):
+            # Its answers flow: the probe's answer was read late (the gateway's own loop
+            # was busy), not missed. Killing it would cut off every stream it serves.
+            log.warning("%s: %s, but its streams answer meanwhile: not frozen", instance.variant.key, problem)
+            return None
         if problem is not None and isinstance(instance.process, RemoteLink):
             instance.process.note(problem)
         return problem

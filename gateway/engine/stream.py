@@ -166,6 +166,8 @@ class EngineStream(asyncio.Protocol):
         self._chunk_sink: Callable[[bytes], None] | None = None
         self._kept: list[bytes] = []  # payloads before a sink is set
         self._arrived: asyncio.Future[None] = loop.create_future()  # a reader waits on it
+        self._clock = loop.time
+        self.last_read = 0.0  # loop time of its last bytes from the engine
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class EngineStream(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass of it)
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self._clock()
         if self._chunks is not None:
             self._pass_on(self._chunks, data)
             return
