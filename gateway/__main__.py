@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Coroutine
@@ -21,6 +22,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_LISTEN = 3
+OPEN_FILES_WANTED = 65536  # when the hard limit is unlimited
 
 log = logging.getLogger("gateway")
 
@@ -49,12 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         return check_config(args.check_config)
     recent = setup_logging(args.log_level, args.log_format)
+    raise_open_files_limit()
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         log.error("config error: %s", exc)
         return EXIT_CONFIG
     return run_loop(serve(config, recent), args.loop)
+
+
+def raise_open_files_limit() -> None:
+    """Take the hard limit of open files: a stream holds two sockets (its client's and its
+    engine's), and the usual soft limit of 1024 would refuse connections near 500 streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES_WANTED)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("open files limit stays %d (the hard limit is %s): %s", soft, hard, exc)
 
 
 def run_loop(main_coro: Coroutine[Any, Any, int], loop: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import threading
 import urllib.request
@@ -177,3 +178,26 @@ def test_reload_never_drops_an_in_flight_request(gateway: Gateway, tiny_models) 
     long.join(30)
     assert result[0].status == 200
     assert result[0].json()["usage"]["completion_tokens"] == 3000
+
+
+def open_files_limit(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError("no open files limit")
+
+
+def test_the_gateway_takes_the_hard_limit_of_open_files(start_gateway, tiny_models) -> None:
+    # A stream holds two sockets: at the usual soft limit of 1024 about 500 would fit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit here is {hard}: there is nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        gateway = start_gateway(tiny_model_config(tiny_models))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    gateway_soft, gateway_hard = open_files_limit(gateway.process.pid)
+    assert gateway_soft != "1024"
+    assert gateway_soft == gateway_hard or hard == resource.RLIM_INFINITY
