@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import signal
+import socket
 import threading
 import urllib.request
 from pathlib import Path
@@ -201,3 +203,25 @@ def test_the_gateway_takes_the_hard_limit_of_open_files(start_gateway, tiny_mode
     gateway_soft, gateway_hard = open_files_limit(gateway.process.pid)
     assert gateway_soft != "1024"
     assert gateway_soft == gateway_hard or hard == resource.RLIM_INFINITY
+
+
+def test_a_burst_of_connections_is_taken_while_the_gateway_is_busy(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(tiny_model_config(tiny_models))
+    port = int(gateway.url.rsplit(":", 1)[1])
+    clients = []
+    os.kill(gateway.process.pid, signal.SIGSTOP)  # a loop that accepts nothing for a while
+    try:
+        for _ in range(600):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            clients.append(sock)
+        # The kernel completes what the listen backlog holds; beyond it, SYNs are dropped
+        # and retried a second later (aiohttp's default backlog is 128).
+        _, connected, _ = select.select([], clients, [], 0.5)
+        assert len(connected) == len(clients)
+    finally:
+        os.kill(gateway.process.pid, signal.SIGCONT)
+        for sock in clients:
+            sock.close()
+    assert gateway.request("GET", "/health").status == 200

@@ -27,6 +27,10 @@ from gateway.utils.metrics import Metrics
 log = logging.getLogger("gateway")
 
 SHUTDOWN_GRACE = 5.0  # seconds on top of drain and stop timeouts before giving up
+# Connections the kernel completes before the gateway accepts them (capped by
+# net.core.somaxconn): a burst of clients (aiohttp's default is 128) must not have its
+# connections dropped, to be retried a second later, while the loop is busy.
+LISTEN_BACKLOG = 4096
 
 
 class GatewayServer:
@@ -152,7 +156,7 @@ class GatewayServer:
         await self._runner.setup()
         bound = []
         for host, port in self.config.server.listen:
-            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            site = web.TCPSite(self._runner, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
             await site.start()
             self._sites.append(site)
             bound.append(f"{host}:{port}")
