@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from gateway.engine.stream import ChunkedBody, SpareConnection, StreamBroken, open_stream, spare_for
+from gateway.engine.stream import ChunkedBody, SpareConnection, StreamBroken, open_stream, send, spare_for
 
 EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":"' + b"x" * 300 + b'"}\n\n', b"data: [DONE]\n\n"]
 
@@ -196,8 +196,13 @@ class Engine:
         writer.close()
 
 
-async def send(url: str, spare: SpareConnection) -> int:
-    stream = await open_stream(url, "/v1/x", b"{}", {}, spare)
+async def request(url: str, spare: SpareConnection) -> int:
+    """A request as the proxy sends it: on the spare if one is ready, else connected anew."""
+    stream = spare.take()
+    if stream is None:
+        stream = await open_stream(url, "/v1/x", b"{}", {})
+    else:
+        send(stream, url, "/v1/x", b"{}", {})
     return (await stream.head).status
 
 
@@ -207,10 +212,10 @@ async def test_a_request_goes_out_on_the_spare_connection_opened_ahead_and_the_n
     assert spare is not None
     spare.open_next()
     await engine.until(lambda: len(engine.accepted) == 1)
-    assert await send(engine.url, spare) == 204
+    assert await request(engine.url, spare) == 204
     assert engine.requested == [0]  # on the connection opened before the request
     await engine.until(lambda: len(engine.accepted) == 2)  # the next spare
-    assert await send(engine.url, spare) == 204
+    assert await request(engine.url, spare) == 204
     assert engine.requested == [0, 1]
     spare.close()
     await engine.until(lambda: len(engine.accepted) == 3)
@@ -233,7 +238,7 @@ async def test_a_spare_the_engine_closed_or_one_too_old_is_not_used(monkeypatch)
     spare.open_next()
     await engine.until(lambda: len(engine.accepted) == 1)
     monkeypatch.setattr("gateway.engine.stream.SPARE_MAX_AGE", 0.0)
-    assert await send(engine.url, spare) == 204
+    assert await request(engine.url, spare) == 204
     assert engine.requested and 0 not in engine.requested  # a fresh connection, not the aged spare
     spare.close()
 

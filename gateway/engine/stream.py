@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import select
 import socket
 import ssl
 import time
@@ -312,25 +313,18 @@ def _parse_head(raw: bytes) -> Head:
     return Head(int(code), reason[0] if reason else "", headers)
 
 
-async def open_stream(
-    base_url: str, path: str, data: bytes, headers: Mapping[str, str], spare: SpareConnection | None = None
-) -> EngineStream:
-    """Connect to the engine (on the spare connection if one is ready) and send the
-    request (raises OSError or TimeoutError when the connection cannot be made)."""
+async def open_stream(base_url: str, path: str, data: bytes, headers: Mapping[str, str]) -> EngineStream:
+    """Send the request on a new connection (raises OSError or TimeoutError when the
+    connection cannot be made)."""
+    stream = await _connected(URL(base_url))
+    send(stream, base_url, path, data, headers)
+    return stream
+
+
+def send(stream: EngineStream, base_url: str, path: str, data: bytes, headers: Mapping[str, str]) -> None:
+    """Write the request on the stream's connection (ValueError for a header that would
+    split: the stream is closed then)."""
     url = URL(base_url)
-    host, port = url.host or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
-    context = ssl.create_default_context() if url.scheme == "https" else None
-    stream = EngineStream()
-    loop = asyncio.get_running_loop()
-    ready = spare.take() if spare is not None else None
-    async with asyncio.timeout(CONNECT_TIMEOUT):
-        if ready is not None:
-            await loop.create_connection(lambda: stream, sock=ready)
-        elif _is_ip(host) and context is None:
-            # An address needs no lookup (uvloop would still ask a resolver thread: ~2 ms).
-            await loop.create_connection(lambda: stream, sock=await _connect(host, port))
-        else:
-            await loop.create_connection(lambda: stream, host, port, ssl=context)
     target = url.path.rstrip("/") + path
     lines = [
         f"POST {target} HTTP/1.1",
@@ -345,6 +339,20 @@ async def open_stream(
     assert stream.transport is not None
     # aiohttp reads header bytes as UTF-8 with surrogate escapes: this writes them back as they came.
     stream.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + data)
+
+
+async def _connected(url: URL) -> EngineStream:
+    """A new connection to the engine at `url`, its stream waiting for a request."""
+    host, port = url.host or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
+    context = ssl.create_default_context() if url.scheme == "https" else None
+    stream = EngineStream()
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        if _is_ip(host) and context is None:
+            # An address needs no lookup (uvloop would still ask a resolver thread: ~2 ms).
+            await loop.create_connection(lambda: stream, sock=await _connect(host, port))
+        else:
+            await loop.create_connection(lambda: stream, host, port, ssl=context)
     return stream
 
 
@@ -363,25 +371,26 @@ async def _connect(host: str, port: int) -> socket.socket:
 
 class SpareConnection:
     """One connection to a local engine, opened ahead of the request that will use it, so
-    that the request is sent at once instead of after a connect. A connection serves one
-    request (llama-server closes it after a stream): taking the spare opens the next."""
+    that the request is written at once instead of after a connect. A connection serves
+    one request (llama-server closes it after a stream): taking the spare opens the next."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self._address = (host, port)
-        self._ready: tuple[socket.socket, float] | None = None  # the socket, and when it connected
+    def __init__(self, url: URL) -> None:
+        self._url = url
+        self._ready: tuple[EngineStream, float] | None = None  # the stream, and when it connected
         self._opening: asyncio.Task[None] | None = None
         self._closed = False
 
-    def take(self) -> socket.socket | None:
-        """The spare, if one is ready, young and still open (the next one is opened now)."""
+    def take(self) -> EngineStream | None:
+        """The spare, if one is ready, young, and neither closed nor written on by the
+        engine (the next one is opened now)."""
         ready, self._ready = self._ready, None
         self.open_next()
         if ready is None:
             return None
-        sock, connected = ready
-        if time.monotonic() - connected < SPARE_MAX_AGE and _still_open(sock):
-            return sock
-        sock.close()
+        stream, connected = ready
+        if time.monotonic() - connected < SPARE_MAX_AGE and _silent(stream):
+            return stream
+        stream.close()
         return None
 
     def close(self) -> None:
@@ -400,16 +409,25 @@ class SpareConnection:
 
     async def _open(self) -> None:
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                sock = await _connect(*self._address)
+            stream = await _connected(self._url)
         except (OSError, TimeoutError):
             return  # no spare: the next request connects itself (and asks for one again)
         finally:
             self._opening = None
         if self._closed:
-            sock.close()
+            stream.close()
         else:
-            self._ready = (sock, time.monotonic())
+            self._ready = (stream, time.monotonic())
+
+
+def _silent(stream: EngineStream) -> bool:
+    """Whether the engine has neither closed the connection nor written on it, as far as
+    the kernel knows (the loop may not have read it yet)."""
+    if stream.ended.done() or stream.last_read or stream.transport is None:
+        return False
+    poller = select.poll()  # (select.select stops at descriptor 1024)
+    poller.register(stream.transport.get_extra_info("socket").fileno(), select.POLLIN)
+    return not poller.poll(0)
 
 
 def spare_for(base_url: str) -> SpareConnection | None:
@@ -417,18 +435,7 @@ def spare_for(base_url: str) -> SpareConnection | None:
     url = URL(base_url)
     if url.scheme != "http" or url.host is None or url.port is None or not _is_ip(url.host):
         return None
-    return SpareConnection(url.host, url.port)
-
-
-def _still_open(sock: socket.socket) -> bool:
-    """Whether the engine has not closed the connection (nor written on it)."""
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return True  # nothing to read: open, and silent as it should be
-    except OSError:
-        return False
-    return False  # closed (b"") or written on
+    return SpareConnection(url)
 
 
 def _is_ip(host: str) -> bool:

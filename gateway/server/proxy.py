@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import HttpVersion11, web
 
 from gateway.engine.manager import EngineInstance
-from gateway.engine.stream import EngineStream, Head, StreamBroken, open_stream
+from gateway.engine.stream import EngineStream, Head, StreamBroken, open_stream, send
 from gateway.errors import EngineFailed, EngineRejected, GatewayError
 from gateway.server.record import RECORD
 from gateway.server.sse import sse_data, sse_json
@@ -141,24 +141,28 @@ async def forward(
 
 
 async def _open(instance: EngineInstance, path: str, data: bytes, headers: Mapping[str, str]) -> EngineStream:
-    """Connect to the engine (a connection of its own) and send the request. A drain
-    timeout cancels the wait."""
+    """Send the request on the engine's spare connection, or connect (a connection of its
+    own) and send it. A drain timeout cancels the wait for a connection."""
     # Not retried here: a POST the engine may have taken is retried, if at all, by the
     # handler once it knows whether the engine died.
     client = instance.client
-    opening = asyncio.ensure_future(
-        open_stream(client.base_url, path, data, {**headers, **client.headers}, instance.spare)
-    )
-    instance.open_requests.add(opening)
+    headers = {**headers, **client.headers}
+    spare = instance.spare.take() if instance.spare is not None else None
     try:
-        return await opening
+        if spare is not None:
+            send(spare, client.base_url, path, data, headers)  # at once: no connect to wait for
+            return spare
+        opening = asyncio.ensure_future(open_stream(client.base_url, path, data, headers))
+        instance.open_requests.add(opening)
+        try:
+            return await opening
+        finally:
+            instance.open_requests.discard(opening)
     except (OSError, TimeoutError, ValueError) as exc:
         raise NotSent(f"engine unreachable: {type(exc).__name__}: {exc}", delivered=False) from None
     except asyncio.CancelledError:
         _raise_if_cut_off(instance)
         raise
-    finally:
-        instance.open_requests.discard(opening)
 
 
 async def _head(instance: EngineInstance, stream: EngineStream) -> Head:
