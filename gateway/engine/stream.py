@@ -13,6 +13,7 @@ first (to retry a refused request before anything reached the client).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import select
 import socket
@@ -438,6 +439,7 @@ def spare_for(base_url: str) -> SpareConnection | None:
     return SpareConnection(url)
 
 
+@functools.lru_cache(maxsize=256)
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

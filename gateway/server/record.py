@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 RECORD = "record"  # the key of a request's record in aiohttp's request
@@ -35,7 +35,7 @@ class RequestRecord:
     waited_for_start: bool = False  # its engine was started (a swap, an upgrade) while it waited
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)  # its fields are plain values (asdict would deep-copy each)
 
     def read_usage(self, answer: bytes) -> None:
         """Tokens generated and speed from an answer's JSON (or a stream's last events):
@@ -57,8 +57,9 @@ class RequestRecord:
 
 
 def _json_values(answer: bytes) -> list[dict[str, Any]]:
-    """The JSON objects of a body, or of an event stream's `data:` lines."""
-    texts = [line[5:] for line in answer.splitlines() if line.startswith(b"data:")] or [answer]
+    """The JSON objects of a body, or of an event stream's `data:` lines that report usage."""
+    lines = [line for line in answer.splitlines() if line.startswith(b"data:")]
+    texts = [line[5:] for line in lines if b'"usage"' in line or b'"timings"' in line] if lines else [answer]
     values = []
     for text in texts:
         try:
