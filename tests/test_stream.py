@@ -4,11 +4,19 @@ bodies split anywhere, bodies of a length or up to the close, and what breaks.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.engine.stream import ChunkedBody, SpareConnection, StreamBroken, open_stream, send, spare_for
+from gateway.engine.stream import (
+    ChunkedBody,
+    EngineStream,
+    SpareConnection,
+    StreamBroken,
+    open_stream,
+    send,
+    spare_for,
+)
 
 EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":"' + b"x" * 300 + b'"}\n\n', b"data: [DONE]\n\n"]
 
@@ -281,3 +289,54 @@ async def test_a_chunk_the_engine_broke_off_inside_is_completed_for_the_clients_
     payloads = client.feed(b"".join(passed) + stream.chunk_end() + b"0\r\n\r\n")
     assert first == EVENTS[0] and client.done
     assert payloads[-1].startswith(b'data: {"b":"') and payloads[-1].endswith(b"\n\n")
+
+
+async def relayed(
+    engine, answer_rest: Callable[[asyncio.StreamWriter], Awaitable[None]]
+) -> tuple[bytes, EngineStream]:
+    """A stream whose first event is read, then passed through: what the engine sends
+    after that (`answer_rest`), as the client's side got it."""
+    framed = chunked(EVENTS)
+    second = framed.index(b"\r\n", 3) + 2
+    relaying = asyncio.Event()
+
+    async def answer(reader, writer) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed[:second])
+        await relaying.wait()
+        await answer_rest(writer)
+
+    stream = await open_stream(await engine(answer), "/v1/x", b"{}", {})
+    await stream.head
+    assert await stream.read() == EVENTS[0]
+    passed: list[bytes] = []
+    assert stream.relay_chunks(passed.append)
+    relaying.set()
+    await stream.ended
+    return b"".join(passed), stream
+
+
+async def test_a_broken_size_line_after_a_chunk_begun_before_still_completes_that_chunk(engine) -> None:
+    framed = chunked(EVENTS)
+    second = framed.index(b"\r\n", 3) + 2
+    third = framed.index(b"data: [DONE]") - 4  # where the third chunk's size line starts
+
+    async def rest(writer: asyncio.StreamWriter) -> None:
+        writer.write(framed[second : second + 50])
+        await writer.drain()
+        await asyncio.sleep(0.05)  # (two reads: the chunk begun in one, completed in the next)
+        writer.write(framed[second + 50 : third] + b"zz\r\n")
+
+    passed, stream = await relayed(engine, rest)
+    assert stream.ended.result() == "a chunked body that does not parse"
+    client = ChunkedBody()
+    payloads = client.feed(passed + (stream.chunk_end() or b"") + b"0\r\n\r\n")
+    assert client.done and payloads == [EVENTS[1]]
+
+
+async def test_a_chunk_broken_off_far_from_its_end_is_not_padded(engine) -> None:
+    async def huge(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"%x\r\n" % 10_000_000 + b"data: " + b"x" * 100)  # 10 MB declared, then the close
+
+    passed, stream = await relayed(engine, huge)
+    assert passed.startswith(b"989680\r\n") and stream.ended.result() is not None
+    assert stream.chunk_end() is None  # the client's connection is cut instead

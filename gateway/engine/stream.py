@@ -31,11 +31,20 @@ CONNECT_TIMEOUT = 5.0  # seconds, as the engine client's sock_connect
 # which no request came for 5 s.
 SPARE_MAX_AGE = 4.0
 MAX_HEAD = 64 * 1024  # bytes of status line and headers an engine may send
+MAX_PADDING = 64 * 1024  # bytes of a broken-off chunk the gateway pads; beyond, it cuts
 Sink = Callable[[list[bytes]], None]  # the payloads of one read, in order
 
 
 class StreamBroken(ConnectionError):
     """The engine's connection failed or closed before its answer ended."""
+
+
+class FramingBroken(ValueError):
+    """A chunk size line that is none, after `passed`: the bytes before it to pass on."""
+
+    def __init__(self, why: str, passed: bytes) -> None:
+        super().__init__(why)
+        self.passed = passed
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,10 @@ class ChunkedBody:
             if eol < 0:
                 self._buffer = buffer[at:]
                 return buffer[:at]
-            size = _chunk_size(buffer[at:eol])
+            try:
+                size = _chunk_size(buffer[at:eol])
+            except ValueError as exc:
+                raise FramingBroken(str(exc), buffer[:at]) from None
             if not size:
                 self.done = True
                 return buffer[:at]
@@ -114,10 +126,13 @@ class ChunkedBody:
         self._skip = at - end
         return buffer
 
-    def chunk_end(self) -> bytes:
+    def chunk_end(self) -> bytes | None:
         """What completes a chunk passed on in part (the engine broke off inside it):
         blank lines for the payload still missing, and the CRLF after it, so that the
-        client's framing holds for what comes next."""
+        client's framing holds for what comes next; None when more is missing than is
+        worth padding (the client's connection must be cut instead)."""
+        if self._skip > MAX_PADDING:
+            return None
         return b"\n" * (self._skip - 2) + b"\r\n"[-self._skip :] if self._skip else b""
 
     def ended_at_close(self) -> bool:
@@ -170,6 +185,9 @@ class EngineStream(asyncio.Protocol):
         self._arrived: asyncio.Future[None] = loop.create_future()  # a reader waits on it
         self._clock = loop.time
         self.last_read = 0.0  # loop time of its last bytes from the engine
+        # Loop time of its last pause or resume (a slow client): what it reads around then
+        # may have waited in the kernel, no sign that the engine is alive now.
+        self.last_paused = 0.0
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -233,15 +251,18 @@ class EngineStream(asyncio.Protocol):
         self._chunks, self._chunk_sink = body, sink
         return True
 
-    def chunk_end(self) -> bytes:
-        """What completes the chunk passed on last, if the engine broke off inside it."""
+    def chunk_end(self) -> bytes | None:
+        """What completes the chunk passed on last, if the engine broke off inside it
+        (see ChunkedBody.chunk_end)."""
         return self._chunks.chunk_end() if self._chunks is not None else b""
 
     def pause(self) -> None:
+        self.last_paused = self._clock()
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume(self) -> None:
+        self.last_paused = self._clock()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -275,7 +296,9 @@ class EngineStream(asyncio.Protocol):
     def _pass_on(self, chunks: ChunkedBody, data: bytes) -> None:
         try:
             passed = chunks.pass_through(data)
-        except ValueError:
+        except FramingBroken as exc:
+            if exc.passed and self._chunk_sink is not None:
+                self._chunk_sink(exc.passed)  # it completes the chunk before
             self._fail("a chunked body that does not parse")
             return
         if passed and self._chunk_sink is not None:
