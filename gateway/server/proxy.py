@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from gateway.engine.stream import EngineStream, Head, StreamBroken, open_stream,
 from gateway.errors import EngineFailed, EngineRejected, GatewayError
 from gateway.server.record import RECORD
 from gateway.server.sse import sse_data, sse_json
+
+log = logging.getLogger("gateway.proxy")
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -303,20 +306,21 @@ async def _relay_stream(
     started: web.StreamResponse | None,
     response_headers: Mapping[str, str],
 ) -> web.StreamResponse:
-    response = started
-    if response is None:
-        response = web.StreamResponse(
-            status=head.status, headers={**upstream_headers(head.headers), **response_headers}
-        )
-        await response.prepare(request)
-    request["first_token_at"] = time.monotonic()
-    pipe = ClientPipe(request, response, stream, renamer)
+    response = started or web.StreamResponse(
+        status=head.status, headers={**upstream_headers(head.headers), **response_headers}
+    )
     try:
+        if started is None:
+            await response.prepare(request)  # (a client that left just now: ConnectionResetError)
+        request["first_token_at"] = time.monotonic()
+        pipe = ClientPipe(request, response, stream, renamer)
         broken = await pipe.run(first)
         if (record := request.get(RECORD)) is not None and pipe.last:
             record.read_usage(pipe.last)
         if pipe.client_gone:
             request["client_gone"] = True
+        elif pipe.framing_lost:
+            log.warning("%s: the engine broke off deep inside a chunk (%s): client cut", request.path, broken)
         elif instance.cut_off_reason:
             await write_error_event(response, EngineFailed(f"cut off: {instance.cut_off_reason}"))
         elif broken:
@@ -356,6 +360,7 @@ class ClientPipe:
         self._previous = b""  # the read before the last one (an event may span both)
         self.last = b""  # the last read(s) that reported what was generated (usage, timings)
         self.client_gone = False
+        self.framing_lost = False  # the engine broke off deep inside a chunk: the client was cut
 
     async def run(self, first: bytes) -> str | None:
         """Relay the rest of the stream after its `first` bytes; why it broke off, if it did."""
@@ -370,8 +375,13 @@ class ClientPipe:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             await self._catch_up()
         await self._catch_up()
-        if self._stream.ended.result() is not None and (rest := self._stream.chunk_end()):
-            self._send(rest)  # the error event that follows must be a chunk of its own
+        if self._stream.ended.result() is not None:
+            rest = self._stream.chunk_end()
+            if rest is None:  # too much of a chunk is missing to pad: the client's framing is lost
+                self.framing_lost = True
+                self._transport.abort()
+            elif rest:
+                self._send(rest)  # the error event that follows must be a chunk of its own
         if self._carry:
             await self._response.write(self._renamer(self._carry) if self._renamer else self._carry)
         return None if self.client_gone else self._stream.ended.result()
