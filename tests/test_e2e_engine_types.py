@@ -318,3 +318,23 @@ def test_a_request_an_upstream_took_is_never_sent_twice(start_gateway) -> None:
             assert json.loads(seen.read())["completions"] == 1
     finally:
         stop_process(fake)
+
+
+def test_an_openai_engine_that_serves_one_connection_at_a_time_is_not_held_up(start_gateway) -> None:
+    """No connection is held open ahead of the next request for an engine of unknown
+    kind: a server that takes one connection at a time would wait on it for good."""
+    gw = start_gateway(
+        [
+            {
+                "name": "one",
+                "engine": "openai",
+                "command": [sys.executable, str(FAKE), "serial", "--port", "${PORT}"],
+                "health_check_timeout": 2,
+                "variants": [{"context": 2048}],
+            }
+        ]
+    )
+    for _ in range(3):
+        reply = gw.post("/v1/chat/completions", chat("one"), timeout=20)
+        assert reply.status == 200, reply.body
+    assert gw.state()["counters"].get("frozen", 0) == 0

@@ -51,6 +51,9 @@ class EngineAdapter(ABC):
     """One engine type. Stateless: what differs per model is read from the model."""
 
     kind: EngineKind
+    # Whether a connection is opened ahead of the next request: for engines known to serve
+    # several connections at once (one held idle must not starve a one-at-a-time server).
+    spare_connection: bool = False
 
     @abstractmethod
     def launch(self, model: Model, variant: Variant, slot_dir: str) -> Launch | None:

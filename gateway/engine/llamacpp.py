@@ -29,6 +29,7 @@ class LlamaCppEngine(EngineAdapter):
     """The llama.cpp engine type."""
 
     kind = EngineKind.LLAMA_CPP
+    spare_connection = True  # its HTTP threads are at least its slots + 2
 
     # What the arguments say was parsed and checked at load (gateway/engine/llamacpp.lua):
     # these read the variant's typed fields, never the argument strings.

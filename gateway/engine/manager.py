@@ -80,8 +80,10 @@ class EngineInstance:
             response.close()
 
     def heard_since(self, when: float) -> bool:
-        """Whether one of its answers in flight brought bytes since `when` (loop time)."""
-        return any(stream.last_read >= when for stream in self.open_responses)
+        """Whether one of its answers in flight brought bytes since `when` (loop time),
+        read as they came: not around a pause for a slow client (those may have waited
+        in the kernel since before the engine stopped)."""
+        return any(s.last_read >= when and s.last_paused < when for s in self.open_responses)
 
     @property
     def where(self) -> str:
@@ -277,7 +279,7 @@ class EngineManager:
             ):
                 async with asyncio.timeout(variant.timeouts.health_check):
                     overhead = await counter.template_overhead(client, adapter.rewrite(model, {}))
-        spare = spare_for(client.base_url) if port is not None else None
+        spare = spare_for(client.base_url) if port is not None and adapter.spare_connection else None
         if spare is not None:
             spare.open_next()
             exited.add_done_callback(lambda _: spare.close())

@@ -15,14 +15,15 @@ each of two answers, as llama-server's chat streams with n > 1 do, then has that
 For engine = "openai" (`--port N` given): count-garbage (POST /tokenize answers without
 vLLM's `count`), count-missing (no /tokenize nor /apply-template: 404), count-hangs
 (POST /tokenize never answers), drop (a completion request is read, then its
-connection closed without an answer; GET /completions says how many came).
+connection closed without an answer; GET /completions says how many came), serial
+(one connection at a time, as a single-threaded HTTP server serves).
 """
 
 import json
 import os
 import sys
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
 MODE = sys.argv[1]
 CONTEXT = int(sys.argv[sys.argv.index("--ctx-size") + 1]) if "--ctx-size" in sys.argv else 4096
@@ -150,7 +151,7 @@ def main() -> None:
     if MODE == "exit-on-start":
         print("fake engine: cannot load model", flush=True)
         sys.exit(3)
-    server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    server = (HTTPServer if MODE == "serial" else ThreadingHTTPServer)(("127.0.0.1", PORT), Handler)
     server.daemon_threads = True
     print(f"main: server is listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
