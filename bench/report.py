@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hop import MANY
+from hop import markdown as hop_markdown
 from prompt_cache import markdown as prompt_cache_markdown
 
 GEN_TOKENS = 256
@@ -112,6 +114,27 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"{rss - 100:.1f} MB",
         ),
     ]
+    if "router" in po:
+        rt = po["router"]["ttft_ms"]["median"] - d["ttft_ms"]["median"]
+        out.append(
+            _row(
+                "TTFT at most direct + 0.7 ms, and not above the router's (median)",
+                f"{dt:+.2f} ms (router {rt:+.2f} ms)",
+                dt <= min(0.7, rt),
+                f"{dt - min(0.7, rt):.2f} ms",
+            )
+        )
+    if "hop" in r:
+        many = r["hop"]["many"]
+        peak = many["peak_rss_mb"]
+        out.append(
+            _row(
+                f"{MANY} concurrent streams through one gateway: no error, at most 60 MB resident",
+                f"{many['errors']} errors, peak {peak:.1f} MB",
+                many["errors"] == 0 and peak <= 60,
+                f"{many['errors']} errors, {peak - 60:+.1f} MB",
+            )
+        )
     for loop, lp in r["cpu_per_chunk"]["loops"].items():
         us = lp["us_per_chunk"]["median"]
         out.append(
@@ -376,6 +399,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", *engines_markdown(r["engines"], t)]
     if "prompt_cache" in r:
         lines += ["", *prompt_cache_markdown(r["prompt_cache"], t)]
+    if "hop" in r:
+        lines += ["", *hop_markdown(r["hop"], t)]
     lines += [
         "",
         f"Shutdown: gateway exit code {sd['gateway_exit_code']} (asyncio gateway "

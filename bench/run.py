@@ -4,13 +4,15 @@ Sections: proxy overhead (direct / gateway / llama-server router mode), gateway 
 streamed chunk (uvloop and asyncio), exact counting (its own cost, and what the byte bound
 saves), swaps (gateway and router), estimate hit rate, concurrency (1 to 256 streams),
 several engines (three models in a random mix: max_engines 1 and 3, router --models-max 3),
-the prompt cache (a conversation grown across the variants, with and without it).
+the prompt cache (a conversation grown across the variants, with and without it), the
+hop at the limit (the gateway's relay against a plain aiohttp pass-through, the floor of a
+Python relay and the router; 1,000 concurrent streams).
 
 Run as `.venv/bin/python bench/run.py` (`make bench`). Writes bench/results.json,
 docs/benchmarks.md and the plots in docs/. Generates the tiny demo models, starts the
 gateways and the routers as subprocesses, always stops them.
 
-`bench/run.py --only engines` (or `--only prompt_cache`) runs that section alone (it starts
+`bench/run.py --only engines` (or `--only prompt_cache`, `--only hop`) runs that section alone (it starts
 its own gateways) and prints it; it leaves bench/results.json and docs/ alone.
 """
 
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from hop import hop
+from hop import markdown as hop_markdown
 from prompt_cache import markdown as prompt_cache_markdown
 from prompt_cache import prompt_cache
 from report import engines_markdown, markdown, plots
@@ -784,6 +788,7 @@ async def run_all(
             ("estimates", lambda: estimates(session, gw)),
             ("engines", lambda: several_engines(session, folder, models)),
             ("prompt_cache", lambda: prompt_cache(session, folder, models)),
+            ("hop", lambda: hop(session, folder, models)),
         ):
             t = time.perf_counter()
             results[name] = await step()
@@ -797,7 +802,11 @@ ASYNCIO_GW: list[subprocess.Popen[bytes]] = []
 
 
 # Sections that run alone (--only): they start what they measure.
-ONLY = {"engines": (several_engines, engines_markdown), "prompt_cache": (prompt_cache, prompt_cache_markdown)}
+ONLY = {
+    "engines": (several_engines, engines_markdown),
+    "prompt_cache": (prompt_cache, prompt_cache_markdown),
+    "hop": (hop, hop_markdown),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
