@@ -8,16 +8,14 @@ engine; the router forwards to its own child (the same binary, model and context
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from measure import concurrently, cpu_seconds, fast_stream, status_kb
 from router import spawn_router
 
 from gateway.demo.harness import free_port, lua_config, spawn_gateway, stop_process, wait_healthy
@@ -44,37 +42,8 @@ def body(tokens: int) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
-
-
-def status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 async def stream(session: aiohttp.ClientSession, url: str, tokens: int) -> dict[str, Any]:
-    """One stream: time to its first content chunk, and its content chunks."""
-    start = time.perf_counter()
-    ttft = None
-    chunks = 0
-    try:
-        async with session.post(url + "/v1/chat/completions", json=body(tokens)) as resp:
-            if resp.status != 200:
-                return {"error": f"{resp.status} {(await resp.text())[:200]}"}
-            async for raw in resp.content:
-                if raw.startswith(b"data: {") and b'"content":"' in raw:
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - start
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        return {"error": repr(exc)}
-    if not chunks or ttft is None:
-        return {"error": "no content chunks"}
-    return {"ttft_ms": ttft * 1000, "chunks": chunks, "total_ms": (time.perf_counter() - start) * 1000}
+    return await fast_stream(session, url, body(tokens))
 
 
 def median_p90(values: list[float]) -> dict[str, float]:
@@ -115,57 +84,23 @@ async def sequential(
     }
 
 
-async def sample_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        peak[0] = max(peak[0], status_kb(pid, "VmRSS"))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.01)
-
-
 async def load(
     session: aiohttp.ClientSession, url: str, pid: int | None, clients: int, requests: int, tokens: int
 ) -> dict[str, Any]:
     """`clients` streams at once, `requests` each one after another: what got through,
     and what the relay process spent."""
-    results: list[dict[str, Any]] = []
-    gate = asyncio.Event()
-
-    async def client() -> None:
-        await gate.wait()
-        for _ in range(requests):
-            results.append(await stream(session, url, tokens))
-
-    tasks = [asyncio.ensure_future(client()) for _ in range(clients)]
-    await asyncio.sleep(0)
-    peak, stop = [0], asyncio.Event()
-    sampler = asyncio.ensure_future(sample_rss(pid, peak, stop)) if pid else None
-    rss_before = status_kb(pid, "VmRSS") / 1024 if pid else None
-    cpu_before = cpu_seconds(pid) if pid else 0.0
-    start = time.perf_counter()
-    gate.set()
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - start
-    cpu = cpu_seconds(pid) - cpu_before if pid else None
-    stop.set()
-    if sampler is not None:
-        await sampler
-    ok = [r for r in results if "error" not in r]
-    errors = [r["error"] for r in results if "error" in r]
-    chunks = sum(r["chunks"] for r in ok)
+    run = await concurrently(session, url, body(tokens), clients, requests, pid)
+    chunks, cpu, wall = run.chunks, run.cpu_s, run.wall_s
     return {
         "clients": clients,
-        "requests": len(results),
-        "errors": len(errors),
-        "error_samples": errors[:3],
-        "chunks": chunks,
-        "wall_s": wall,
+        **run.counts(),
         "chunks_per_s": chunks / wall,
-        "ttft_p50_ms": statistics.median(r["ttft_ms"] for r in ok) if ok else None,
+        "ttft_p50_ms": statistics.median(r["ttft_ms"] for r in run.ok) if run.ok else None,
         "relay_cpu_s": cpu,
         "relay_cpu_share": cpu / wall if cpu is not None else None,
         "relay_us_per_chunk": cpu / chunks * 1e6 if cpu is not None and chunks else None,
-        "rss_before_mb": rss_before,
-        "peak_rss_mb": peak[0] / 1024 if pid else None,
+        "rss_before_mb": run.rss_before_mb,
+        "peak_rss_mb": run.peak_rss_mb,
     }
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ from typing import Any
 import aiohttp
 from hop import hop
 from hop import markdown as hop_markdown
+from measure import concurrently, cpu_seconds, status_kb
 from prompt_cache import markdown as prompt_cache_markdown
 from prompt_cache import prompt_cache
 from report import engines_markdown, markdown, plots
@@ -172,18 +172,6 @@ def engine_of(st: dict[str, Any], model: str) -> dict[str, Any]:
 
 def engine_url(engine: dict[str, Any]) -> str:
     return f"http://127.0.0.1:{engine['port']}"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 async def counters(session: aiohttp.ClientSession, gw: str) -> dict[str, int]:
@@ -357,80 +345,26 @@ async def counting(session: aiohttp.ClientSession, gw: str) -> dict[str, Any]:
 # 4. Concurrency: c streaming clients at once, direct and through the gateway.
 
 
-async def fast_stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """One stream, parsed cheaply (256 of them share this process's one core)."""
-    start = time.perf_counter()
-    ttft = None
-    chunks = 0
-    try:
-        async with session.post(url + "/v1/chat/completions", json=body) as resp:
-            if resp.status != 200:
-                return {"error": f"{resp.status} {(await resp.text())[:200]}"}
-            async for raw in resp.content:
-                if raw.startswith(b"data: {") and b'"content":"' in raw:
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - start
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        return {"error": repr(exc)}
-    if chunks == 0:
-        return {"error": "no content chunks"}
-    return {"ttft_ms": ttft * 1000, "chunks": chunks, "end": time.perf_counter()}
-
-
-async def sample_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        peak[0] = max(peak[0], status_kb(pid, "VmRSS"))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.01)
-
-
 async def one_level(
     session: aiohttp.ClientSession, url: str, c: int, pid: int | None, gw: str | None
 ) -> dict[str, Any]:
     body = chat("tiny", "Tell me a story.", CONC_TOKENS, True)
     per_client = max(1, -(-CONC_MIN_REQUESTS // c))
-    results: list[dict[str, Any]] = []
-    gate = asyncio.Event()
-
-    async def client() -> None:
-        await gate.wait()
-        for _ in range(per_client):
-            results.append(await fast_stream(session, url, body))
-
-    tasks = [asyncio.ensure_future(client()) for _ in range(c)]
-    await asyncio.sleep(0)
-    peak, stop = [0], asyncio.Event()
-    sampler = asyncio.ensure_future(sample_rss(pid, peak, stop)) if pid else None
-    cpu0 = cpu_seconds(pid) if pid else 0.0
     before = await counters(session, gw) if gw else {}
-    start = time.perf_counter()
-    gate.set()
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - start
-    cpu = cpu_seconds(pid) - cpu0 if pid else None
+    load = await concurrently(session, url, body, c, per_client, pid)
     requeued = (await counters(session, gw)).get("requeued", 0) - before.get("requeued", 0) if gw else None
-    stop.set()
-    if sampler:
-        await sampler
-    ok = [r for r in results if "error" not in r]
-    errors = [r["error"] for r in results if "error" in r]
-    chunks = sum(r["chunks"] for r in ok)
-    ttfts = sorted(r["ttft_ms"] for r in ok)
+    chunks, cpu = load.chunks, load.cpu_s
+    ttfts = sorted(r["ttft_ms"] for r in load.ok)
     return {
         "clients": c,
-        "requests": len(results),
-        "errors": len(errors),
-        "error_samples": errors[:3],
-        "chunks": chunks,
-        "wall_s": wall,
-        "tok_s": chunks / wall,
+        **load.counts(),
+        "tok_s": chunks / load.wall_s,
         "ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
         "ttft_p99_ms": percentile(ttfts, 0.99) if ttfts else None,
         "gateway_cpu_s": cpu,
         "gateway_requeued": requeued,
         "gateway_cpu_us_per_chunk": cpu / chunks * 1e6 if cpu is not None and chunks else None,
-        "gateway_peak_rss_mb": peak[0] / 1024 if pid else None,
+        "gateway_peak_rss_mb": load.peak_rss_mb,
     }
 
 
