@@ -10,7 +10,9 @@ Concurrent aiohttp clients send a random mix, spread evenly over three models so
 gateway evicts one engine for another all the time: chat and completions for `tiny`
 (variants 512/2048/8192), `tiny-b` (2048) and `tiny-c` (4096), prompts of every size
 class, streamed and not, streams that the client closes after a few events, streams with
-a large `max_tokens` that force the larger variants and are closed early as well, chat
+a large `max_tokens` that force the larger variants and are closed early as well, streams
+of a long answer that the client stops reading for SLOW_PAUSE (the gateway holds the
+engine back) and then reads whole, chat
 with `n` = 2-3 (streamed and not), chat and completions whose `n_predict` is larger than
 their `max_tokens`, chat with a role string of 200-800 bytes, completions of a list of
 2-3 prompts (not streamed: llama-server starts that stream with `data: null`), and now
@@ -81,6 +83,7 @@ from gateway.supervisor.machine import HISTORY_LENGTH, TRANSITIONS
 ROOT = Path(__file__).resolve().parent.parent
 
 REQUEST_TIMEOUT = 30.0  # seconds one request may take, queueing and engine restarts included
+SLOW_PAUSE = 1.5  # seconds a slow-stream client stops reading
 FD_SLACK = 10  # open descriptors the gateway may have more than after warm-up
 SETTLE_TIMEOUT = 30.0  # seconds for in-flight work, engines and descriptors to settle
 KILL_INTERVAL = (2.0, 5.0)
@@ -124,13 +127,14 @@ KILLED = (
 SIZES = {"small": (1, 380), "medium": (600, 1900), "large": (2200, 7600)}
 TEMPLATE_TOKENS = 40  # ChatML's own tokens around a message and the answer's start (~21), and slack
 # (kind, copies): the clients take kinds, in turn, from one shuffled bag of these copies,
-# refilled when empty; so the first 21 requests sent hold each kind as often as listed.
+# refilled when empty; so the first 22 requests sent hold each kind as often as listed.
 MIXES = [
     ("chat", 3),
     ("completion", 1),
     ("stream", 3),
     ("stream-cancel", 2),
     ("big-cancel", 1),
+    ("slow-stream", 1),
     ("chat-n", 2),
     ("n-predict", 2),
     ("long-role", 2),
@@ -311,6 +315,7 @@ class Spec:
     stream: bool = False
     max_tokens: int = 0
     cancel_after: int | None = None  # close the stream after this many data events
+    pause_after: int | None = None  # stop reading for SLOW_PAUSE after this many data events
     prompt_bytes: int = 0  # the largest prompt's
     n_predict: int = 0  # llama.cpp's own answer length, when sent
     role_bytes: int = 0  # a role string of this size instead of "user"
@@ -362,7 +367,7 @@ class Kinds:
 def make_spec(rng: random.Random, kind: str) -> Spec:
     model = rng.choice(MODELS)
     name = ALIASES.get(model, model) if rng.random() < 0.2 else model
-    spec = Spec(kind, name, stream=kind in ("stream", "stream-cancel", "big-cancel"))
+    spec = Spec(kind, name, stream=kind in ("stream", "stream-cancel", "big-cancel", "slow-stream"))
     spec.max_tokens = rng.randint(1, 64)
     body: dict[str, Any] = {"model": name}
     role = "user"
@@ -373,6 +378,9 @@ def make_spec(rng: random.Random, kind: str) -> Spec:
         spec.cancel_after = rng.randint(1, 4)
     elif kind == "stream-cancel":
         spec.cancel_after = rng.randint(1, 4)
+    elif kind == "slow-stream":  # a long answer the client stops reading for a while, then reads whole
+        spec.max_tokens = rng.randint(int(LARGEST[model] * 0.3), int(LARGEST[model] * 0.6))
+        spec.pause_after = rng.randint(1, 5)
     elif kind == "chat-n":
         spec.choices = body["n"] = rng.randint(2, 3)
         spec.stream = rng.random() < 0.5
@@ -604,6 +612,8 @@ async def _read_stream(resp: aiohttp.ClientResponse, spec: Spec, outcome: Outcom
         if outcome.problem:
             break
         events += 1
+        if events == spec.pause_after:
+            await asyncio.sleep(SLOW_PAUSE)  # what the engine sends meanwhile fills every buffer
         if spec.cancel_after is not None and events >= spec.cancel_after:
             resp.close()  # the client goes away mid-stream
             outcome.result = "cancelled"

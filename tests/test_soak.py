@@ -36,6 +36,7 @@ def test_soak_with_engine_kills(start_gateway, tiny_models, tmp_path: Path) -> N
     assert report.reloads >= 3 and not report.reload_failures, summary
     # more requests than a bag of kinds holds: each kind #10 asked for came at least twice
     assert all(report.kinds[kind] >= dict(MIXES)[kind] for kind in NEW_KINDS), summary
+    assert report.kinds["slow-stream"] >= 1, summary  # a client that stops reading a long stream
     assert report.outcomes["complete"] > 0 and report.outcomes["cancelled"] > 0, summary
     assert len(report.served) >= 4, f"too few model variants served\n{summary}"
     # all three models served, on two engines: engines were evicted for others
