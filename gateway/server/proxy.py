@@ -306,9 +306,10 @@ async def _relay_stream(
     started: web.StreamResponse | None,
     response_headers: Mapping[str, str],
 ) -> web.StreamResponse:
-    response = started or web.StreamResponse(
-        status=head.status, headers={**upstream_headers(head.headers), **response_headers}
-    )
+    response = started
+    if response is None:  # (not `started or ...`: a response is a mapping too)
+        headers = {**upstream_headers(head.headers), **response_headers}
+        response = web.StreamResponse(status=head.status, headers=headers)
     try:
         if started is None:
             await response.prepare(request)  # (a client that left just now: ConnectionResetError)
