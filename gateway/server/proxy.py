@@ -375,14 +375,16 @@ class ClientPipe:
             waits: list[asyncio.Future[Any]] = [self._stream.ended, self._backlogged]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             await self._catch_up()
-        await self._catch_up()
-        if self._stream.ended.result() is not None:
-            rest = self._stream.chunk_end()
-            if rest is None:  # too much of a chunk is missing to pad: the client's framing is lost
-                self.framing_lost = True
-                self._transport.abort()
-            elif rest:
-                self._send(rest)  # the error event that follows must be a chunk of its own
+        # What completes a chunk the engine broke off inside: the error event that follows
+        # must be a chunk of its own. It may be held too, so the last catch-up comes after.
+        rest = self._stream.chunk_end() if self._stream.ended.result() is not None else b""
+        if rest is None:  # too much of a chunk is missing to pad: the client's framing is lost
+            self.framing_lost = True
+            self._transport.abort()
+        else:
+            if rest:
+                self._send(rest)
+            await self._catch_up()
         if self._carry:
             await self._response.write(self._renamer(self._carry) if self._renamer else self._carry)
         return None if self.client_gone else self._stream.ended.result()
