@@ -1,12 +1,16 @@
 """EngineManager's health probe: a probe answered late while the engine's streams flow is
 no freeze (the gateway's own loop was busy), one with nothing heard is, and so is one
-whose only news came around a pause for a slow client (bytes that waited in the kernel)."""
+whose only news came around a pause for a slow client (bytes that waited in the kernel).
+
+Its stop: SIGTERM only once no slot decodes (llama-server's signal handler can deadlock
+mid-decode), SIGKILL at once when one still decodes at the stop timeout."""
 
 from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
 
+from gateway.engine.client import EngineRequestError
 from gateway.engine.manager import EngineInstance, EngineManager
 
 STALL = "no answer to /health within 5s"
@@ -46,3 +50,65 @@ async def test_a_stalled_probe_with_nothing_heard_from_the_engine_is_a_freeze() 
 async def test_a_stalled_probe_whose_only_news_came_around_a_pause_is_a_freeze() -> None:
     instance = instance_whose_probe_stalls(stream_speaks=True, slow_client=True)
     assert await EngineManager().probe(instance) == STALL  # type: ignore[arg-type]
+
+
+class StoppingEngine:
+    """An engine being stopped: its slots decode until `settle()`; it records the stop
+    the manager asks of its process (the timeout: 0 is SIGKILL at once)."""
+
+    def __init__(self, stop_timeout: float = 5.0, slots_answer: bool = True) -> None:
+        self.settled = asyncio.Event()
+        self.looked_again = asyncio.Event()  # /slots was read again after it showed a busy slot
+        self.looks = 0
+        self.stopped_with: list[float] = []
+        self.busy_while_stopped: list[bool] = []
+        self._slots_answer = slots_answer
+        self.instance = SimpleNamespace(
+            engine=SimpleNamespace(busy_tasks=self._busy_tasks),
+            client=None,
+            process=SimpleNamespace(stop=self._stop),
+            variant=SimpleNamespace(key="tiny@2048", timeouts=SimpleNamespace(stop=stop_timeout)),
+            exited=asyncio.get_running_loop().create_future(),
+            spare=None,
+            prompts=None,
+            where="pid 1 port 2",
+        )
+
+    def settle(self) -> None:
+        self.settled.set()
+
+    async def _busy_tasks(self, client: object) -> frozenset[int]:
+        self.looks += 1
+        if self.looks >= 2:
+            self.looked_again.set()
+        if not self._slots_answer:
+            raise EngineRequestError("GET /slots: HTTP 501: slots endpoint is disabled")
+        return frozenset() if self.settled.is_set() else frozenset({7})
+
+    async def _stop(self, timeout: float) -> int:
+        self.stopped_with.append(timeout)
+        self.busy_while_stopped.append(not self.settled.is_set())
+        return 0 if timeout > 0 else -9
+
+
+async def test_an_engine_is_sent_sigterm_only_once_its_slots_stop_decoding() -> None:
+    engine = StoppingEngine()
+    stopping = asyncio.create_task(EngineManager().stop(engine.instance))  # type: ignore[arg-type]
+    await asyncio.wait_for(engine.looked_again.wait(), 5)
+    assert engine.stopped_with == []  # it saw a slot decoding: no signal yet
+    engine.settle()
+    assert await asyncio.wait_for(stopping, 5) == 0
+    assert engine.stopped_with == [5.0] and engine.busy_while_stopped == [False]
+
+
+async def test_an_engine_still_decoding_at_the_stop_timeout_is_killed_at_once(caplog) -> None:
+    engine = StoppingEngine(stop_timeout=0.3)
+    assert await asyncio.wait_for(EngineManager().stop(engine.instance), 5) == -9  # type: ignore[arg-type]
+    assert engine.stopped_with == [0]  # no SIGTERM that could hang it: SIGKILL
+    assert "tiny@2048 pid 1 port 2 still decodes after 0.3s: SIGKILL" in caplog.text
+
+
+async def test_an_engine_that_cannot_show_its_slots_is_sent_sigterm_at_once() -> None:
+    engine = StoppingEngine(slots_answer=False)  # llama-server --no-slots
+    assert await asyncio.wait_for(EngineManager().stop(engine.instance), 5) == 0  # type: ignore[arg-type]
+    assert engine.stopped_with == [5.0]

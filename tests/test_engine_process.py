@@ -83,3 +83,15 @@ async def test_what_an_engine_daemonizes_is_stopped_with_it() -> None:
     await asyncio.wait_for(process.stop(1.0), 5)
     assert time.monotonic() - started < 3
     assert _pids_with(marker) == []
+
+
+async def test_a_stop_without_a_timeout_kills_at_once_without_sigterm(tmp_path, caplog) -> None:
+    """stop(0) is for an engine a SIGTERM could hang (llama-server mid-decode)."""
+    termed = tmp_path / "termed"
+    command = f'trap "touch {termed}; exit 0" TERM; echo ready; while :; do sleep 0.05; done'
+    process = EngineProcess(["sh", "-c", command], {}, label="stubborn@1")
+    await process.spawn()
+    await asyncio.wait_for(process.watch("ready"), 5)
+    assert await asyncio.wait_for(process.stop(0), 5) == -9
+    assert not termed.exists()
+    assert "ignored SIGTERM" not in caplog.text

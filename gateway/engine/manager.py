@@ -39,6 +39,7 @@ log = logging.getLogger("gateway.engine")
 # Seconds between health polls of a starting engine: a tiny model is healthy ~25 ms
 # after spawn, a large one after minutes; polls start fast and slow down to the last.
 HEALTH_POLLS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
+SETTLE_POLL = 0.05  # seconds between looks at a stopping engine's slots
 
 
 @dataclass(eq=False)
@@ -304,14 +305,27 @@ class EngineManager:
         )
 
     async def stop(self, instance: EngineInstance) -> int:
-        """Save its slots to the prompt cache (bounded), then SIGTERM, then SIGKILL
-        after the stop timeout; the exit code."""
+        """Stop it; the exit code.
+
+        1. Close its spare connection.
+        2. Wait, at most the stop timeout, until no slot decodes (requests cut off by a
+           drain timeout end at the engine within its 1 s poll). llama-server's SIGTERM
+           handler takes its task queue's lock, which the main thread holds for moments
+           while decoding: a signal landing then deadlocks it (seen in gdb, b11434).
+           Still decoding: SIGKILL at once.
+        3. Save its idle slots to the prompt cache (bounded).
+        4. SIGTERM, then SIGKILL after the stop timeout."""
         if instance.spare is not None:
             instance.spare.close()
+        timeout = instance.variant.timeouts.stop
+        if not await _settles(instance, timeout):
+            key, where = instance.variant.key, instance.where
+            log.warning("%s %s still decodes after %gs: SIGKILL", key, where, timeout)
+            return await instance.process.stop(0)
         if instance.prompts is not None:
             await instance.prompts.save_all(instance.client, instance.model, instance.variant)
             instance.prompts.forget_engine(instance.client)
-        return await instance.process.stop(instance.variant.timeouts.stop)
+        return await instance.process.stop(timeout)
 
     async def busy_tasks(self, instance: EngineInstance) -> frozenset[int]:
         """The ids of the tasks the engine's slots are processing now."""
@@ -333,6 +347,20 @@ class EngineManager:
         if problem is not None and isinstance(instance.process, RemoteLink):
             instance.process.note(problem)
         return problem
+
+
+async def _settles(instance: EngineInstance, timeout: float) -> bool:
+    """Whether none of its slots decodes within `timeout` seconds. An engine that cannot
+    tell (no /slots, another kind, exited) counts as settled."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not instance.exited.done() and await instance.engine.busy_tasks(instance.client):
+                await asyncio.sleep(SETTLE_POLL)
+    except TimeoutError:
+        return False
+    except (EngineRequestError, KeyError, TypeError, ValueError):
+        pass
+    return True
 
 
 async def _port(

@@ -121,11 +121,11 @@ class EngineProcess:
         return code
 
     async def stop(self, timeout: float) -> int:
-        """SIGTERM the process group, SIGKILL it after `timeout` seconds, then whatever it
-        left behind; return the exit code."""
+        """SIGTERM the process group, SIGKILL it after `timeout` seconds (0: at once,
+        without SIGTERM), then whatever it left behind; return the exit code."""
         if self._proc is None:
             return 0
-        if self._proc.returncode is None:
+        if self._proc.returncode is None and timeout > 0:
             self._signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self._proc.wait(), timeout)
