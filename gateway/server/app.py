@@ -18,6 +18,7 @@ from gateway.server.dashboard import Dashboard
 from gateway.server.endpoints import ENDPOINTS, UNSUPPORTED_PREFIXES
 from gateway.server.errors import error_middleware, error_response
 from gateway.server.handler import RequestHandler
+from gateway.server.keys import MODEL
 from gateway.server.observe import mark_first_byte, metrics_middleware
 from gateway.supervisor.machine import STATES
 from gateway.supervisor.supervisor import Supervisor
@@ -260,6 +261,6 @@ class GatewayServer:
 async def name_the_model(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: every answer to a request whose model is known names it, errors
     and a stream whose headers left before its variant was chosen included."""
-    model = request.get("model")
+    model = request.get(MODEL)
     if model:
         response.headers.setdefault("X-Gateway-Model", model)

@@ -32,8 +32,9 @@ from gateway.errors import (
 from gateway.models import BOUND_SLACK, Needs
 from gateway.server.body import read_json_object
 from gateway.server.endpoints import ENDPOINTS, Endpoint, check_common, copies, limit_answer, reserve
+from gateway.server.keys import CLIENT_LEFT, MODEL, RECORD, REQUEST_ID
 from gateway.server.proxy import NotSent, Renamer, engine_request_headers, forward, write_error_event
-from gateway.server.record import RECORD, RequestRecord
+from gateway.server.record import RequestRecord
 from gateway.server.sse import SSE_HEADERS, sse_comment
 from gateway.supervisor.requests import Grant, PendingRequest
 from gateway.supervisor.supervisor import Supervisor
@@ -56,11 +57,11 @@ _SANE_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII without spaces
 def request_id(request: web.Request) -> str:
     """The client's X-Request-Id if it is a sane id, else a fresh one: it goes into log
     lines and headers, where undecodable bytes or control characters would break them."""
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID)
     if rid is None:
         given = request.headers.get("X-Request-Id", "")
         rid = given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
-        request["request_id"] = rid
+        request[REQUEST_ID] = rid
     return rid
 
 
@@ -74,7 +75,7 @@ class RequestHandler:
         body, raw = await read_json_object(request)
         check_common(body)
         model = self._resolve(body)
-        request["model"] = model.name  # for metrics and logs
+        request[MODEL] = model.name  # for metrics and logs
         endpoint.validate(body)
         _check_engine_serves(model, endpoint)
         ruled = _apply_rules(body, model)
@@ -245,7 +246,7 @@ class _Call:
         finally:
             # A request the engine got and did not finish (its client left) may still be
             # running there: the supervisor keeps its room until the engine lets it go.
-            abandoned = forwarded and (not served or bool(self.request.get("client_gone")))
+            abandoned = forwarded and (not served or bool(self.request.get(CLIENT_LEFT)))
             self.supervisor.release(grant, requeue, served, abandoned)
 
     async def _with_restored_prompt(self, grant: Grant) -> bytes:

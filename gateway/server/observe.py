@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from gateway.server.endpoints import ENDPOINTS
-from gateway.server.record import RECORD
+from gateway.server.keys import CLIENT_LEFT, FIRST_BYTE_AT, FIRST_TOKEN_AT, MODEL, RECORD
 from gateway.utils.live import LiveEvents, LiveKind
 from gateway.utils.metrics import Metrics
 
@@ -26,21 +26,21 @@ def metrics_middleware(metrics: Metrics, live: LiveEvents) -> Middleware:
         status = "500"
         try:
             response = await handler(request)
-            status = CLIENT_GONE if request.get("client_gone") else str(response.status)
+            status = CLIENT_GONE if request.get(CLIENT_LEFT) else str(response.status)
             return response
         except asyncio.CancelledError:
             status = CLIENT_GONE
             raise
         finally:
-            model, endpoint, ended = request.get("model", ""), request.path, time.monotonic()
+            model, endpoint, ended = request.get(MODEL, ""), request.path, time.monotonic()
             metrics.requests.labels(model, endpoint, status).inc()
             metrics.duration.labels(model, endpoint).observe(ended - started)
             # A whole (non-streamed) answer goes out right after this: its first byte is now.
-            first = request.get("first_byte_at", ended)
+            first = request.get(FIRST_BYTE_AT, ended)
             metrics.first_byte.labels(model, endpoint).observe(first - started)
             record = request.get(RECORD)
             if record is not None:
-                record.finish(int(status), request.get("first_token_at", ended) - started, ended - started)
+                record.finish(int(status), request.get(FIRST_TOKEN_AT, ended) - started, ended - started)
                 live.publish(LiveKind.COMPLETION, record.as_json())
 
     return middleware
@@ -48,4 +48,4 @@ def metrics_middleware(metrics: Metrics, live: LiveEvents) -> Middleware:
 
 async def mark_first_byte(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: the headers, and with them the first byte, go out now."""
-    request.setdefault("first_byte_at", time.monotonic())
+    request.setdefault(FIRST_BYTE_AT, time.monotonic())

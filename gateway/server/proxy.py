@@ -20,7 +20,7 @@ from aiohttp import HttpVersion11, web
 from gateway.engine.manager import EngineInstance
 from gateway.engine.stream import EngineStream, Head, StreamBroken, open_stream, send
 from gateway.errors import EngineFailed, EngineRejected, GatewayError
-from gateway.server.record import RECORD
+from gateway.server.keys import CLIENT_LEFT, FIRST_TOKEN_AT, RECORD
 from gateway.server.sse import sse_data, sse_json
 
 log = logging.getLogger("gateway.proxy")
@@ -313,13 +313,13 @@ async def _relay_stream(
     try:
         if started is None:
             await response.prepare(request)  # (a client that left just now: ConnectionResetError)
-        request["first_token_at"] = time.monotonic()
+        request[FIRST_TOKEN_AT] = time.monotonic()
         pipe = ClientPipe(request, response, stream, renamer)
         broken = await pipe.run(first)
         if (record := request.get(RECORD)) is not None and pipe.last:
             record.read_usage(pipe.last)
         if pipe.client_gone:
-            request["client_gone"] = True
+            request[CLIENT_LEFT] = True
         elif pipe.framing_lost:
             log.warning("%s: the engine broke off deep inside a chunk (%s): client cut", request.path, broken)
         elif instance.cut_off_reason:
@@ -327,7 +327,7 @@ async def _relay_stream(
         elif broken:
             await write_error_event(response, EngineFailed(f"the engine failed mid-stream: {broken}"))
     except ConnectionResetError:
-        request["client_gone"] = True  # leaving closes the engine's connection too
+        request[CLIENT_LEFT] = True  # leaving closes the engine's connection too
     return response
 
 

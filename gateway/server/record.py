@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-RECORD = "record"  # the key of a request's record in aiohttp's request
-
 
 @dataclass
 class RequestRecord:
