@@ -302,14 +302,51 @@ def test_drain_timeout_cuts_off_requests_in_flight_at_once(start_gateway, tiny_m
     swap.join(30)
     swapped_after = time.monotonic() - started
     assert cut_after < 1.0  # 0.3 s of drain, not the rest of the generation
-    # Both were ended, so the engine stopped on SIGTERM, not after stop_timeout (5 s).
+    # Stopped on SIGTERM once idle, or killed at once if the non-stream still decodes
+    # there: never the stop_timeout (5 s) of a SIGTERM that hangs.
     assert swapped_after < 2.5
-    assert "exit=0" in next(line for line in gateway.log().splitlines() if "engine stopped tiny@8192" in line)
+    assert "ignored SIGTERM" not in gateway.log()
     assert "drain_timeout" in rest and "data: [DONE]" not in rest
     assert plain_result[0].status == 502  # cut off, not run again
     assert "drain_timeout" in plain_result[0].json()["error"]["message"]
     assert swap_result[0].status == 200
     assert gateway.state()["counters"]["starts"] == 2  # no swap back for a re-run
+
+
+def stopped_line(gateway: Gateway, key: str) -> str:
+    return next(line for line in gateway.log().splitlines() if f"engine stopped {key}" in line)
+
+
+def test_an_engine_whose_cut_off_streams_ended_stops_on_sigterm(start_gateway, tiny_models) -> None:
+    gateway = start_gateway(tiny_model_config(tiny_models), drain_timeout=0.3)
+    warm(gateway, 4000)
+    streams = [in_thread(ask, gateway, "tiny", max_tokens=4000, stream=True) for _ in range(2)]
+    wait_until(lambda: gateway.state()["in_flight"] == 2, interval=0.002)
+    assert ask(gateway, "tiny-b").status == 200
+    for thread, _ in streams:
+        thread.join(30)
+    assert all("drain_timeout" in answer[0].body.decode() for _, answer in streams)
+    # llama-server ends a stream whose client left at once: the stop finds it idle.
+    assert "exit=0" in stopped_line(gateway, "tiny@8192")
+    assert "SIGKILL" not in gateway.log()
+
+
+def test_an_engine_still_decoding_a_cut_off_request_is_killed_at_once(start_gateway, tiny_models) -> None:
+    # llama-server decodes a non-stream whose client left on to its max_tokens, and a
+    # SIGTERM mid-decode can deadlock it: after the settle wait (1 s) it is SIGKILLed.
+    gateway = start_gateway(tiny_model_config(tiny_models, variants=[{"context": 32768}]), drain_timeout=0.3)
+    warm(gateway, 30000)
+    plain, plain_result = in_thread(ask, gateway, "tiny", max_tokens=30000)
+    wait_until(lambda: gateway.state()["in_flight"] == 1, interval=0.002)
+    started = time.monotonic()
+    assert ask(gateway, "tiny-b").status == 200
+    swapped_after = time.monotonic() - started
+    plain.join(30)
+    assert plain_result[0].status == 502
+    log = gateway.log()
+    assert "tiny@32768 pid" in log and "still decodes a request cut off at the gateway: SIGKILL" in log
+    assert "exit=-9" in stopped_line(gateway, "tiny@32768")
+    assert swapped_after < 2.5  # drain_timeout and the settle wait, not a stop_timeout (5 s)
 
 
 def test_a_gateway_that_cannot_listen_says_so_and_exits_at_once(tmp_path, tiny_models) -> None:

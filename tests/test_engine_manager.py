@@ -3,7 +3,8 @@ no freeze (the gateway's own loop was busy), one with nothing heard is, and so i
 whose only news came around a pause for a slow client (bytes that waited in the kernel).
 
 Its stop: SIGTERM only once no slot decodes (llama-server's signal handler can deadlock
-mid-decode), SIGKILL at once when one still decodes at the stop timeout."""
+mid-decode); SIGKILL at once when one still decodes after the settle wait, or when /slots
+does not answer; idle slots saved unless /slots does not answer."""
 
 from __future__ import annotations
 
@@ -53,24 +54,29 @@ async def test_a_stalled_probe_whose_only_news_came_around_a_pause_is_a_freeze()
 
 
 class StoppingEngine:
-    """An engine being stopped: its slots decode until `settle()`; it records the stop
-    the manager asks of its process (the timeout: 0 is SIGKILL at once)."""
+    """An engine being stopped: its slots decode until `settle()` (its /slots never
+    answers if `silent`); it records the prompt cache's saves and the stop the manager
+    asks of its process (the timeout: 0 is SIGKILL at once)."""
 
-    def __init__(self, stop_timeout: float = 5.0, slots_answer: bool = True) -> None:
+    def __init__(self, stop_timeout: float = 5.0, slots_answer: bool = True, silent: bool = False) -> None:
         self.settled = asyncio.Event()
         self.looked_again = asyncio.Event()  # /slots was read again after it showed a busy slot
         self.looks = 0
         self.stopped_with: list[float] = []
         self.busy_while_stopped: list[bool] = []
+        self.saved: list[str] = []
+        self.forgotten = 0
         self._slots_answer = slots_answer
+        self._silent = silent
         self.instance = SimpleNamespace(
             engine=SimpleNamespace(busy_tasks=self._busy_tasks),
             client=None,
+            model=None,
             process=SimpleNamespace(stop=self._stop),
             variant=SimpleNamespace(key="tiny@2048", timeouts=SimpleNamespace(stop=stop_timeout)),
             exited=asyncio.get_running_loop().create_future(),
             spare=None,
-            prompts=None,
+            prompts=SimpleNamespace(save_all=self._save_all, forget_engine=self._forget_engine),
             where="pid 1 port 2",
         )
 
@@ -81,9 +87,17 @@ class StoppingEngine:
         self.looks += 1
         if self.looks >= 2:
             self.looked_again.set()
+        if self._silent:
+            await asyncio.Event().wait()
         if not self._slots_answer:
             raise EngineRequestError("GET /slots: HTTP 501: slots endpoint is disabled")
         return frozenset() if self.settled.is_set() else frozenset({7})
+
+    async def _save_all(self, client: object, model: object, variant: SimpleNamespace) -> None:
+        self.saved.append(variant.key)
+
+    def _forget_engine(self, client: object) -> None:
+        self.forgotten += 1
 
     async def _stop(self, timeout: float) -> int:
         self.stopped_with.append(timeout)
@@ -99,13 +113,25 @@ async def test_an_engine_is_sent_sigterm_only_once_its_slots_stop_decoding() -> 
     engine.settle()
     assert await asyncio.wait_for(stopping, 5) == 0
     assert engine.stopped_with == [5.0] and engine.busy_while_stopped == [False]
+    assert engine.saved == ["tiny@2048"] and engine.forgotten == 1
 
 
-async def test_an_engine_still_decoding_at_the_stop_timeout_is_killed_at_once(caplog) -> None:
+async def test_an_engine_still_decoding_is_killed_at_once_after_its_idle_slots_are_saved(caplog) -> None:
+    # llama-server decodes a non-stream whose client left on to max_tokens: no waiting
+    # for it beyond the settle wait (bounded by the stop timeout), and no SIGTERM.
     engine = StoppingEngine(stop_timeout=0.3)
     assert await asyncio.wait_for(EngineManager().stop(engine.instance), 5) == -9  # type: ignore[arg-type]
-    assert engine.stopped_with == [0]  # no SIGTERM that could hang it: SIGKILL
-    assert "tiny@2048 pid 1 port 2 still decodes after 0.3s: SIGKILL" in caplog.text
+    assert engine.stopped_with == [0]
+    assert engine.saved == ["tiny@2048"] and engine.forgotten == 1
+    assert "tiny@2048 pid 1 port 2 still decodes a request cut off at the gateway: SIGKILL" in caplog.text
+
+
+async def test_an_engine_whose_slots_do_not_answer_is_killed_at_once_unsaved(caplog) -> None:
+    engine = StoppingEngine(stop_timeout=0.3, silent=True)  # frozen
+    assert await asyncio.wait_for(EngineManager().stop(engine.instance), 5) == -9  # type: ignore[arg-type]
+    assert engine.stopped_with == [0]
+    assert engine.saved == [] and engine.forgotten == 1
+    assert "tiny@2048 pid 1 port 2 does not answer /slots: SIGKILL" in caplog.text
 
 
 async def test_an_engine_that_cannot_show_its_slots_is_sent_sigterm_at_once() -> None:

@@ -21,7 +21,7 @@ from gateway.errors import ContextLengthExceeded, GatewayError
 from gateway.models import Room
 from gateway.supervisor import supervisor as supervisor_module
 from gateway.supervisor.supervisor import Supervisor
-from tests.test_supervisor import FakeEffects, ask, handled, make_config, state_of, until
+from tests.test_supervisor import FakeEffects, FakeInstance, ask, handled, make_config, state_of, until
 
 
 class BrokenCapacity(FakeEffects):
@@ -268,6 +268,48 @@ async def test_a_swap_stops_the_engine_only_once_it_let_go_of_abandoned_requests
         assert not effects.stops
         effects.busy = frozenset()
         await until(lambda: len(effects.stops) == 1)
+
+
+class HangingLook(FakeEffects):
+    """An engine whose /slots answers only once the look is given up: it records
+    whether a look was still waiting when the engine was told to stop (llama-server
+    then never exits: the look's handler waits on its stopped task loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looking = 0  # looks waiting for their answer now
+        self.looking_at_stop: list[int] = []
+
+    async def busy_tasks(self, instance):  # type: ignore[no-untyped-def]
+        self.looks += 1
+        self.looking += 1
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.looking -= 1
+        raise AssertionError("unreachable")
+
+    async def stop(self, instance: FakeInstance) -> int:
+        self.looking_at_stop.append(self.looking)
+        return await super().stop(instance)
+
+
+async def test_no_look_at_the_slots_is_under_way_when_an_engine_is_stopped() -> None:
+    effects = HangingLook()
+    sup = Supervisor(make_config(drain=0.05), effects)
+    sup.start()
+    try:
+        _, first = ask(sup, "a", tokens=100)
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed(kv_budget=512)
+        await until(first.done)
+        sup.release(first.result(), abandoned=True)  # its look at /slots hangs
+        await until(lambda: effects.looking == 1)
+        ask(sup, "b")  # a swap: the drain times out on the abandoned request, then the stop
+        await until(lambda: len(effects.stops) == 1)
+        assert effects.looking_at_stop == [0]
+    finally:
+        await sup.close()
 
 
 async def test_an_engine_that_freezes_after_a_client_left_is_still_found(

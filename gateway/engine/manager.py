@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import aiohttp
@@ -40,6 +41,7 @@ log = logging.getLogger("gateway.engine")
 # after spawn, a large one after minutes; polls start fast and slow down to the last.
 HEALTH_POLLS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 SETTLE_POLL = 0.05  # seconds between looks at a stopping engine's slots
+SETTLE_WAIT = 1.0  # seconds a stopping engine's slots get to stop decoding
 
 
 @dataclass(eq=False)
@@ -308,24 +310,27 @@ class EngineManager:
         """Stop it; the exit code.
 
         1. Close its spare connection.
-        2. Wait, at most the stop timeout, until no slot decodes (requests cut off by a
-           drain timeout end at the engine within its 1 s poll). llama-server's SIGTERM
+        2. Wait, at most SETTLE_WAIT, until no slot decodes: streams cut off by a drain
+           timeout end at the engine within milliseconds, but llama-server (b11434)
+           decodes a non-streamed request whose client left on to its max_tokens.
+        3. Save its idle slots to the prompt cache (bounded), unless it exited or its
+           /slots does not answer.
+        4. No slot decodes: SIGTERM, then SIGKILL after the stop timeout. One still
+           decodes, or /slots does not answer: SIGKILL at once. llama-server's SIGTERM
            handler takes its task queue's lock, which the main thread holds for moments
-           while decoding: a signal landing then deadlocks it (seen in gdb, b11434).
-           Still decoding: SIGKILL at once.
-        3. Save its idle slots to the prompt cache (bounded).
-        4. SIGTERM, then SIGKILL after the stop timeout."""
+           while decoding: a signal landing then deadlocks it (seen in gdb)."""
         if instance.spare is not None:
             instance.spare.close()
         timeout = instance.variant.timeouts.stop
-        if not await _settles(instance, timeout):
-            key, where = instance.variant.key, instance.where
-            log.warning("%s %s still decodes after %gs: SIGKILL", key, where, timeout)
-            return await instance.process.stop(0)
+        settle = await _settle(instance, min(SETTLE_WAIT, timeout))
         if instance.prompts is not None:
-            await instance.prompts.save_all(instance.client, instance.model, instance.variant)
+            if settle is not Settle.SILENT and not instance.exited.done():
+                await instance.prompts.save_all(instance.client, instance.model, instance.variant)
             instance.prompts.forget_engine(instance.client)
-        return await instance.process.stop(timeout)
+        if settle is Settle.IDLE:
+            return await instance.process.stop(timeout)
+        log.warning("%s %s %s: SIGKILL", instance.variant.key, instance.where, settle.value)
+        return await instance.process.stop(0)
 
     async def busy_tasks(self, instance: EngineInstance) -> frozenset[int]:
         """The ids of the tasks the engine's slots are processing now."""
@@ -349,18 +354,27 @@ class EngineManager:
         return problem
 
 
-async def _settles(instance: EngineInstance, timeout: float) -> bool:
-    """Whether none of its slots decodes within `timeout` seconds. An engine that cannot
-    tell (no /slots, another kind, exited) counts as settled."""
+class Settle(Enum):
+    """How a stopping engine's slots ended up: what its stop may send."""
+
+    IDLE = "no slot decodes"  # or it cannot tell: no /slots, another kind, exited
+    DECODING = "still decodes a request cut off at the gateway"
+    SILENT = "does not answer /slots"
+
+
+async def _settle(instance: EngineInstance, wait: float) -> Settle:
+    """Look at its slots until none decodes, for at most `wait` seconds."""
+    answered = False
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             while not instance.exited.done() and await instance.engine.busy_tasks(instance.client):
+                answered = True
                 await asyncio.sleep(SETTLE_POLL)
     except TimeoutError:
-        return False
+        return Settle.DECODING if answered else Settle.SILENT
     except (EngineRequestError, KeyError, TypeError, ValueError):
         pass
-    return True
+    return Settle.IDLE
 
 
 async def _port(

@@ -216,6 +216,7 @@ class EngineSlot:
         instance = self.phase.instance
         self.cancel(Timer.DRAIN)
         self.lifecycle.fire("drained", reason)
+        self._end_engine_calls()
         self.phase = Stopping(instance, self._launch(self._stopping(effects, instance)))
 
     def stop_what_started(self, effects: Effects, instance: EngineInstance) -> None:
@@ -241,10 +242,17 @@ class EngineSlot:
         if instance is not None:
             self.last_lines = instance.process.last_lines()
         self.phase = Down()
-        self.ghosts.clear()  # gone with their engine
         self.residue.clear()
         for timer in list(self.timers):
             self.cancel(timer)
+        self._end_engine_calls()
+
+    def _end_engine_calls(self) -> None:
+        """Give up its probe, look at /slots and erase: its engine stops or is gone. A call
+        still waiting at SIGTERM keeps llama-server from exiting (the call's handler
+        waits on the stopped task loop until its connection closes)."""
+        self.ghosts.clear()  # gone with their engine
+        self.cancel(Timer.SLOTS)
         for task in (self.probing, self.looking, self.clearing):
             if task is not None:
                 task.cancel()

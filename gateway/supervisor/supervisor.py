@@ -926,7 +926,8 @@ class Supervisor:
                 self._drain(slot, f"idle for {instance.variant.timeouts.idle:g}s", resumable=False)
         elif timer is Timer.DRAIN and isinstance(slot.phase, Draining):
             cut = self.scheduler.in_flight(slot.phase.instance)
-            slot.phase.instance.cut_off("drain_timeout passed in a swap")  # the engine is free to stop
+            # A swap, an unload or a shutdown: the engine is free to stop.
+            slot.phase.instance.cut_off("drain_timeout passed while its engine was stopping")
             self._stop(slot, f"drain_timeout: {cut} request(s) still in flight are cut off")
         elif (
             timer is Timer.PROBE
