@@ -12,7 +12,8 @@ import asyncio
 from types import SimpleNamespace
 
 from gateway.engine.client import EngineRequestError
-from gateway.engine.manager import EngineInstance, EngineManager
+from gateway.engine.manager import SETTLE_WAIT, EngineInstance, EngineManager
+from gateway.engine.prompt_cache import SAVE_BUDGET
 
 STALL = "no answer to /health within 5s"
 
@@ -65,6 +66,7 @@ class StoppingEngine:
         self.stopped_with: list[float] = []
         self.busy_while_stopped: list[bool] = []
         self.saved: list[str] = []
+        self.save_budgets: list[float] = []
         self.forgotten = 0
         self._slots_answer = slots_answer
         self._silent = silent
@@ -93,8 +95,9 @@ class StoppingEngine:
             raise EngineRequestError("GET /slots: HTTP 501: slots endpoint is disabled")
         return frozenset() if self.settled.is_set() else frozenset({7})
 
-    async def _save_all(self, client: object, model: object, variant: SimpleNamespace) -> None:
+    async def _save_all(self, client: object, model: object, variant: SimpleNamespace, budget: float) -> None:
         self.saved.append(variant.key)
+        self.save_budgets.append(budget)
 
     def _forget_engine(self, client: object) -> None:
         self.forgotten += 1
@@ -113,7 +116,7 @@ async def test_an_engine_is_sent_sigterm_only_once_its_slots_stop_decoding() -> 
     engine.settle()
     assert await asyncio.wait_for(stopping, 5) == 0
     assert engine.stopped_with == [5.0] and engine.busy_while_stopped == [False]
-    assert engine.saved == ["tiny@2048"] and engine.forgotten == 1
+    assert engine.saved == ["tiny@2048"] and engine.save_budgets == [SAVE_BUDGET] and engine.forgotten == 1
 
 
 async def test_an_engine_still_decoding_is_killed_at_once_after_its_idle_slots_are_saved(caplog) -> None:
@@ -123,6 +126,7 @@ async def test_an_engine_still_decoding_is_killed_at_once_after_its_idle_slots_a
     assert await asyncio.wait_for(EngineManager().stop(engine.instance), 5) == -9  # type: ignore[arg-type]
     assert engine.stopped_with == [0]
     assert engine.saved == ["tiny@2048"] and engine.forgotten == 1
+    assert engine.save_budgets == [SETTLE_WAIT]  # saves wait behind the decoding batch: bounded
     assert "tiny@2048 pid 1 port 2 still decodes a request cut off at the gateway: SIGKILL" in caplog.text
 
 

@@ -3,6 +3,7 @@ them (the real engine's files are read in test_e2e_prompt_cache.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -378,3 +379,20 @@ async def test_token_ids_no_slot_file_can_hold_match_nothing(
     engine = FakeEngine(prompts.folder)
     assert await restore(PromptKeeper(prompts, Metrics()), engine, model_file, [65] * 300 + [odd]) is None
     assert engine.calls == []
+
+
+class BusyEngine(FakeEngine):
+    """A save waits behind the batch the engine decodes (a long prompt's takes seconds)."""
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_the_saves_of_a_stop_end_within_their_budget(tmp_path: Path, model_file: Path, caplog) -> None:
+    prompts, metrics = store(tmp_path), Metrics()
+    model = llama_cpp_model(model_file)
+    client: Any = BusyEngine(prompts.folder)
+    await asyncio.wait_for(PromptKeeper(prompts, metrics).save_all(client, model, model.variants[0], 0.05), 5)
+    assert "took over 0.05s: the rest is skipped" in caplog.text
+    assert prompts.saved == [] and list(prompts.folder.iterdir()) == []

@@ -20,14 +20,14 @@ from typing import Any
 
 import aiohttp
 
-from gateway.config.schema import EngineKind, GatewayConfig, Model, PromptCache, Variant
+from gateway.config.schema import EngineKind, GatewayConfig, Model, PromptCache, Timeouts, Variant
 from gateway.engine import footprint
 from gateway.engine.adapter import EngineAdapter, Launch, RunningRoom, StartFailed
 from gateway.engine.client import EngineClient, EngineRequestError, new_session
 from gateway.engine.counting import TemplateOverhead, TokenCounter
 from gateway.engine.gguf import longest_token_bytes
 from gateway.engine.process import EngineProcess
-from gateway.engine.prompt_cache import PromptKeeper, PromptStore
+from gateway.engine.prompt_cache import SAVE_BUDGET, PromptKeeper, PromptStore
 from gateway.engine.remote import RemoteLink
 from gateway.engine.stream import EngineStream, SpareConnection, spare_for
 from gateway.engine.types import adapter_for
@@ -313,8 +313,9 @@ class EngineManager:
         2. Wait, at most SETTLE_WAIT, until no slot decodes: streams cut off by a drain
            timeout end at the engine within milliseconds, but llama-server (b11434)
            decodes a non-streamed request whose client left on to its max_tokens.
-        3. Save its idle slots to the prompt cache (bounded), unless it exited or its
-           /slots does not answer.
+        3. Save its idle slots to the prompt cache, unless it exited or its /slots does
+           not answer; within SETTLE_WAIT more if a slot still decodes (a save waits
+           behind the batch being decoded, and a long prompt's batch takes seconds).
         4. No slot decodes: SIGTERM, then SIGKILL after the stop timeout. One still
            decodes, or /slots does not answer: SIGKILL at once. llama-server's SIGTERM
            handler takes its task queue's lock, which the main thread holds for moments
@@ -325,7 +326,8 @@ class EngineManager:
         settle = await _settle(instance, min(SETTLE_WAIT, timeout))
         if instance.prompts is not None:
             if settle is not Settle.SILENT and not instance.exited.done():
-                await instance.prompts.save_all(instance.client, instance.model, instance.variant)
+                budget = SAVE_BUDGET if settle is Settle.IDLE else SETTLE_WAIT
+                await instance.prompts.save_all(instance.client, instance.model, instance.variant, budget)
             instance.prompts.forget_engine(instance.client)
         if settle is Settle.IDLE:
             return await instance.process.stop(timeout)
@@ -352,6 +354,11 @@ class EngineManager:
         if problem is not None and isinstance(instance.process, RemoteLink):
             instance.process.note(problem)
         return problem
+
+
+def longest_stop(timeouts: Timeouts) -> float:
+    """The longest a stop may take: the settle wait, the saves, then SIGTERM's wait."""
+    return min(SETTLE_WAIT, timeouts.stop) + SAVE_BUDGET + timeouts.stop
 
 
 class Settle(Enum):

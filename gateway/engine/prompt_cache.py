@@ -355,20 +355,20 @@ class PromptKeeper:
         self._counter = LlamaCppCounter()
         self._restoring: dict[EngineClient, asyncio.Lock] = {}
 
-    async def save_all(self, client: EngineClient, model: Model, variant: Variant) -> None:
-        """Save each idle slot that holds MIN_TOKENS or more (bounded in time)."""
+    async def save_all(
+        self, client: EngineClient, model: Model, variant: Variant, budget: float = SAVE_BUDGET
+    ) -> None:
+        """Save each idle slot that holds MIN_TOKENS or more, in at most `budget` seconds."""
         source = Source.of(model, variant)
         if source is None:
             return
         try:
-            async with asyncio.timeout(SAVE_BUDGET):
+            async with asyncio.timeout(budget):
                 for slot in await client.get_json("/slots"):
                     if not slot.get("is_processing") and int(slot.get("n_prompt_tokens") or 0) >= MIN_TOKENS:
                         await self._save(client, model.name, variant, source, int(slot["id"]))
         except TimeoutError:
-            log.warning(
-                "prompt cache: saving %s took over %gs: the rest is skipped", variant.key, SAVE_BUDGET
-            )
+            log.warning("prompt cache: saving %s took over %gs: the rest is skipped", variant.key, budget)
         except (EngineRequestError, KeyError, TypeError, ValueError, OSError) as exc:
             log.warning("prompt cache: saving %s failed: %s", variant.key, exc)
 

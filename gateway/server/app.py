@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import __version__
 from gateway.config import ConfigError, ConfigRun, GatewayConfig
-from gateway.engine.manager import EngineManager
+from gateway.engine.manager import EngineManager, longest_stop
 from gateway.server.auth import auth_middleware
 from gateway.server.control import ControlHandler
 from gateway.server.dashboard import Dashboard
@@ -209,7 +209,7 @@ class GatewayServer:
     def _shutdown_budget(self) -> float:
         """The longest drain and stop any variant may take, and a little more."""
         timeouts = [v.timeouts for m in self.config.models for v in m.variants]
-        return max(t.drain + t.stop for t in timeouts) + SHUTDOWN_GRACE
+        return max(t.drain + longest_stop(t) for t in timeouts) + SHUTDOWN_GRACE
 
     async def _unsupported(self, request: web.Request) -> web.Response:
         return error_response(
