@@ -344,7 +344,7 @@ def test_an_engine_still_decoding_a_cut_off_request_is_killed_at_once(start_gate
     plain.join(30)
     assert plain_result[0].status == 502
     log = gateway.log()
-    assert "tiny@32768 pid" in log and "still decodes a request cut off at the gateway: SIGKILL" in log
+    assert "tiny@32768 pid" in log and "still decodes a request whose client is gone: SIGKILL" in log
     assert "exit=-9" in stopped_line(gateway, "tiny@32768")
     assert swapped_after < 2.5  # drain_timeout and the settle wait, not a stop_timeout (5 s)
 

@@ -127,7 +127,7 @@ async def test_an_engine_still_decoding_is_killed_at_once_after_its_idle_slots_a
     assert engine.stopped_with == [0]
     assert engine.saved == ["tiny@2048"] and engine.forgotten == 1
     assert engine.save_budgets == [SETTLE_WAIT]  # saves wait behind the decoding batch: bounded
-    assert "tiny@2048 pid 1 port 2 still decodes a request cut off at the gateway: SIGKILL" in caplog.text
+    assert "tiny@2048 pid 1 port 2 still decodes a request whose client is gone: SIGKILL" in caplog.text
 
 
 async def test_an_engine_whose_slots_do_not_answer_is_killed_at_once_unsaved(caplog) -> None:

@@ -365,7 +365,7 @@ class Settle(Enum):
     """How a stopping engine's slots ended up: what its stop may send."""
 
     IDLE = "no slot decodes"  # or it cannot tell: no /slots, another kind, exited
-    DECODING = "still decodes a request cut off at the gateway"
+    DECODING = "still decodes a request whose client is gone"
     SILENT = "does not answer /slots"
 
 

@@ -11,4 +11,4 @@ MODEL = web.RequestKey("model", str)  # the model asked for, once resolved
 RECORD = web.RequestKey("record", RequestRecord)  # its row in the activity table
 FIRST_BYTE_AT = web.RequestKey("first_byte_at", float)  # monotonic: the answer's headers went out
 FIRST_TOKEN_AT = web.RequestKey("first_token_at", float)  # monotonic: the first generated token went out
-CLIENT_LEFT = web.RequestKey("client_gone", bool)  # the client left before the answer's end
+CLIENT_LEFT = web.RequestKey("client_left", bool)  # the client left before the answer's end
