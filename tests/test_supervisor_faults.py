@@ -312,6 +312,42 @@ async def test_no_look_at_the_slots_is_under_way_when_an_engine_is_stopped() -> 
         await sup.close()
 
 
+class HeldStop(FakeEffects):
+    """A stop that takes until `let_go` (saves, SIGTERM's wait)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.let_go = asyncio.Event()
+
+    async def stop(self, instance: FakeInstance) -> int:
+        self.stops.append(instance)
+        await self.let_go.wait()
+        return await super().stop(instance)
+
+
+async def test_a_request_released_while_its_engine_stops_starts_no_look_at_the_slots() -> None:
+    # The requests a drain timeout cut off are released after the stop began: a look at
+    # /slots then would race the SIGTERM (and keep llama-server from exiting).
+    effects = HeldStop()
+    sup = Supervisor(make_config(drain=0.05), effects)
+    sup.start()
+    try:
+        _, first = ask(sup, "a", tokens=100)
+        await until(lambda: len(effects.starts) == 1)
+        effects.starts[0].succeed(kv_budget=512)
+        await until(first.done)
+        effects.busy = frozenset({7})
+        ask(sup, "b")  # a swap: the drain times out with `first` in flight, then the stop
+        await until(lambda: len(effects.stops) == 1)
+        sup.release(first.result(), abandoned=True)
+        await handled(sup)
+        assert effects.looks == 0
+        effects.let_go.set()
+        await until(lambda: state_of(sup) in ("starting", "ready"))
+    finally:
+        await sup.close()
+
+
 async def test_an_engine_that_freezes_after_a_client_left_is_still_found(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

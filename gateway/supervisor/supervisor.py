@@ -364,7 +364,10 @@ class Supervisor:
         if lease is None:
             return
         slot = self.slots.get(lease.instance.model.name)
-        if lease.instance.kv_budget is not None and slot and slot.instance is lease.instance:
+        # What it leaves on the engine matters while that still serves (no look at /slots
+        # may race a stop's SIGTERM: the requests a drain timeout cut off end after it began).
+        serving = slot is not None and slot.instance is lease.instance and slot.state in _RUNNING
+        if slot is not None and serving and lease.instance.kv_budget is not None:
             if abandoned:
                 slot.ghosts.append(Ghost(lease, look=slot.looks + 1))
                 slot.look_at_slots(self._effects)  # the probe armed at its grant goes on meanwhile
