@@ -20,8 +20,9 @@ from gateway.config.schema import Model, Variant
 from gateway.errors import ContextLengthExceeded, GatewayError
 from gateway.models import Room
 from gateway.supervisor import supervisor as supervisor_module
+from gateway.supervisor.requests import Grant
 from gateway.supervisor.supervisor import Supervisor
-from tests.test_supervisor import FakeEffects, FakeInstance, ask, handled, make_config, state_of, until
+from tests.test_supervisor import LONG, FakeEffects, FakeInstance, ask, handled, make_config, state_of, until
 
 
 class BrokenCapacity(FakeEffects):
@@ -41,9 +42,9 @@ async def broken() -> AsyncIterator[tuple[Supervisor, BrokenCapacity]]:
 
 
 @contextlib.asynccontextmanager
-async def supervising(effects: FakeEffects) -> AsyncIterator[Supervisor]:
+async def supervising(effects: FakeEffects, drain: float = LONG) -> AsyncIterator[Supervisor]:
     """A running supervisor over `effects`; it must still run when the test ends."""
-    sup = Supervisor(make_config(), effects)
+    sup = Supervisor(make_config(drain=drain), effects)
     sup.start()
     try:
         yield sup
@@ -257,12 +258,9 @@ async def test_a_swap_stops_the_engine_only_once_it_let_go_of_abandoned_requests
     # finishes an abandoned one would cost the whole stop_timeout.
     effects = FakeEffects()
     async with supervising(effects) as sup:
-        _, first = ask(sup, "a", tokens=100)
-        await until(lambda: len(effects.starts) == 1)
-        effects.starts[0].succeed(kv_budget=512)
-        await until(first.done)
+        first = await granted_on_a_shared_cache(sup, effects)
         effects.busy = frozenset({7})
-        sup.release(first.result(), abandoned=True)
+        sup.release(first, abandoned=True)
         ask(sup, "b")  # needs a swap
         await until(lambda: state_of(sup) == "draining" and effects.looks >= 3)
         assert not effects.stops
@@ -294,22 +292,24 @@ class HangingLook(FakeEffects):
         return await super().stop(instance)
 
 
+async def granted_on_a_shared_cache(sup: Supervisor, effects: FakeEffects) -> Grant:
+    """A request granted on a fresh engine of `a` whose slots share one KV cache (the
+    requests a client leaves on it become ghosts)."""
+    _, first = ask(sup, "a", tokens=100)
+    await until(lambda: len(effects.starts) == 1)
+    effects.starts[0].succeed(kv_budget=512)
+    await until(first.done)
+    return first.result()
+
+
 async def test_no_look_at_the_slots_is_under_way_when_an_engine_is_stopped() -> None:
     effects = HangingLook()
-    sup = Supervisor(make_config(drain=0.05), effects)
-    sup.start()
-    try:
-        _, first = ask(sup, "a", tokens=100)
-        await until(lambda: len(effects.starts) == 1)
-        effects.starts[0].succeed(kv_budget=512)
-        await until(first.done)
-        sup.release(first.result(), abandoned=True)  # its look at /slots hangs
+    async with supervising(effects, drain=0.05) as sup:
+        sup.release(await granted_on_a_shared_cache(sup, effects), abandoned=True)  # its look hangs
         await until(lambda: effects.looking == 1)
         ask(sup, "b")  # a swap: the drain times out on the abandoned request, then the stop
         await until(lambda: len(effects.stops) == 1)
         assert effects.looking_at_stop == [0]
-    finally:
-        await sup.close()
 
 
 class HeldStop(FakeEffects):
@@ -329,23 +329,16 @@ async def test_a_request_released_while_its_engine_stops_starts_no_look_at_the_s
     # The requests a drain timeout cut off are released after the stop began: a look at
     # /slots then would race the SIGTERM (and keep llama-server from exiting).
     effects = HeldStop()
-    sup = Supervisor(make_config(drain=0.05), effects)
-    sup.start()
-    try:
-        _, first = ask(sup, "a", tokens=100)
-        await until(lambda: len(effects.starts) == 1)
-        effects.starts[0].succeed(kv_budget=512)
-        await until(first.done)
+    async with supervising(effects, drain=0.05) as sup:
+        first = await granted_on_a_shared_cache(sup, effects)
         effects.busy = frozenset({7})
         ask(sup, "b")  # a swap: the drain times out with `first` in flight, then the stop
         await until(lambda: len(effects.stops) == 1)
-        sup.release(first.result(), abandoned=True)
+        sup.release(first, abandoned=True)
         await handled(sup)
         assert effects.looks == 0
         effects.let_go.set()
         await until(lambda: state_of(sup) in ("starting", "ready"))
-    finally:
-        await sup.close()
 
 
 async def test_an_engine_that_freezes_after_a_client_left_is_still_found(
